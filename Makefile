@@ -1,0 +1,72 @@
+# outboxd - front door.  Everything a newcomer (or CI) runs goes through here.
+#
+#   make deps    install the Debian packages the project needs (scripts/deps.sh)
+#   make build   Release build in $(BUILD)
+#   make test    build, run every test, then the ASan/UBSan and TSan stages
+#   make bench   build, then run every benchmark program
+#   make demo    build, then run examples/storage_demo in a temporary directory
+#   make clean   remove every build tree
+#
+# Variables: BUILD (build), BUILD_ASAN (build-asan), BUILD_TSAN (build-tsan), JOBS (2).
+
+BUILD      ?= build
+BUILD_ASAN ?= build-asan
+BUILD_TSAN ?= build-tsan
+JOBS       ?= 2
+
+SHELL := /bin/bash
+MAKEFLAGS += --no-print-directory
+export BUILD BUILD_ASAN BUILD_TSAN JOBS
+
+.PHONY: all deps configure build test test-release test-asan test-tsan bench demo clean
+
+all: build
+
+deps:
+	bash scripts/deps.sh
+
+configure: deps
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DOUTBOXD_SANITIZE=OFF -DOUTBOXD_TSAN=OFF
+
+build: configure
+	cmake --build $(BUILD) -j$(JOBS)
+
+# All stages, one closing summary line; non-zero exit if any stage failed.
+test: build
+	bash scripts/test.sh release asan tsan
+
+# Single stages, for local use.
+test-release: build
+	bash scripts/test.sh release
+
+test-asan: deps
+	bash scripts/test.sh asan
+
+test-tsan: deps
+	bash scripts/test.sh tsan
+
+# Each program runs from a fresh temporary directory (its working directory,
+# also $$TMPDIR) that is removed afterwards, and prints its own figures.
+bench: build
+	@set -euo pipefail; \
+	list="$(BUILD)/bench/programs.txt"; \
+	if [[ ! -s "$$list" ]]; then echo "bench: no benchmark programs (bench/*.c with a main)"; exit 0; fi; \
+	while read -r prog; do \
+	    dir=$$(mktemp -d); \
+	    echo "==> bench: $$(basename "$$prog")"; \
+	    (cd "$$dir" && TMPDIR="$$dir" "$$prog") || { rc=$$?; rm -rf "$$dir"; exit $$rc; }; \
+	    rm -rf "$$dir"; \
+	done < "$$list"
+
+# storage_demo gets a fresh temporary directory as its only argument.
+demo: build
+	@set -euo pipefail; \
+	prog=$$(grep -E '/storage_demo$$' "$(BUILD)/examples/programs.txt" 2>/dev/null || true); \
+	if [[ -z "$$prog" ]]; then echo "demo: storage_demo is not built (examples/storage_demo.c missing, or OUTBOXD_EXAMPLES=OFF)" >&2; exit 1; fi; \
+	dir=$$(mktemp -d); \
+	echo "==> demo: $$prog $$dir"; \
+	"$$prog" "$$dir" || { rc=$$?; rm -rf "$$dir"; exit $$rc; }; \
+	rm -rf "$$dir"
+
+clean:
+	rm -rf -- $(BUILD) $(BUILD_ASAN) $(BUILD_TSAN)
