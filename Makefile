@@ -3,6 +3,7 @@
 #   make deps    install the Debian packages the project needs (scripts/deps.sh)
 #   make build   Release build in $(BUILD)
 #   make test    build, run every test, then the ASan/UBSan and TSan stages
+#   make crash   build, then the full crash exploration (200000 crash states)
 #   make bench   build, then run every benchmark program
 #   make demo    build, then run examples/storage_demo in a temporary directory
 #   make clean   remove every build tree
@@ -18,7 +19,7 @@ SHELL := /bin/bash
 MAKEFLAGS += --no-print-directory
 export BUILD BUILD_ASAN BUILD_TSAN JOBS
 
-.PHONY: all deps configure build test test-release test-asan test-tsan bench demo clean
+.PHONY: all deps configure build test test-release test-asan test-tsan crash bench demo clean
 
 all: build
 
@@ -44,6 +45,10 @@ test-asan: deps
 
 test-tsan: deps
 	bash scripts/test.sh tsan
+
+# The full crash exploration (make test runs 20000 states; this 200000).
+crash: build
+	BRK_CRASH_STATES=$${BRK_CRASH_STATES:-200000} $(BUILD)/tests/broker_core/test_crash
 
 # Each program runs from a fresh temporary directory (its working directory,
 # also $$TMPDIR) that is removed afterwards, and prints its own figures.

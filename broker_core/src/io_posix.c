@@ -37,6 +37,7 @@
 #include <stdio.h>      /* rename */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -374,6 +375,26 @@ static int brk_posix_exists(brk_io *io, const char *path)
     return brk_posix_err();
 }
 
+/* flock() rather than fcntl() locks: flock locks belong to the open file
+ * description, so a second open in the same process conflicts too, and
+ * closing an unrelated descriptor of the same file does not drop the lock. */
+static int brk_posix_lock(brk_io *io, const char *path, brk_file **out)
+{
+    int rc = brk_posix_open(io, path, BRK_IO_CREATE | BRK_IO_RDWR, out);
+    if (rc != 0)
+        return rc;
+    int r;
+    do {
+        r = flock((*out)->fd, LOCK_EX | LOCK_NB);
+    } while (r != 0 && errno == EINTR);
+    if (r != 0) {
+        rc = errno == EWOULDBLOCK ? -EAGAIN : brk_posix_err();
+        brk_posix_close(io, *out);
+        *out = NULL;
+    }
+    return rc;
+}
+
 static brk_io brk_posix_vtable = {
     .open     = brk_posix_open,
     .close    = brk_posix_close,
@@ -389,6 +410,7 @@ static brk_io brk_posix_vtable = {
     .sync_dir = brk_posix_sync_dir,
     .list     = brk_posix_list,
     .exists   = brk_posix_exists,
+    .lock     = brk_posix_lock,
 };
 
 brk_io *brk_io_posix(void)

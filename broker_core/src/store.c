@@ -152,14 +152,10 @@ brk_seg *brk__seg_get(brk_store *s, uint64_t log_offset)
             hi = mid;
     }
     if (lo > 0) {
-        brk_seg *seg = s->segs[lo - 1];
-        /* The newest segment's size changes under mu; its base is enough:
-         * callers only ask for offsets they got from an index. */
-        if (lo == s->nsegs || log_offset < seg->base + seg->size
-            || log_offset < s->segs[lo]->base) {
-            found = seg;
-            atomic_fetch_add(&found->refs, 1);
-        }
+        /* Segments are contiguous, so the last one starting at or below the
+         * offset holds it; callers only ask for offsets below the log end. */
+        found = s->segs[lo - 1];
+        atomic_fetch_add(&found->refs, 1);
     }
     pthread_rwlock_unlock(&s->seg_lock);
     return found;
@@ -267,8 +263,9 @@ static void store_free(brk_store *s)
     for (size_t i = 0; i < s->ncursors; i++)
         free(s->cursors[i].name);
     free(s->cursors);
-    free(s->scratch);
     brk_uuidgen_close(s->ids);
+    if (s->lock)
+        s->io->close(s->io, s->lock);
     pthread_mutex_destroy(&s->ckpt_mu);
     pthread_mutex_destroy(&s->mu);
     pthread_rwlock_destroy(&s->seg_lock);
@@ -360,6 +357,18 @@ brk_status brk_store_open(brk_store **out, const char *dir,
         *slash = '\0';
     int rc = s->io->mkdir(s->io, s->dir);
     if (rc == 0) rc = s->io->sync_dir(s->io, parent);
+    if (rc == 0 && s->io->lock) {
+        char lpath[BRK_PATH_MAX];
+        brk__path(lpath, sizeof lpath, s->dir, "LOCK");
+        rc = s->io->lock(s->io, lpath, &s->lock);
+        if (rc == -EAGAIN) {
+            if (errbuf)
+                snprintf(errbuf, errlen, "store directory %s is in use by "
+                         "another process (%s is locked)", dir, lpath);
+            store_free(s);
+            return BRK_LOCKED;
+        }
+    }
     if (rc == 0) rc = s->io->mkdir(s->io, s->log_dir);
     if (rc == 0) rc = s->io->mkdir(s->io, s->cq_dir);
     if (rc == 0) rc = s->io->sync_dir(s->io, s->dir);
@@ -518,15 +527,21 @@ brk_status brk_topic_resize(brk_store *s, const char *topic, uint16_t n,
     return st;
 }
 
-static void topic_info(const brk_topic *t, brk_topic_info *out)
+static uint64_t visible_next(brk_store *s, const brk_queue *q);
+
+/* mu held. */
+static void topic_info(brk_store *s, const brk_topic *t, brk_topic_info *out)
 {
     memset(out, 0, sizeof *out);
     snprintf(out->name, sizeof out->name, "%s", t->name);
     out->queues = t->nqueues;
     out->writable = t->writable;
     out->created_ms = t->created_ms;
-    for (uint16_t q = 0; q < t->nqueues; q++)
-        out->messages += t->queues[q].next - t->queues[q].min;
+    for (uint16_t q = 0; q < t->nqueues; q++) {
+        uint64_t max = visible_next(s, &t->queues[q]);
+        if (max > t->queues[q].min)
+            out->messages += max - t->queues[q].min;
+    }
 }
 
 brk_status brk_topic_get(brk_store *s, const char *topic, brk_topic_info *out)
@@ -534,7 +549,7 @@ brk_status brk_topic_get(brk_store *s, const char *topic, brk_topic_info *out)
     pthread_mutex_lock(&s->mu);
     brk_topic *t = topic ? brk__topic_find(s, topic) : NULL;
     if (t)
-        topic_info(t, out);
+        topic_info(s, t, out);
     pthread_mutex_unlock(&s->mu);
     return t ? BRK_OK : BRK_NOTFOUND;
 }
@@ -554,7 +569,7 @@ brk_status brk_topic_list(brk_store *s, bool include_internal,
     for (size_t i = 0; i < s->ntopics; i++) {
         if (!include_internal && strncmp(s->topics[i]->name, "__", 2) == 0)
             continue;
-        topic_info(s->topics[i], &v[n++]);
+        topic_info(s, s->topics[i], &v[n++]);
     }
     pthread_mutex_unlock(&s->mu);
     *out = v;
@@ -711,23 +726,29 @@ brk_status brk_store_append(brk_store *s, const brk_append_req *req,
     brk_topic *t = brk__topic_find(s, req->topic);
     uint16_t qid = 0;
     uint64_t end = 0;
+    /* Every check that can refuse the append comes before auto-creating the
+     * topic, so a refused append leaves no topic behind. */
     if (atomic_load(&s->failed)) {
         st = BRK_FAILED;
     } else if (!t && !s->opts.auto_create_topics) {
         brk__seterr(s, "unknown topic %s", req->topic);
         st = BRK_NOTFOUND;
+    } else if (!t && req->queue >= (int32_t)s->opts.default_queues) {
+        brk__seterr(s, "topic %s would be created with %u queues; there is "
+                    "no queue %d", req->topic,
+                    (unsigned)s->opts.default_queues, req->queue);
+        st = BRK_RANGE;
+    } else if (s->opts.disk_budget_bytes
+               && s->disk_bytes + len + BRK_CQ_ENTRY_LEN + BRK_IDX_ENTRY_LEN
+                      > s->opts.disk_budget_bytes) {
+        brk__seterr(s, "store full: %" PRIu64 " of %" PRIu64 " budget bytes "
+                    "used", s->disk_bytes, s->opts.disk_budget_bytes);
+        st = BRK_FULL;
     } else if (!t) {
         st = brk__topic_new(s, req->topic, s->opts.default_queues, &t);
     }
     if (st == BRK_OK)
         st = pick_queue(s, t, req, &qid);
-    if (st == BRK_OK && s->opts.disk_budget_bytes
-        && s->disk_bytes + len + BRK_CQ_ENTRY_LEN + BRK_IDX_ENTRY_LEN
-               > s->opts.disk_budget_bytes) {
-        brk__seterr(s, "store full: %" PRIu64 " of %" PRIu64 " budget bytes "
-                    "used", s->disk_bytes, s->opts.disk_budget_bytes);
-        st = BRK_FULL;
-    }
     if (st == BRK_OK && s->cur->size > 0
         && s->cur->size + len > s->opts.segment_bytes)
         st = roll_segment(s);

@@ -166,15 +166,25 @@ brk_status brk__cq_open_queue(brk_store *s, brk_topic *t, uint16_t qid)
         }
         q->nfiles = i + 1;
         uint64_t n = size / BRK_CQ_ENTRY_LEN;
-        if (i + 1 < l.n && n != epf) {
-            brk__seterr(s, "consume queue file %s holds %" PRIu64
-                        " entries, expected %" PRIu64, path, n, epf);
-            st = BRK_CORRUPT;
-        }
         if (n > epf)
             n = epf;
         s->disk_bytes += size;
         q->next = l.v[i] + n;
+        if (i + 1 < l.n && n != epf) {
+            /* A short file followed by another: the later writes reached
+             * the disk, this one's did not (a crash above the checkpoint).
+             * Everything after the short file is past the end: drop it.
+             * Were it below the checkpoint, re-dispatch finds the gap. */
+            for (size_t j = i + 1; j < l.n; j++) {
+                queue_file(s, t, qid, l.v[j] / epf, path, sizeof path);
+                rc = s->io->unlink(s->io, path);
+                if (rc != 0 && rc != -ENOENT) {
+                    brk__seterr(s, "removing %s: %s", path, strerror(-rc));
+                    st = brk__errno_status(rc);
+                }
+            }
+            break;
+        }
     }
     if (st == BRK_OK) {
         q->first_file = l.v[0] / epf;
@@ -534,9 +544,11 @@ brk_status brk__idx_writeout(brk_store *s, uint64_t below)
             return st;
         done += chunk;
     }
-    memmove(s->idx_tail, s->idx_tail + n,
-            (s->idx_tail_len - n) * sizeof *s->idx_tail);
-    s->idx_tail_len -= n;
+    if (n > 0) {   /* idx_tail may be NULL: memmove(NULL, ...) is UB */
+        memmove(s->idx_tail, s->idx_tail + n,
+                (s->idx_tail_len - n) * sizeof *s->idx_tail);
+        s->idx_tail_len -= n;
+    }
     return BRK_OK;
 }
 
@@ -601,8 +613,8 @@ bool brk__idx_search(brk_store *s, brk_seg *seg, const uint8_t *id,
                      uint64_t *off)
 {
     bool found = false;
-    uint64_t seg_end = seg->base + seg->size;
     pthread_mutex_lock(&s->mu);
+    uint64_t seg_end = seg->base + seg->size;
     for (size_t i = s->idx_tail_len; i-- > 0;) {
         const brk_idx_pending *p = &s->idx_tail[i];
         if (p->log_offset >= seg->base && p->log_offset < seg_end

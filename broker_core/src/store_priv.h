@@ -5,7 +5,11 @@
  *   ckpt_mu   serialises checkpoints and retention (held across fsyncs).
  *   mu        the append lock: log end, current segment, topics, queues,
  *             consume-queue and index tails, cursors, counters.  Held for a
- *             pwrite into the page cache, never across an fdatasync.
+ *             pwrite into the page cache.  It is held across an fdatasync
+ *             only on rare metadata paths: sealing a segment (once per
+ *             segment_bytes) and saving the topic table (create, resize,
+ *             auto-create), so appenders and readers stall for one fsync
+ *             then and never otherwise.
  *   seg_lock  rwlock over the segment array (segs/nsegs).  Readers hold it
  *             only to find a segment and take a reference.
  *   fmu       flush state: durable offset, the "a leader is flushing" flag.
@@ -84,6 +88,7 @@ struct brk_store {
     brk_io *io;
     const brk_clock *clock;
     brk_uuidgen *ids;
+    brk_file *lock;           /* <dir>/LOCK, held while open (posix) */
 
     pthread_mutex_t ckpt_mu;
 
@@ -101,8 +106,6 @@ struct brk_store {
     uint64_t appends;         /* records appended since open */
     uint64_t disk_bytes;      /* log + index + cq bytes */
     uint64_t ckpt_offset;     /* last checkpoint written */
-    uint8_t *scratch;         /* reusable encode buffer for appends */
-    size_t scratch_cap;
 
     /* guarded by seg_lock */
     pthread_rwlock_t seg_lock;

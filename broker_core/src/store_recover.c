@@ -235,7 +235,8 @@ brk_status brk__recover(brk_store *s, char *errbuf, size_t errlen)
                          "listing %s: %s", s->log_dir,
                          rc ? strerror(-rc) : "out of memory");
     }
-    qsort(l.v, l.n, sizeof *l.v, cmp_u64);
+    if (l.n > 1)   /* l.v is NULL for an empty log: qsort(NULL, ...) is UB */
+        qsort(l.v, l.n, sizeof *l.v, cmp_u64);
 
     /* Open segments and check they follow on. */
     st = BRK_OK;

@@ -593,7 +593,7 @@ static void open_rejects_bad_options_with_a_reason(void **state)
     assert_null(f->s);
 }
 
-static void real_filesystem_round_trip(void **state)
+static void real_filesystem_round_trip_and_single_opener(void **state)
 {
     (void)state;
     char tmpl[] = "/tmp/brk_store_XXXXXX";
@@ -611,6 +611,11 @@ static void real_filesystem_round_trip(void **state)
     r.body = (brk_bytes){ "hello", 5 };
     brk_append_res res;
     assert_int_equal(brk_store_append(s, &r, &res), BRK_OK);
+    /* A second opener of the same directory is turned away. */
+    brk_store *s2 = NULL;
+    assert_int_equal(brk_store_open(&s2, tmpl, &o, err, sizeof err), BRK_LOCKED);
+    assert_null(s2);
+    assert_non_null(strstr(err, "in use"));
     assert_int_equal(brk_store_close(s), BRK_OK);
     s = NULL;
     assert_int_equal(brk_store_open(&s, tmpl, &o, err, sizeof err), BRK_OK);
@@ -648,7 +653,7 @@ int main(void)
         T(disk_budget_turns_appends_away_with_full),
         T(retention_waits_for_age_and_for_every_cursor),
         T(open_rejects_bad_options_with_a_reason),
-        cmocka_unit_test(real_filesystem_round_trip),
+        cmocka_unit_test(real_filesystem_round_trip_and_single_opener),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

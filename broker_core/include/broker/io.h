@@ -28,7 +28,8 @@
 #include <stdint.h>
 
 typedef struct brk_io brk_io;
-typedef struct brk_file brk_file;   /* opaque, defined by each backend */
+typedef struct brk_file brk_file;   /* opaque; io_posix.c defines it, other
+                                       backends cast their own handle type */
 
 enum {
     BRK_IO_RDONLY = 0,
@@ -37,7 +38,8 @@ enum {
     BRK_IO_EXCL   = 1 << 2    /* with CREATE: fail with -EEXIST if present */
 };
 
-/* Called once per directory entry (not "." or ".."); return non-zero to stop. */
+/* Called once per directory entry (not "." or ".."); return non-zero to stop
+ * (list then returns 0). */
 typedef int (*brk_io_list_fn)(void *arg, const char *name);
 
 struct brk_io {
@@ -50,13 +52,18 @@ struct brk_io {
     int (*sync)(brk_io *io, brk_file *f);                 /* fdatasync */
     int (*truncate)(brk_io *io, brk_file *f, uint64_t size);
     int (*size)(brk_io *io, brk_file *f, uint64_t *size);
-    int (*mkdir)(brk_io *io, const char *path);           /* 0 if it exists */
+    int (*mkdir)(brk_io *io, const char *path);  /* 0 if it exists as a dir */
     int (*unlink)(brk_io *io, const char *path);
     int (*rmdir)(brk_io *io, const char *path);
     int (*rename)(brk_io *io, const char *from, const char *to);
     int (*sync_dir)(brk_io *io, const char *path);
     int (*list)(brk_io *io, const char *dir, brk_io_list_fn fn, void *arg);
     int (*exists)(brk_io *io, const char *path);          /* 1, 0 or -errno */
+    /* Optional (NULL = no locking): create `path` if needed and take an
+     * exclusive lock on it that lasts until the returned file is closed.
+     * -EAGAIN when another holder has it (another process, or another open
+     * file in this one). */
+    int (*lock)(brk_io *io, const char *path, brk_file **out);
 };
 
 /* The POSIX backend.  Static storage; stateless, so one instance serves every

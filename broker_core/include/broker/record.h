@@ -125,8 +125,10 @@ brk_status brk_props_validate(brk_bytes block);
 /* Find a key; BRK_NOTFOUND when absent. */
 brk_status brk_props_get(brk_bytes block, const char *key, brk_bytes *value);
 
-/* Topic names: 1..BRK_TOPIC_MAX bytes of [A-Za-z0-9._-]; names starting with
- * "__" are reserved for internal topics.  Returns true when valid. */
+/* Topic names: 1..BRK_TOPIC_MAX bytes of [A-Za-z0-9._-], not "." or "..";
+ * names starting with "__" are reserved for internal topics.  Returns true
+ * when valid.  (The store is stricter: it also refuses a leading '.', since
+ * topic names become directory names and hidden ones would surprise.) */
 bool brk_topic_name_valid(const char *name, size_t len, bool allow_internal);
 
 /* 64-bit hash of a tag for the consume queue (0 for an empty tag). */

@@ -29,7 +29,8 @@
     X(READONLY, "queue takes no new writes (removed by a shrink)")             \
     X(CLOSED,   "store is closing")                                            \
     X(LIMIT,    "a configured limit was reached")                              \
-    X(BADREC,   "malformed record")
+    X(BADREC,   "malformed record")                                            \
+    X(LOCKED,   "the store directory is in use by another process")
 
 typedef enum brk_status {
 #define BRK_STATUS_ENUM_(name, msg) BRK_##name,

@@ -8,8 +8,8 @@
  *   <dir>/topics                             topic table (state file)
  *   <dir>/checkpoint                         dispatch/flush checkpoint
  *   <dir>/LOCK                               (posix backend) one opener only
- * Formats are documented at the top of src/store_log.c, src/store_cq.c and
- * src/store_meta.c.
+ * Formats are documented at the top of src/store.c (segments), src/record.c
+ * (records), src/store_cq.c and src/store_meta.c.
  *
  * Guarantees
  *   - SYNC flush: brk_store_append returns BRK_OK only after the record is
@@ -104,8 +104,11 @@ const char *brk_store_errstr(brk_store *s);
 /* ---- topics -------------------------------------------------------------- */
 
 /* Create a topic with `queues` queues (1..BRK_QUEUES_MAX; 0 = default).
- * BRK_EXISTS if it exists (nothing changes), BRK_INVAL for a bad name or
- * count.  Durable (state file synced) before returning. */
+ * BRK_EXISTS if it exists (nothing changes), BRK_INVAL for a bad name (see
+ * brk_topic_name_valid; the store also refuses a leading '.') or count.
+ * Internal "__" names are accepted here: creating is an administrative call,
+ * and the HTTP layer refuses them itself.  Durable (state file synced)
+ * before returning. */
 brk_status brk_topic_create(brk_store *s, const char *topic, uint16_t queues);
 
 /* Change the number of writable queues.  Growing adds queues at once.
@@ -168,10 +171,13 @@ typedef struct brk_append_res {
  * INVAL (bad field), TOOBIG (over a limit), READONLY (explicit queue
  * removed by a shrink), RANGE (explicit queue does not exist), FULL (disk
  * budget), NOSPC/IO (the write failed; NOSPC leaves the store usable),
- * FAILED (sticky error).  On any error nothing is visible to readers and
- * nothing will reappear after a restart... except that a record whose
- * fdatasync failed may or may not survive a crash: it was never
- * acknowledged, and at-least-once callers retry. */
+ * FAILED (sticky error).  On any error the record is not visible to readers,
+ * with one exception a caller must allow for: a record whose fdatasync
+ * failed may or may not be there after a restart.  It was never
+ * acknowledged, so an at-least-once caller retries it, and consumers
+ * de-duplicate by message id.  A refused append never creates its topic; an
+ * append that fails in the write itself may leave the auto-created topic
+ * behind, empty. */
 brk_status brk_store_append(brk_store *s, const brk_append_req *req,
                             brk_append_res *res);
 
