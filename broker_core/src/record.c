@@ -101,6 +101,7 @@
 #include <string.h>
 
 #include "broker/crc32c.h"
+#include "le.h"
 
 /* Header field offsets (the table above, as code). */
 enum {
@@ -127,59 +128,6 @@ enum {
 };
 
 #define PROP_KEY_MAX 255u
-
-/* ---- little-endian access ---------------------------------------------
- * memcpy into a native integer: well-defined at any alignment (UBSan clean)
- * and compiled to a single load/store.  Big-endian hosts swap. */
-
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-#define LE16(x) __builtin_bswap16(x)
-#define LE32(x) __builtin_bswap32(x)
-#define LE64(x) __builtin_bswap64(x)
-#else
-#define LE16(x) (x)
-#define LE32(x) (x)
-#define LE64(x) (x)
-#endif
-
-static uint16_t ld16(const uint8_t *p)
-{
-    uint16_t v;
-    memcpy(&v, p, sizeof v);
-    return LE16(v);
-}
-
-static uint32_t ld32(const uint8_t *p)
-{
-    uint32_t v;
-    memcpy(&v, p, sizeof v);
-    return LE32(v);
-}
-
-static uint64_t ld64(const uint8_t *p)
-{
-    uint64_t v;
-    memcpy(&v, p, sizeof v);
-    return LE64(v);
-}
-
-static void st16(uint8_t *p, uint16_t v)
-{
-    v = LE16(v);
-    memcpy(p, &v, sizeof v);
-}
-
-static void st32(uint8_t *p, uint32_t v)
-{
-    v = LE32(v);
-    memcpy(p, &v, sizeof v);
-}
-
-static void st64(uint8_t *p, uint64_t v)
-{
-    v = LE64(v);
-    memcpy(p, &v, sizeof v);
-}
 
 /* ---- tag hash ------------------------------------------------------------ */
 
@@ -296,7 +244,7 @@ static bool array_has_dup(const brk_prop *props, size_t n)
 static brk_bytes block_key_of(const void *ctx, uint16_t handle)
 {
     const uint8_t *p = ctx;
-    brk_bytes k = { p + handle + 2, ld16(p + handle) };
+    brk_bytes k = { p + handle + 2, brk_ld16(p + handle) };
     return k;
 }
 
@@ -311,8 +259,8 @@ static bool block_has_dup_hashed(const uint8_t *p, size_t count)
     for (size_t i = 0; i < count; i++) {
         if (!keyset_add(&ks, (uint16_t)at))
             return true;
-        at += 2 + ld16(p + at);         /* key */
-        at += 2 + ld16(p + at);         /* value */
+        at += 2 + brk_ld16(p + at);         /* key */
+        at += 2 + brk_ld16(p + at);         /* value */
     }
     return false;
 }
@@ -328,7 +276,7 @@ static brk_status props_read_pair(const uint8_t *p, size_t len, size_t *pos,
 
     if (len - at < 2)
         return BRK_BADREC;
-    klen = ld16(p + at);
+    klen = brk_ld16(p + at);
     at += 2;
     if (klen == 0 || klen > PROP_KEY_MAX || len - at < klen)
         return BRK_BADREC;
@@ -337,7 +285,7 @@ static brk_status props_read_pair(const uint8_t *p, size_t len, size_t *pos,
     at += klen;
     if (len - at < 2)
         return BRK_BADREC;
-    vlen = ld16(p + at);
+    vlen = brk_ld16(p + at);
     at += 2;
     if (len - at < vlen)
         return BRK_BADREC;
@@ -385,14 +333,14 @@ brk_status brk_props_encode(const brk_prop *props, size_t n, void *buf,
     if (buf == NULL || cap < need)
         return BRK_RANGE;
 
-    st16(p, (uint16_t)n);
+    brk_st16(p, (uint16_t)n);
     at = 2;
     for (size_t i = 0; i < n; i++) {
-        st16(p + at, (uint16_t)props[i].key.len);
+        brk_st16(p + at, (uint16_t)props[i].key.len);
         at += 2;
         memcpy(p + at, props[i].key.ptr, props[i].key.len);
         at += props[i].key.len;
-        st16(p + at, (uint16_t)props[i].value.len);
+        brk_st16(p + at, (uint16_t)props[i].value.len);
         at += 2;
         if (props[i].value.len > 0)
             memcpy(p + at, props[i].value.ptr, props[i].value.len);
@@ -426,7 +374,7 @@ brk_status brk_props_next(brk_bytes block, size_t *pos, brk_prop *out)
         return BRK_EMPTY;
     if (p == NULL || block.len < 2 || block.len > BRK_PROPS_MAX)
         return BRK_BADREC;
-    count = ld16(p);
+    count = brk_ld16(p);
     done = *pos >> CURSOR_OFF_BITS;
     at = *pos & CURSOR_OFF_MASK;
     if (at == 0)
@@ -453,7 +401,7 @@ brk_status brk_props_validate(brk_bytes block)
         return BRK_OK;
     if (p == NULL || block.len < 2 || block.len > BRK_PROPS_MAX)
         return BRK_BADREC;
-    count = ld16(p);
+    count = brk_ld16(p);
     if (count > PAIRS_MAX)
         return BRK_BADREC;  /* cannot fit; also bounds the set below */
     for (size_t i = 0; i < count; i++) {
@@ -579,23 +527,23 @@ brk_status brk_record_encode(const brk_record *r, void *buf, size_t cap,
     if (buf == NULL || cap < size)
         return BRK_RANGE;
 
-    st32(p + OFF_LEN, (uint32_t)size);
-    st32(p + OFF_MAGIC, BRK_REC_MAGIC);
+    brk_st32(p + OFF_LEN, (uint32_t)size);
+    brk_st32(p + OFF_MAGIC, BRK_REC_MAGIC);
     p[OFF_VERSION] = BRK_REC_VERSION;
     p[OFF_TYPE] = r->type;
-    st16(p + OFF_QUEUE, r->queue);
-    st64(p + OFF_LOG_OFFSET, r->log_offset);
-    st64(p + OFF_QUEUE_OFFSET, r->queue_offset);
-    st64(p + OFF_BORN_MS, (uint64_t)r->born_ms);
-    st64(p + OFF_STORE_MS, (uint64_t)r->store_ms);
+    brk_st16(p + OFF_QUEUE, r->queue);
+    brk_st64(p + OFF_LOG_OFFSET, r->log_offset);
+    brk_st64(p + OFF_QUEUE_OFFSET, r->queue_offset);
+    brk_st64(p + OFF_BORN_MS, (uint64_t)r->born_ms);
+    brk_st64(p + OFF_STORE_MS, (uint64_t)r->store_ms);
     memcpy(p + OFF_MSG_ID, r->msg_id, BRK_UUID_LEN);
-    st32(p + OFF_FLAGS, r->flags);
-    st16(p + OFF_TOPIC_LEN, (uint16_t)r->topic.len);
-    st16(p + OFF_KEY_LEN, (uint16_t)r->key.len);
-    st16(p + OFF_TAG_LEN, (uint16_t)r->tag.len);
-    st16(p + OFF_RESERVED, 0);
-    st32(p + OFF_PROPS_LEN, (uint32_t)r->props.len);
-    st32(p + OFF_BODY_LEN, (uint32_t)r->body.len);
+    brk_st32(p + OFF_FLAGS, r->flags);
+    brk_st16(p + OFF_TOPIC_LEN, (uint16_t)r->topic.len);
+    brk_st16(p + OFF_KEY_LEN, (uint16_t)r->key.len);
+    brk_st16(p + OFF_TAG_LEN, (uint16_t)r->tag.len);
+    brk_st16(p + OFF_RESERVED, 0);
+    brk_st32(p + OFF_PROPS_LEN, (uint32_t)r->props.len);
+    brk_st32(p + OFF_BODY_LEN, (uint32_t)r->body.len);
 
     q = p + OFF_PAYLOAD;
     q = put_bytes(q, r->topic);
@@ -604,7 +552,7 @@ brk_status brk_record_encode(const brk_record *r, void *buf, size_t cap,
     q = put_bytes(q, r->props);
     put_bytes(q, r->body);
 
-    st32(p + OFF_CRC, brk_crc32c(0, p + CRC_START, size - CRC_START));
+    brk_st32(p + OFF_CRC, brk_crc32c(0, p + CRC_START, size - CRC_START));
     *len = size;
     return BRK_OK;
 }
@@ -613,7 +561,7 @@ uint32_t brk_record_peek_len(const void *buf, size_t avail)
 {
     if (buf == NULL || avail < 4)
         return 0;
-    return ld32((const uint8_t *)buf + OFF_LEN);
+    return brk_ld32((const uint8_t *)buf + OFF_LEN);
 }
 
 /* The fixed-header rules that need no payload bytes: true when the 84-byte
@@ -621,17 +569,17 @@ uint32_t brk_record_peek_len(const void *buf, size_t avail)
  * reader accepts. */
 static bool header_consistent(const uint8_t *p, uint32_t len)
 {
-    uint64_t topic_len = ld16(p + OFF_TOPIC_LEN);
-    uint64_t key_len = ld16(p + OFF_KEY_LEN);
-    uint64_t tag_len = ld16(p + OFF_TAG_LEN);
-    uint64_t props_len = ld32(p + OFF_PROPS_LEN);
-    uint64_t body_len = ld32(p + OFF_BODY_LEN);
+    uint64_t topic_len = brk_ld16(p + OFF_TOPIC_LEN);
+    uint64_t key_len = brk_ld16(p + OFF_KEY_LEN);
+    uint64_t tag_len = brk_ld16(p + OFF_TAG_LEN);
+    uint64_t props_len = brk_ld32(p + OFF_PROPS_LEN);
+    uint64_t body_len = brk_ld32(p + OFF_BODY_LEN);
 
     if (p[OFF_VERSION] != BRK_REC_VERSION || !type_known(p[OFF_TYPE]))
         return false;
-    if ((ld32(p + OFF_FLAGS) & ~(uint32_t)BRK_RECF_KNOWN) != 0)
+    if ((brk_ld32(p + OFF_FLAGS) & ~(uint32_t)BRK_RECF_KNOWN) != 0)
         return false;
-    if (ld16(p + OFF_RESERVED) != 0)
+    if (brk_ld16(p + OFF_RESERVED) != 0)
         return false;
     if (topic_len == 0 || topic_len > BRK_TOPIC_MAX || key_len > BRK_KEY_MAX
         || tag_len > BRK_TAG_MAX || props_len > BRK_PROPS_MAX
@@ -662,35 +610,35 @@ brk_status brk_record_decode(const void *buf, size_t avail,
         return BRK_INVAL;
     if (avail < 4)
         return BRK_AGAIN;
-    rlen = ld32(p + OFF_LEN);
+    rlen = brk_ld32(p + OFF_LEN);
     if (rlen < BRK_REC_HEADER_LEN || rlen > BRK_REC_MAX)
         return BRK_BADREC;
     if (avail < 8)
         return BRK_AGAIN;
-    if (ld32(p + OFF_MAGIC) != BRK_REC_MAGIC)
+    if (brk_ld32(p + OFF_MAGIC) != BRK_REC_MAGIC)
         return BRK_BADREC;
     if (avail >= BRK_REC_HEADER_LEN && !header_consistent(p, rlen))
         return BRK_BADREC;
     if (avail < rlen)
         return BRK_AGAIN;
 
-    if (ld32(p + OFF_CRC) != brk_crc32c(0, p + CRC_START, rlen - CRC_START))
+    if (brk_ld32(p + OFF_CRC) != brk_crc32c(0, p + CRC_START, rlen - CRC_START))
         return BRK_BADREC;
 
     out.type = p[OFF_TYPE];
-    out.flags = ld32(p + OFF_FLAGS);
-    out.queue = ld16(p + OFF_QUEUE);
-    out.log_offset = ld64(p + OFF_LOG_OFFSET);
-    out.queue_offset = ld64(p + OFF_QUEUE_OFFSET);
-    out.born_ms = (int64_t)ld64(p + OFF_BORN_MS);
-    out.store_ms = (int64_t)ld64(p + OFF_STORE_MS);
+    out.flags = brk_ld32(p + OFF_FLAGS);
+    out.queue = brk_ld16(p + OFF_QUEUE);
+    out.log_offset = brk_ld64(p + OFF_LOG_OFFSET);
+    out.queue_offset = brk_ld64(p + OFF_QUEUE_OFFSET);
+    out.born_ms = (int64_t)brk_ld64(p + OFF_BORN_MS);
+    out.store_ms = (int64_t)brk_ld64(p + OFF_STORE_MS);
     memcpy(out.msg_id, p + OFF_MSG_ID, BRK_UUID_LEN);
     q = p + OFF_PAYLOAD;
-    out.topic = take_bytes(&q, ld16(p + OFF_TOPIC_LEN));
-    out.key = take_bytes(&q, ld16(p + OFF_KEY_LEN));
-    out.tag = take_bytes(&q, ld16(p + OFF_TAG_LEN));
-    out.props = take_bytes(&q, ld32(p + OFF_PROPS_LEN));
-    out.body = take_bytes(&q, ld32(p + OFF_BODY_LEN));
+    out.topic = take_bytes(&q, brk_ld16(p + OFF_TOPIC_LEN));
+    out.key = take_bytes(&q, brk_ld16(p + OFF_KEY_LEN));
+    out.tag = take_bytes(&q, brk_ld16(p + OFF_TAG_LEN));
+    out.props = take_bytes(&q, brk_ld32(p + OFF_PROPS_LEN));
+    out.body = take_bytes(&q, brk_ld32(p + OFF_BODY_LEN));
 
     /* After the CRC: a CRC-valid record with a bad block was written by a
      * buggy encoder, not damaged on disk, but it is still unreadable. */
@@ -709,9 +657,9 @@ void brk_record_patch(void *buf, size_t len, uint16_t queue,
                       int64_t store_ms)
 {
     uint8_t *p = buf;
-    st16(p + 14, queue);
-    st64(p + 16, log_offset);
-    st64(p + 24, queue_offset);
-    st64(p + 40, (uint64_t)store_ms);
-    st32(p + 8, brk_crc32c(0, p + 12, len - 12));
+    brk_st16(p + 14, queue);
+    brk_st64(p + 16, log_offset);
+    brk_st64(p + 24, queue_offset);
+    brk_st64(p + 40, (uint64_t)store_ms);
+    brk_st32(p + 8, brk_crc32c(0, p + 12, len - 12));
 }

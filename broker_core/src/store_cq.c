@@ -31,35 +31,22 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "le.h"
 #include "store_priv.h"
 
-static void put32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
-static void put64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
-static uint32_t get32(const uint8_t *p)
-{
-    uint32_t v = 0;
-    for (int i = 3; i >= 0; i--) v = (v << 8) | p[i];
-    return v;
-}
-static uint64_t get64(const uint8_t *p)
-{
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
-    return v;
-}
 
 static void cq_encode(uint8_t *p, const brk_cq_entry *e)
 {
-    put64(p, e->log_offset);
-    put32(p + 8, e->size);
-    put64(p + 12, e->tag_hash);
+    brk_st64(p, e->log_offset);
+    brk_st32(p + 8, e->size);
+    brk_st64(p + 12, e->tag_hash);
 }
 
 static void cq_decode(const uint8_t *p, brk_cq_entry *e)
 {
-    e->log_offset = get64(p);
-    e->size = get32(p + 8);
-    e->tag_hash = get64(p + 12);
+    e->log_offset = brk_ld64(p);
+    e->size = brk_ld32(p + 8);
+    e->tag_hash = brk_ld64(p + 12);
 }
 
 static void queue_dir(brk_store *s, const brk_topic *t, uint16_t qid,
@@ -521,7 +508,7 @@ brk_status brk__idx_writeout(brk_store *s, uint64_t below)
                && s->idx_tail[done + chunk].log_offset < seg_end) {
             uint8_t *p = buf + chunk * BRK_IDX_ENTRY_LEN;
             memcpy(p, s->idx_tail[done + chunk].id, BRK_UUID_LEN);
-            put64(p + BRK_UUID_LEN, s->idx_tail[done + chunk].log_offset);
+            brk_st64(p + BRK_UUID_LEN, s->idx_tail[done + chunk].log_offset);
             chunk++;
         }
         brk_status st = idx_file_for(s, seg);
@@ -554,7 +541,7 @@ brk_status brk__idx_writeout(brk_store *s, uint64_t below)
 
 static bool idx_entry_plausible(const uint8_t *p, uint64_t ckpt, brk_seg *seg)
 {
-    uint64_t off = get64(p + BRK_UUID_LEN);
+    uint64_t off = brk_ld64(p + BRK_UUID_LEN);
     /* A v7 id has version nibble 7; an all-zero hole from a crash has not. */
     return (p[6] >> 4) == 7 && off < ckpt && off >= seg->base;
 }
@@ -642,7 +629,7 @@ bool brk__idx_search(brk_store *s, brk_seg *seg, const uint8_t *id,
         for (uint64_t i = 0; i < k; i++) {
             const uint8_t *p = buf + i * BRK_IDX_ENTRY_LEN;
             if (memcmp(p, id, BRK_UUID_LEN) == 0) {
-                *off = get64(p + BRK_UUID_LEN);
+                *off = brk_ld64(p + BRK_UUID_LEN);
                 found = true;   /* keep going: a later entry is newer */
             }
         }

@@ -39,6 +39,7 @@
 #include <string.h>
 
 #include "broker/crc32c.h"
+#include "le.h"
 #include "store_priv.h"
 
 #define TOPICS_MAGIC  0x5442584Fu
@@ -46,22 +47,6 @@
 #define META_VERSION  1u
 #define CKPT_LEN      28
 
-static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
-static void put32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i)); }
-static void put64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i)); }
-static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-static uint32_t get32(const uint8_t *p)
-{
-    uint32_t v = 0;
-    for (int i = 3; i >= 0; i--) v = (v << 8) | p[i];
-    return v;
-}
-static uint64_t get64(const uint8_t *p)
-{
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
-    return v;
-}
 
 brk_status brk__write_state_file(brk_store *s, const char *name,
                                  const void *buf, size_t len)
@@ -228,24 +213,24 @@ brk_status brk__topics_save(brk_store *s)
     if (!buf)
         return BRK_NOMEM;
     uint8_t *p = buf;
-    put32(p, TOPICS_MAGIC);
-    put32(p + 4, META_VERSION);
-    put32(p + 8, (uint32_t)s->ntopics);
+    brk_st32(p, TOPICS_MAGIC);
+    brk_st32(p + 4, META_VERSION);
+    brk_st32(p + 8, (uint32_t)s->ntopics);
     p += 12;
     for (size_t i = 0; i < s->ntopics; i++) {
         const brk_topic *t = s->topics[i];
         size_t nl = strlen(t->name);
-        put16(p, (uint16_t)nl);
+        brk_st16(p, (uint16_t)nl);
         memcpy(p + 2, t->name, nl);
         p += 2 + nl;
-        put16(p, t->nqueues);
-        put16(p + 2, t->writable);
-        put64(p + 4, (uint64_t)t->created_ms);
+        brk_st16(p, t->nqueues);
+        brk_st16(p + 2, t->writable);
+        brk_st64(p + 4, (uint64_t)t->created_ms);
         p += 12;
         for (unsigned k = 0; k < BRK_KEY_SLOTS; k++, p += 2)
-            put16(p, t->slots[k]);
+            brk_st16(p, t->slots[k]);
     }
-    put32(p, brk_crc32c(0, buf, (size_t)(p - buf)));
+    brk_st32(p, brk_crc32c(0, buf, (size_t)(p - buf)));
     brk_status st = brk__write_state_file(s, "topics", buf, len);
     free(buf);
     return st;
@@ -262,17 +247,17 @@ brk_status brk__topics_load(brk_store *s)
         return st;
 
     const char *why = NULL;
-    if (len < 16 || get32(buf) != TOPICS_MAGIC)
+    if (len < 16 || brk_ld32(buf) != TOPICS_MAGIC)
         why = "bad magic or too short";
-    else if (get32(buf + 4) != META_VERSION)
+    else if (brk_ld32(buf + 4) != META_VERSION)
         why = "unknown version";
-    else if (brk_crc32c(0, buf, len - 4) != get32(buf + len - 4))
+    else if (brk_crc32c(0, buf, len - 4) != brk_ld32(buf + len - 4))
         why = "checksum mismatch";
-    uint32_t n = why ? 0 : get32(buf + 8);
+    uint32_t n = why ? 0 : brk_ld32(buf + 8);
     const uint8_t *p = buf + 12, *end = buf + len - 4;
     for (uint32_t i = 0; i < n && !why; i++) {
         if (end - p < 2) { why = "truncated entry"; break; }
-        uint16_t nl = get16(p);
+        uint16_t nl = brk_ld16(p);
         if (nl == 0 || nl > BRK_TOPIC_MAX
             || end - p < 2 + nl + 12 + 2 * BRK_KEY_SLOTS) {
             why = "bad topic entry";
@@ -282,8 +267,8 @@ brk_status brk__topics_load(brk_store *s)
         memcpy(name, p + 2, nl);
         name[nl] = '\0';
         p += 2 + nl;
-        uint16_t nq = get16(p), wr = get16(p + 2);
-        int64_t created = (int64_t)get64(p + 4);
+        uint16_t nq = brk_ld16(p), wr = brk_ld16(p + 2);
+        int64_t created = (int64_t)brk_ld64(p + 4);
         p += 12;
         if (!brk_topic_name_valid(name, nl, true) || nq == 0
             || nq > BRK_QUEUES_MAX || wr == 0 || wr > nq) {
@@ -293,7 +278,7 @@ brk_status brk__topics_load(brk_store *s)
         brk_topic *t = topic_alloc(name, nq, wr, created);
         if (!t) { free(buf); return BRK_NOMEM; }
         for (unsigned k = 0; k < BRK_KEY_SLOTS; k++, p += 2) {
-            t->slots[k] = get16(p);
+            t->slots[k] = brk_ld16(p);
             if (t->slots[k] >= wr)
                 why = "slot table points at a missing queue";
         }
@@ -318,11 +303,11 @@ brk_status brk__topics_load(brk_store *s)
 brk_status brk__ckpt_save(brk_store *s, uint64_t offset)
 {
     uint8_t buf[CKPT_LEN];
-    put32(buf, CKPT_MAGIC);
-    put32(buf + 4, META_VERSION);
-    put64(buf + 8, offset);
-    put64(buf + 16, (uint64_t)brk__now_ms(s));
-    put32(buf + 24, brk_crc32c(0, buf, 24));
+    brk_st32(buf, CKPT_MAGIC);
+    brk_st32(buf + 4, META_VERSION);
+    brk_st64(buf + 8, offset);
+    brk_st64(buf + 16, (uint64_t)brk__now_ms(s));
+    brk_st32(buf + 24, brk_crc32c(0, buf, 24));
     return brk__write_state_file(s, "checkpoint", buf, sizeof buf);
 }
 
@@ -337,11 +322,11 @@ brk_status brk__ckpt_load(brk_store *s, uint64_t *offset, bool *found)
         return BRK_OK;
     if (st != BRK_OK)
         return st;
-    bool ok = len == CKPT_LEN && get32(buf) == CKPT_MAGIC
-              && get32(buf + 4) == META_VERSION
-              && brk_crc32c(0, buf, 24) == get32(buf + 24);
+    bool ok = len == CKPT_LEN && brk_ld32(buf) == CKPT_MAGIC
+              && brk_ld32(buf + 4) == META_VERSION
+              && brk_crc32c(0, buf, 24) == brk_ld32(buf + 24);
     if (ok) {
-        *offset = get64(buf + 8);
+        *offset = brk_ld64(buf + 8);
         *found = true;
     }
     free(buf);

@@ -34,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "le.h"
 #include "store_priv.h"
 
 typedef struct seg_names {
@@ -142,18 +143,13 @@ static void seg_age_from_index(brk_store *s, brk_seg *seg)
     if (brk__pread_full(s, seg->idx, e, sizeof e,
                         (seg->idx_count - 1) * BRK_IDX_ENTRY_LEN) != BRK_OK)
         return;
-    uint64_t off = 0;
-    for (int i = 7; i >= 0; i--)
-        off = (off << 8) | e[BRK_UUID_LEN + i];
+    uint64_t off = brk_ld64(e + BRK_UUID_LEN);
     uint8_t hdr[BRK_REC_HEADER_LEN];
     if (off < seg->base
         || brk__pread_full(s, seg->log, hdr, sizeof hdr, off - seg->base)
                != BRK_OK)
         return;
-    int64_t ms = 0;
-    for (int i = 7; i >= 0; i--)
-        ms = (int64_t)(((uint64_t)ms << 8) | hdr[40 + i]);
-    seg->max_store_ms = ms;
+    seg->max_store_ms = (int64_t)brk_ld64(hdr + 40);   /* store_ms, record.c */
 }
 
 static brk_status dispatch(brk_store *s, const brk_record *r, uint64_t pos,

@@ -630,6 +630,76 @@ static void real_filesystem_round_trip_and_single_opener(void **state)
     assert_int_equal(system(cmd), 0);
 }
 
+static void tick_runs_flush_and_checkpoint_when_due(void **state)
+{
+    fx *f = *state;
+    f->o.flush_mode = BRK_FLUSH_ASYNC;
+    f->o.flush_interval_ms = 500;
+    f->o.checkpoint_interval_ms = 2000;
+    reopen(f);
+    assert_int_equal(put(f, "t", NULL, "x", NULL), BRK_OK);
+    brk_store_stats st;
+    brk_store_get_stats(f->s, &st);
+    uint64_t ckpts = st.checkpoints;
+    assert_true(st.durable_offset < st.log_end);
+    /* Not due yet: nothing happens. */
+    brk_fake_clock_advance(&f->clk, 499);
+    assert_int_equal(brk_store_tick(f->s), BRK_OK);
+    brk_store_get_stats(f->s, &st);
+    assert_true(st.durable_offset < st.log_end);
+    /* The flush is due. */
+    brk_fake_clock_advance(&f->clk, 1);
+    assert_int_equal(brk_store_tick(f->s), BRK_OK);
+    brk_store_get_stats(f->s, &st);
+    assert_int_equal(st.durable_offset, st.log_end);
+    assert_int_equal(st.checkpoints, ckpts);
+    /* The checkpoint is due after 2 s. */
+    assert_int_equal(put(f, "t", NULL, "y", NULL), BRK_OK);
+    brk_fake_clock_advance(&f->clk, 1500);
+    assert_int_equal(brk_store_tick(f->s), BRK_OK);
+    brk_store_get_stats(f->s, &st);
+    assert_int_equal(st.checkpoints, ckpts + 1);
+}
+
+static void background_thread_flushes_async_appends(void **state)
+{
+    (void)state;
+    char tmpl[] = "/tmp/brk_store_XXXXXX";
+    assert_non_null(mkdtemp(tmpl));
+    brk_store_opts o;
+    brk_store_opts_init(&o);
+    o.flush_mode = BRK_FLUSH_ASYNC;
+    o.flush_interval_ms = 20;
+    o.checkpoint_interval_ms = 20;
+    brk_store *s = NULL;
+    char err[256];
+    assert_int_equal(brk_store_open(&s, tmpl, &o, err, sizeof err), BRK_OK);
+    brk_append_req r;
+    memset(&r, 0, sizeof r);
+    r.topic = "bg";
+    r.queue = -1;
+    r.body = (brk_bytes){ "hello", 5 };
+    brk_append_res res;
+    assert_int_equal(brk_store_append(s, &r, &res), BRK_OK);
+    brk_store_stats st;
+    brk_store_get_stats(s, &st);
+    uint64_t ckpts = st.checkpoints;
+    /* Nobody calls flush: the background thread must.  Poll with a
+     * generous deadline (this checks that it happens, not how fast). */
+    for (int i = 0; i < 1000; i++) {
+        brk_store_get_stats(s, &st);
+        if (st.durable_offset == st.log_end && st.checkpoints > ckpts)
+            break;
+        usleep(10000);
+    }
+    assert_int_equal(st.durable_offset, st.log_end);
+    assert_true(st.checkpoints > ckpts);
+    assert_int_equal(brk_store_close(s), BRK_OK);
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpl);
+    assert_int_equal(system(cmd), 0);
+}
+
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
 
 int main(void)
@@ -654,6 +724,8 @@ int main(void)
         T(retention_waits_for_age_and_for_every_cursor),
         T(open_rejects_bad_options_with_a_reason),
         cmocka_unit_test(real_filesystem_round_trip_and_single_opener),
+        T(tick_runs_flush_and_checkpoint_when_due),
+        cmocka_unit_test(background_thread_flushes_async_appends),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
