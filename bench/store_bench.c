@@ -8,10 +8,11 @@
  * one of 1000 keys chosen at random, as fast as it can for --seconds.
  *
  * Per case, one line:
- *   msgs/s, MB/s (log bytes, 10^6), p50/p99 append latency (us, measured
+ *   msgs/s, MB/s (log bytes, 10^6), p50/p99/max append latency (us, measured
  *   around brk_store_append with CLOCK_MONOTONIC into a per-thread log-linear
- *   histogram, <= 6.25% bucket error), fdatasyncs/s and records per
- *   fdatasync (deltas of brk_store_get_stats fsyncs / fsync_records).
+ *   histogram, <= 6.25% bucket error), fdatasyncs/s, records per fdatasync
+ *   and average fdatasync time (deltas of brk_store_get_stats fsyncs /
+ *   fsync_records / fsync_ns_total).
  * Then the raw ceiling, measured right after the case in the same
  * directory, with the record size the store reported (log_end / appends):
  *   SYNC:  one thread, loop { B x pwrite(one record) ; fdatasync }, where B

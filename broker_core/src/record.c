@@ -11,7 +11,8 @@
  *   ---  -----  ------------  ---------------------------------------------
  *     0  u32    len           whole record length, this field included
  *     4  u32    magic         BRK_REC_MAGIC 0x3158424F, bytes "OBX1"
- *     8  u32    crc           CRC-32C (crc32c.c) of bytes [12, len)
+ *     8  u32    crc           CRC-32C (crc32c.c) of bytes [48, len)
+ *                               followed by bytes [12, 48), see below
  *    12  u8     version       BRK_REC_VERSION (1)
  *    13  u8     type          BRK_REC_MSG 1 / BRK_REC_HALF 2 / BRK_REC_OP 3
  *    14  u16    queue         queue id within the topic
@@ -37,7 +38,7 @@
  *     flags has no bit outside BRK_RECF_KNOWN, reserved == 0;
  *   - every variable field is within its limit (above) and the props block
  *     passes brk_props_validate (format below);
- *   - crc == CRC-32C of bytes [12, len);
+ *   - crc == CRC-32C of bytes [48, len) then bytes [12, 48);
  *   - log_offset equals the offset the reader found it at (when the reader
  *     says where that is).
  *
@@ -46,9 +47,13 @@
  *     record without parsing it; it counts itself so "next = here + len".
  *   - magic right after len catches a reader that is misaligned (reading
  *     from the middle of a record) or a zero-filled tail after 8 bytes.
- *   - The CRC starts at byte 12, just after itself, so it covers every
- *     field except len and magic; those two are checked on their own (magic
- *     by value, len by the sum rule), so no byte of a record is unchecked.
+ *   - The CRC covers every byte after itself (12 to len), so with magic
+ *     checked by value and len by the sum rule no byte goes unchecked.  It
+ *     runs over the part from msg_id on (48..len) first and the part the
+ *     store fills in last (queue, log_offset, queue_offset, born/store
+ *     times at 12..48) second: a producer thread checksums the big part
+ *     outside the store's append lock, and the lock holder only extends it
+ *     over 36 bytes (brk_record_encode_unsealed / brk_record_patch).
  *   - log_offset inside the record: after a truncate (torn tail, repair)
  *     the log reuses offsets, and a reused or preallocated file can still
  *     hold an older, perfectly CRC-valid record at that spot.  Comparing
@@ -124,7 +129,8 @@ enum {
     OFF_PROPS_LEN = 76,
     OFF_BODY_LEN = 80,
     OFF_PAYLOAD = 84,
-    CRC_START = 12      /* first byte covered by the CRC */
+    CRC_START = 12,     /* first byte covered by the CRC */
+    CRC_TAIL = 48       /* the CRC runs over [48, len) first, then [12, 48) */
 };
 
 #define PROP_KEY_MAX 255u
@@ -505,8 +511,8 @@ static uint8_t *put_bytes(uint8_t *p, brk_bytes b)
  * here too, since the decoder would reject a record carrying a bad one;
  * a malformed block is the caller's argument error, BRK_INVAL.  The
  * variable fields must not overlap buf. */
-brk_status brk_record_encode(const brk_record *r, void *buf, size_t cap,
-                             size_t *len)
+static brk_status encode_fields(const brk_record *r, void *buf, size_t cap,
+                                size_t *len)
 {
     uint8_t *p = buf;
     uint8_t *q;
@@ -529,6 +535,7 @@ brk_status brk_record_encode(const brk_record *r, void *buf, size_t cap,
 
     brk_st32(p + OFF_LEN, (uint32_t)size);
     brk_st32(p + OFF_MAGIC, BRK_REC_MAGIC);
+    brk_st32(p + OFF_CRC, 0);   /* sealed by encode or brk_record_patch */
     p[OFF_VERSION] = BRK_REC_VERSION;
     p[OFF_TYPE] = r->type;
     brk_st16(p + OFF_QUEUE, r->queue);
@@ -552,9 +559,40 @@ brk_status brk_record_encode(const brk_record *r, void *buf, size_t cap,
     q = put_bytes(q, r->props);
     put_bytes(q, r->body);
 
-    brk_st32(p + OFF_CRC, brk_crc32c(0, p + CRC_START, size - CRC_START));
     *len = size;
     return BRK_OK;
+}
+
+/* The first CRC pass: bytes [CRC_TAIL, len). */
+static uint32_t crc_tail(const uint8_t *p, size_t len)
+{
+    return brk_crc32c(0, p + CRC_TAIL, len - CRC_TAIL);
+}
+
+/* The second pass over the store-filled header bytes [12, 48). */
+static uint32_t crc_seal(const uint8_t *p, uint32_t tail)
+{
+    return brk_crc32c(tail, p + CRC_START, CRC_TAIL - CRC_START);
+}
+
+brk_status brk_record_encode(const brk_record *r, void *buf, size_t cap,
+                                size_t *len)
+{
+    brk_status st = encode_fields(r, buf, cap, len);
+    if (st == BRK_OK)
+        brk_st32((uint8_t *)buf + OFF_CRC,
+                 crc_seal(buf, crc_tail(buf, *len)));
+    return st;
+}
+
+brk_status brk_record_encode_unsealed(const brk_record *r, void *buf,
+                                      size_t cap, size_t *len,
+                                      uint32_t *tail_crc)
+{
+    brk_status st = encode_fields(r, buf, cap, len);
+    if (st == BRK_OK)
+        *tail_crc = crc_tail(buf, *len);
+    return st;
 }
 
 uint32_t brk_record_peek_len(const void *buf, size_t avail)
@@ -599,7 +637,7 @@ static brk_bytes take_bytes(const uint8_t **q, size_t n)
 
 brk_status brk_record_decode(const void *buf, size_t avail,
                              uint64_t expect_offset, brk_record *r,
-                             size_t *len)
+                                size_t *len)
 {
     const uint8_t *p = buf;
     const uint8_t *q;
@@ -622,7 +660,7 @@ brk_status brk_record_decode(const void *buf, size_t avail,
     if (avail < rlen)
         return BRK_AGAIN;
 
-    if (brk_ld32(p + OFF_CRC) != brk_crc32c(0, p + CRC_START, rlen - CRC_START))
+    if (brk_ld32(p + OFF_CRC) != crc_seal(p, crc_tail(p, rlen)))
         return BRK_BADREC;
 
     out.type = p[OFF_TYPE];
@@ -652,14 +690,14 @@ brk_status brk_record_decode(const void *buf, size_t avail,
     return BRK_OK;
 }
 
-void brk_record_patch(void *buf, size_t len, uint16_t queue,
-                      uint64_t log_offset, uint64_t queue_offset,
-                      int64_t store_ms)
+void brk_record_patch(void *buf, uint16_t queue, uint64_t log_offset,
+                      uint64_t queue_offset, int64_t store_ms,
+                      uint32_t tail_crc)
 {
     uint8_t *p = buf;
-    brk_st16(p + 14, queue);
-    brk_st64(p + 16, log_offset);
-    brk_st64(p + 24, queue_offset);
-    brk_st64(p + 40, (uint64_t)store_ms);
-    brk_st32(p + 8, brk_crc32c(0, p + 12, len - 12));
+    brk_st16(p + OFF_QUEUE, queue);
+    brk_st64(p + OFF_LOG_OFFSET, log_offset);
+    brk_st64(p + OFF_QUEUE_OFFSET, queue_offset);
+    brk_st64(p + OFF_STORE_MS, (uint64_t)store_ms);
+    brk_st32(p + OFF_CRC, crc_seal(p, tail_crc));
 }

@@ -6,14 +6,27 @@
  * plain concatenation of records (format: top of record.c).  Log offsets are
  * byte positions in one endless log; segment k+1 starts exactly where
  * segment k ends, so a record is found by its offset alone and a record
- * never straddles two files.  A segment is closed ("sealed") when the next
- * record would take it past segment_bytes: it is fdatasync'ed before the
- * next one is created, so only the newest segment can have a torn tail.
+ * never straddles two files.  A segment is sealed when the next record
+ * would take it past segment_bytes.  Sealing costs no fdatasync on the
+ * append path: the sealed segment waits in `unsynced` for the next group
+ * commit, which syncs it (and the log directory) before anything after it
+ * counts as durable, so durability is always a prefix of the log.
  *
- * Append (mu held only for the page-cache write):
- *   encode outside the lock -> lock mu -> pick queue, patch offsets + CRC ->
- *   pwrite -> push consume-queue and index entries to memory tails ->
- *   unlock -> (SYNC) wait until durable >= end of record.
+ * Append, in three steps so that no lock is held across a system call:
+ *   1. Outside any lock: encode the record and checksum its body.
+ *   2. Under mu: pick the queue, assign the log offset and queue offset,
+ *      finish the CRC over the 36 header bytes that depend on them, push the
+ *      consume-queue and index entries to their memory tails, and put the
+ *      record on the pending list.
+ *   3. Write combining: the appender heading the pending list, when nobody
+ *      is writing, becomes the writer: it takes the whole list, drops mu,
+ *      writes each segment's run with one pwrite, retakes mu, advances
+ *      written_end and wakes the appenders it served.  Others sleep on their
+ *      own condition variable, so a batch wakes only whom it concerns.
+ *   Then, in SYNC mode (or req->sync), wait for the group commit.
+ * A write that fails with ENOSPC cuts the log back to the failed record
+ * (rollback_to), and that append and everything assigned after it report
+ * NOSPC; the store stays usable.  Any other write error is sticky.
  *
  * Group commit (after PostgreSQL's XLogFlush): a waiter whose record is not
  * yet durable either becomes the leader (nobody is flushing) or sleeps.  The
@@ -26,7 +39,7 @@
  * Visibility: in SYNC mode readers see a record only once it is durable, so
  * a consumer never processes a message a crash could take back (its queue
  * offset would be reused by another message).  In ASYNC mode records are
- * visible once in the page cache.
+ * visible once written (in the page cache).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -58,6 +71,7 @@ void brk_store_opts_init(brk_store_opts *o)
     o->max_body_bytes = 4u << 20;
     o->auto_create_topics = true;
     o->default_queues = BRK_QUEUES_DEFAULT;
+    o->verify_segments = 2;
 }
 
 static void vseterr(brk_store *s, const char *fmt, va_list ap)
@@ -176,24 +190,21 @@ void brk__seg_put(brk_store *s, brk_seg *seg)
         brk__seg_free(s, seg);
 }
 
-/* Seal the current segment and start a new one at log_end.  mu held. */
+/* Seal the current segment and start a new one at log_end.  mu held.
+ * Sealing costs no fdatasync here: the sealed segment joins `unsynced`, and
+ * the next group-commit leader syncs it (and the log directory, for the new
+ * name) before it declares anything beyond it durable.  Durability stays a
+ * prefix of the log, which is what recovery relies on. */
 static brk_status roll_segment(brk_store *s)
 {
     brk_seg *old = s->cur;
-    if (old) {
-        int rc = s->io->sync(s->io, old->log);
-        if (rc != 0) {
-            brk__fail(s, "fdatasync of segment %020" PRIu64 " failed: %s",
-                      old->base, strerror(-rc));
-            return BRK_FAILED;
-        }
-        pthread_mutex_lock(&s->fmu);
-        if (atomic_load(&s->durable) < old->base + old->size) {
-            atomic_store(&s->durable, old->base + old->size);
-            s->durable_appends = s->appends;
-        }
-        pthread_cond_broadcast(&s->fcond);
-        pthread_mutex_unlock(&s->fmu);
+    if (old && s->nunsynced == s->unsynced_cap) {
+        size_t nc = s->unsynced_cap ? s->unsynced_cap * 2 : 4;
+        brk_seg **nu = realloc(s->unsynced, nc * sizeof *nu);
+        if (!nu)
+            return BRK_NOMEM;
+        s->unsynced = nu;
+        s->unsynced_cap = nc;
     }
     brk_seg *seg = calloc(1, sizeof *seg);
     if (!seg)
@@ -204,9 +215,7 @@ static brk_status roll_segment(brk_store *s)
     brk__seg_path(s, seg->base, "", path, sizeof path);
     int rc = s->io->open(s->io, path, BRK_IO_CREATE | BRK_IO_RDWR, &seg->log);
     if (rc == 0)
-        rc = s->io->truncate(s->io, seg->log, 0);
-    if (rc == 0)
-        rc = s->io->sync_dir(s->io, s->log_dir);
+        rc = s->io->truncate(s->io, seg->log, 0);   /* a stale file of a cut tail */
     brk_seg **ns = NULL;
     if (rc == 0) {
         pthread_rwlock_wrlock(&s->seg_lock);
@@ -223,6 +232,11 @@ static brk_status roll_segment(brk_store *s)
         brk__seg_free(s, seg);
         return rc ? BRK_FAILED : BRK_NOMEM;
     }
+    if (old) {
+        atomic_fetch_add(&old->refs, 1);
+        s->unsynced[s->nunsynced++] = old;
+    }
+    s->roll_gen++;
     s->cur = seg;
     return BRK_OK;
 }
@@ -260,6 +274,11 @@ static void store_free(brk_store *s)
         brk__seg_put(s, s->segs[i]);
     free(s->segs);
     free(s->idx_tail);
+    for (size_t i = 0; i < s->nunsynced; i++)
+        brk__seg_put(s, s->unsynced[i]);
+    free(s->unsynced);
+    free(s->pend);
+    free(s->wbuf);
     for (size_t i = 0; i < s->ncursors; i++)
         free(s->cursors[i].name);
     free(s->cursors);
@@ -383,6 +402,17 @@ brk_status brk_store_open(brk_store **out, const char *dir,
     st = brk__recover(s, errbuf, errlen);
     if (st == BRK_OK && !s->cur)
         st = roll_segment(s);
+    if (st == BRK_OK) {
+        /* Names created by this or an earlier process (a crash may have
+         * left a segment's name unsynced) are made durable now: later
+         * group commits only sync the directory after a roll. */
+        rc = s->io->sync_dir(s->io, s->log_dir);
+        if (rc != 0) {
+            brk__seterr(s, "syncing %s: %s", s->log_dir, strerror(-rc));
+            st = brk__errno_status(rc);
+        }
+        s->dir_synced_gen = s->roll_gen;
+    }
     if (st == BRK_OK) {
         int64_t now = mono_ms(s);
         s->last_flush_ms = s->last_ckpt_ms = s->last_retention_ms = now;
@@ -615,22 +645,58 @@ static brk_status wait_durable(brk_store *s, uint64_t target)
 
         if (s->opts.group_commit_delay_us)
             usleep(s->opts.group_commit_delay_us);
+        /* Snapshot what to make durable: everything written so far, which
+         * may span sealed segments not yet synced. */
         pthread_mutex_lock(&s->mu);
-        uint64_t upto = s->log_end, appends = s->appends;
+        uint64_t upto = s->written_end, appends = s->appends;
+        uint64_t gen = s->roll_gen;
+        bool dir = s->roll_gen != s->dir_synced_gen;
+        size_t nseal = s->nunsynced;
+        brk_seg *stack[8];
+        brk_seg **seal = nseal <= 8 ? stack : malloc(nseal * sizeof *seal);
+        if (!seal)
+            nseal = 0;   /* retried by the next round */
+        for (size_t i = 0; i < nseal; i++) {
+            seal[i] = s->unsynced[i];
+            atomic_fetch_add(&seal[i]->refs, 1);
+        }
         brk_seg *seg = s->cur;
         if (seg)
             atomic_fetch_add(&seg->refs, 1);
         pthread_mutex_unlock(&s->mu);
 
         int64_t t0 = s->clock->mono_ns(s->clock->ctx);
-        int rc = seg ? s->io->sync(s->io, seg->log) : 0;
+        int rc = 0;
+        uint64_t bad = 0;
+        for (size_t i = 0; i < nseal && rc == 0; i++)
+            if ((rc = s->io->sync(s->io, seal[i]->log)) != 0)
+                bad = seal[i]->base;
+        if (rc == 0 && dir)
+            rc = s->io->sync_dir(s->io, s->log_dir);
+        if (rc == 0 && seg && (rc = s->io->sync(s->io, seg->log)) != 0)
+            bad = seg->base;
         int64_t t1 = s->clock->mono_ns(s->clock->ctx);
-        uint64_t base = seg ? seg->base : 0;
-        brk__seg_put(s, seg);
         if (rc != 0)
-            brk__fail(s, "fdatasync of segment %020" PRIu64 " failed: %s; "
+            brk__fail(s, "fdatasync of log segment %020" PRIu64 " failed: %s; "
                       "the store refuses writes until reopened",
-                      base, strerror(-rc));
+                      bad, strerror(-rc));
+        pthread_mutex_lock(&s->mu);
+        if (rc == 0) {
+            /* The synced seals are the first nseal entries: rolls append. */
+            for (size_t i = 0; i < nseal; i++)
+                brk__seg_put(s, s->unsynced[i]);
+            memmove(s->unsynced, s->unsynced + nseal,
+                    (s->nunsynced - nseal) * sizeof *s->unsynced);
+            s->nunsynced -= nseal;
+            if (dir)
+                s->dir_synced_gen = gen;
+        }
+        pthread_mutex_unlock(&s->mu);
+        for (size_t i = 0; i < nseal; i++)
+            brk__seg_put(s, seal[i]);
+        if (seal != stack)
+            free(seal);
+        brk__seg_put(s, seg);
 
         pthread_mutex_lock(&s->fmu);
         s->flushing = false;
@@ -667,6 +733,166 @@ static brk_status pick_queue(brk_store *s, brk_topic *t,
         *out = (uint16_t)(t->rr++ % t->writable);
     }
     return BRK_OK;
+}
+
+/* Cut the log back to `at` after a write failed with ENOSPC: every record
+ * at or beyond it (the failed one and all assigned after it) is removed
+ * from the queues, the index tail and the segments, as if never appended.
+ * Returns false when the files could not be cut (the caller goes sticky).
+ * mu held; no writer is active. */
+static bool rollback_to(brk_store *s, uint64_t at)
+{
+    for (size_t i = 0; i < s->ntopics; i++)
+        for (uint16_t qi = 0; qi < s->topics[i]->nqueues; qi++) {
+            brk_queue *q = &s->topics[i]->queues[qi];
+            /* Unwritten entries are never written out (the checkpoint only
+             * takes entries below the durable offset), so all are in the
+             * memory tail, at its end. */
+            while (q->next > q->file_next
+                   && q->tail[q->next - q->file_next - 1].log_offset >= at)
+                brk__cq_pop(q);
+        }
+    while (s->idx_tail_len > 0
+           && s->idx_tail[s->idx_tail_len - 1].log_offset >= at)
+        s->idx_tail_len--;
+    s->disk_bytes -= s->log_end - at;
+    s->log_end = at;
+
+    /* Segments created for the removed records go; the one holding `at`
+     * becomes current again, cut to length. */
+    bool ok = true;
+    pthread_rwlock_wrlock(&s->seg_lock);
+    while (s->nsegs > 1 && s->segs[s->nsegs - 1]->base > at) {
+        brk_seg *seg = s->segs[--s->nsegs];
+        char path[BRK_PATH_MAX];
+        brk__seg_path(s, seg->base, "", path, sizeof path);
+        if (s->io->unlink(s->io, path) != 0)
+            ok = false;
+        brk__seg_put(s, seg);
+    }
+    brk_seg *cur = s->segs[s->nsegs - 1];
+    pthread_rwlock_unlock(&s->seg_lock);
+    /* Removed segments are not sealed any more, nor is the current one. */
+    size_t keep = 0;
+    for (size_t i = 0; i < s->nunsynced; i++) {
+        brk_seg *u = s->unsynced[i];
+        if (u == cur || u->base > at)
+            brk__seg_put(s, u);
+        else
+            s->unsynced[keep++] = u;
+    }
+    s->nunsynced = keep;
+    s->cur = cur;
+    cur->size = at - cur->base;
+    if (s->io->truncate(s->io, cur->log, cur->size) != 0)
+        ok = false;
+    return ok;
+}
+
+/* Write every pending record, in log order, with mu dropped meanwhile.
+ * Records are staged into one buffer per run of a segment so a batch costs
+ * one pwrite, however many appenders it serves.  mu held on entry and exit;
+ * called only when no writer is active. */
+static void write_pending(brk_store *s)
+{
+    s->writing = true;
+    size_t n = s->npend;
+    brk_pending **batch = malloc(n * sizeof *batch);
+    if (!batch) {
+        /* Write this one alone rather than fail: no memory, no batching. */
+        n = 1;
+    }
+    brk_pending *one[1];
+    if (!batch)
+        batch = one;
+    memcpy(batch, s->pend, n * sizeof *batch);
+    memmove(s->pend, s->pend + n, (s->npend - n) * sizeof *s->pend);
+    s->npend -= n;
+    pthread_mutex_unlock(&s->mu);
+
+    size_t i = 0, done = 0;
+    int rc = 0;
+    while (i < n && rc == 0) {
+        /* A run of records of one segment, at most ~1 MiB unless a single
+         * record is larger. */
+        size_t j = i, bytes = 0;
+        while (j < n && batch[j]->seg == batch[i]->seg
+               && (j == i || bytes + batch[j]->len <= (1u << 20)))
+            bytes += batch[j++]->len;
+        const void *src = batch[i]->buf;
+        if (j - i > 1) {
+            if (bytes > s->wbuf_cap) {
+                uint8_t *nb = realloc(s->wbuf, bytes);
+                if (nb) {
+                    s->wbuf = nb;
+                    s->wbuf_cap = bytes;
+                } else {
+                    j = i + 1;          /* no staging memory: one at a time */
+                    bytes = batch[i]->len;
+                }
+            }
+            if (j - i > 1) {
+                size_t at = 0;
+                for (size_t k = i; k < j; k++) {
+                    memcpy(s->wbuf + at, batch[k]->buf, batch[k]->len);
+                    at += batch[k]->len;
+                }
+                src = s->wbuf;
+            }
+        }
+        brk_seg *seg = batch[i]->seg;
+        rc = s->io->pwrite(s->io, seg->log, src, bytes,
+                           batch[i]->log_offset - seg->base);
+        if (rc == 0) {
+            done = j;
+            i = j;
+        }
+    }
+
+    pthread_mutex_lock(&s->mu);
+    for (size_t k = 0; k < done; k++) {
+        batch[k]->st = BRK_OK;
+        batch[k]->done = true;
+    }
+    if (done > 0) {
+        s->written_end = batch[done - 1]->log_offset + batch[done - 1]->len;
+        s->appends += done;
+    }
+    if (rc != 0) {
+        /* Everything from the failed record on fails: the rest of this
+         * batch and whatever was assigned meanwhile. */
+        uint64_t at = batch[done]->log_offset;
+        brk_status st;
+        if ((rc == -ENOSPC || rc == -EDQUOT) && rollback_to(s, at)) {
+            brk__seterr(s, "no space left on device writing the log at "
+                        "offset %" PRIu64, at);
+            st = BRK_NOSPC;
+        } else {
+            brk__fail(s, "writing the log at offset %" PRIu64 " failed: %s; "
+                      "the store refuses writes until reopened", at,
+                      strerror(-rc));
+            st = brk__errno_status(rc);
+            if (st == BRK_NOSPC)
+                st = BRK_FAILED;   /* and the cut failed too */
+        }
+        for (size_t k = done; k < n; k++) {
+            batch[k]->st = st;
+            batch[k]->done = true;
+        }
+        for (size_t k = 0; k < s->npend; k++) {
+            s->pend[k]->st = st;
+            s->pend[k]->done = true;
+            pthread_cond_signal(&s->pend[k]->cv);
+        }
+        s->npend = 0;
+    }
+    for (size_t k = 0; k < n; k++)
+        pthread_cond_signal(&batch[k]->cv);
+    s->writing = false;
+    if (s->npend > 0)
+        pthread_cond_signal(&s->pend[0]->cv);   /* the next writer */
+    if (batch != one)
+        free(batch);
 }
 
 brk_status brk_store_append(brk_store *s, const brk_append_req *req,
@@ -714,7 +940,8 @@ brk_status brk_store_append(brk_store *s, const brk_append_req *req,
     if (!buf)
         return BRK_NOMEM;
     size_t got = 0;
-    brk_status st = brk_record_encode(&r, buf, len, &got);
+    uint32_t tail_crc = 0;
+    brk_status st = brk_record_encode_unsealed(&r, buf, len, &got, &tail_crc);
     if (st != BRK_OK) {
         free(buf);
         brk__seterr(s, "record rejected: %s", brk_strerror(st));
@@ -722,10 +949,11 @@ brk_status brk_store_append(brk_store *s, const brk_append_req *req,
     }
     uint64_t tag_hash = brk_tag_hash(req->tag.ptr, req->tag.len);
 
+    brk_pending p;
+    memset(&p, 0, sizeof p);
     pthread_mutex_lock(&s->mu);
     brk_topic *t = brk__topic_find(s, req->topic);
     uint16_t qid = 0;
-    uint64_t end = 0;
     /* Every check that can refuse the append comes before auto-creating the
      * topic, so a refused append leaves no topic behind. */
     if (atomic_load(&s->failed)) {
@@ -752,62 +980,66 @@ brk_status brk_store_append(brk_store *s, const brk_append_req *req,
     if (st == BRK_OK && s->cur->size > 0
         && s->cur->size + len > s->opts.segment_bytes)
         st = roll_segment(s);
+    brk_queue *q = st == BRK_OK ? &t->queues[qid] : NULL;
     if (st == BRK_OK) {
-        brk_queue *q = &t->queues[qid];
-        int64_t now = brk__now_ms(s);
-        brk_record_patch(buf, len, qid, s->log_end, q->next, now);
-        brk_seg *seg = s->cur;
-        int rc = s->io->pwrite(s->io, seg->log, buf, len, seg->size);
-        if (rc == -ENOSPC || rc == -EDQUOT) {
-            /* Nothing was acknowledged; cut any partial bytes so the next
-             * append starts clean.  If even that fails the file state is
-             * unknown and the store goes sticky. */
-            int trc = s->io->truncate(s->io, seg->log, seg->size);
-            if (trc != 0)
-                brk__fail(s, "truncating segment %020" PRIu64 " after ENOSPC "
-                          "failed: %s", seg->base, strerror(-trc));
-            else
-                brk__seterr(s, "no space left writing segment %020" PRIu64,
-                            seg->base);
-            st = trc ? BRK_FAILED : BRK_NOSPC;
-        } else if (rc != 0) {
-            brk__fail(s, "writing segment %020" PRIu64 " failed: %s; the "
-                      "store refuses writes until reopened", seg->base,
-                      strerror(-rc));
-            st = brk__errno_status(rc);
-        } else {
-            brk_cq_entry e = { s->log_end, (uint32_t)len, tag_hash };
-            st = brk__cq_push(s, q, &e);
-            if (st == BRK_OK)
-                st = brk__idx_push(s, r.msg_id, s->log_end);
-            if (st != BRK_OK) {
-                /* The bytes are in the log but not indexed: only a reopen
-                 * (which re-dispatches) makes the two agree again. */
-                brk__fail(s, "out of memory indexing an appended record");
-                st = BRK_FAILED;
+        /* Assign the record its place: from here on it is part of the log
+         * (invisible to readers until written, see visible_end). */
+        brk_cq_entry e = { s->log_end, (uint32_t)len, tag_hash };
+        st = brk__cq_push(s, q, &e);
+        if (st == BRK_OK && (st = brk__idx_push(s, r.msg_id, s->log_end))
+                                != BRK_OK)
+            brk__cq_pop(q);
+        if (st == BRK_OK && s->npend == s->pend_cap) {
+            size_t nc = s->pend_cap ? s->pend_cap * 2 : 64;
+            brk_pending **np = realloc(s->pend, nc * sizeof *np);
+            if (np) {
+                s->pend = np;
+                s->pend_cap = nc;
             } else {
-                res->queue = qid;
-                res->queue_offset = q->next - 1;
-                res->log_offset = s->log_end;
-                res->store_ms = now;
-                memcpy(res->msg_id, r.msg_id, BRK_UUID_LEN);
-                seg->size += len;
-                seg->records++;
-                if (now > seg->max_store_ms)
-                    seg->max_store_ms = now;
-                s->log_end += len;
-                s->disk_bytes += len;
-                s->appends++;
-                end = s->log_end;
+                brk__cq_pop(q);
+                s->idx_tail_len--;
+                st = BRK_NOMEM;
             }
         }
+    }
+    if (st == BRK_OK) {
+        int64_t now = brk__now_ms(s);
+        brk_record_patch(buf, qid, s->log_end, q->next - 1, now, tail_crc);
+        p.buf = buf;
+        p.len = (uint32_t)len;
+        p.log_offset = s->log_end;
+        p.seg = s->cur;
+        pthread_cond_init(&p.cv, NULL);
+        s->pend[s->npend++] = &p;
+        res->queue = qid;
+        res->queue_offset = q->next - 1;
+        res->log_offset = s->log_end;
+        res->store_ms = now;
+        memcpy(res->msg_id, r.msg_id, BRK_UUID_LEN);
+        s->cur->size += len;
+        s->cur->records++;
+        if (now > s->cur->max_store_ms)
+            s->cur->max_store_ms = now;
+        s->log_end += len;
+        s->disk_bytes += len;
+
+        /* Wait until a writer has written it; become the writer when this
+         * record heads the list and nobody is writing. */
+        while (!p.done) {
+            if (!s->writing && s->pend[0] == &p)
+                write_pending(s);
+            else
+                pthread_cond_wait(&p.cv, &s->mu);
+        }
+        st = p.st;
+        pthread_cond_destroy(&p.cv);
     }
     pthread_mutex_unlock(&s->mu);
     free(buf);
     if (st != BRK_OK)
         return st;
     if (s->opts.flush_mode == BRK_FLUSH_SYNC || req->sync)
-        return wait_durable(s, end);
+        return wait_durable(s, p.log_offset + p.len);
     return BRK_OK;
 }
 
@@ -816,7 +1048,7 @@ brk_status brk_store_flush(brk_store *s)
     if (atomic_load(&s->failed))
         return BRK_FAILED;
     pthread_mutex_lock(&s->mu);
-    uint64_t target = s->log_end;
+    uint64_t target = s->written_end;
     pthread_mutex_unlock(&s->mu);
     return wait_durable(s, target);
 }
@@ -929,12 +1161,18 @@ static void *bg_main(void *arg)
 
 /* ---- reads ---------------------------------------------------------------------- */
 
+/* Readers see records below this offset: written ones, and in SYNC mode
+ * only durable ones.  mu held. */
+static uint64_t visible_end(brk_store *s)
+{
+    return s->opts.flush_mode == BRK_FLUSH_SYNC ? atomic_load(&s->durable)
+                                                : s->written_end;
+}
+
 /* The highest queue offset readers may see.  mu held. */
 static uint64_t visible_next(brk_store *s, const brk_queue *q)
 {
-    if (s->opts.flush_mode != BRK_FLUSH_SYNC)
-        return q->next;
-    uint64_t durable = atomic_load(&s->durable);
+    uint64_t durable = visible_end(s);
     /* Entries in files are all durable; binary search the memory tail. */
     size_t lo = 0, hi = (size_t)(q->next - q->file_next);
     while (lo < hi) {
@@ -1114,10 +1352,8 @@ brk_status brk_store_read_at(brk_store *s, uint64_t log_offset,
                              brk_batch **out)
 {
     *out = NULL;
-    uint64_t visible = s->opts.flush_mode == BRK_FLUSH_SYNC
-                           ? atomic_load(&s->durable) : UINT64_MAX;
     pthread_mutex_lock(&s->mu);
-    uint64_t end = s->log_end < visible ? s->log_end : visible;
+    uint64_t end = visible_end(s);
     uint64_t start = s->log_start;
     pthread_mutex_unlock(&s->mu);
     if (log_offset < start || log_offset + BRK_REC_HEADER_LEN > end)
@@ -1269,7 +1505,9 @@ brk_status brk_store_retention_run(brk_store *s, unsigned *deleted)
         uint64_t end = seg->base + seg->size;
         bool old = seg->max_store_ms <= now - s->opts.retention_ms;
         pthread_mutex_unlock(&s->mu);
-        if (!old || end > need)
+        /* Only durable segments go: a sealed one awaiting its fdatasync is
+         * still in the leader's hands. */
+        if (!old || end > need || end > atomic_load(&s->durable))
             break;
 
         pthread_rwlock_wrlock(&s->seg_lock);

@@ -213,6 +213,11 @@ brk_status brk__cq_push(brk_store *s, brk_queue *q, const brk_cq_entry *e)
     return BRK_OK;
 }
 
+void brk__cq_pop(brk_queue *q)
+{
+    q->next--;   /* the tail slot is simply reused */
+}
+
 brk_status brk__cq_get(brk_store *s, brk_topic *t, uint16_t qid,
                        uint64_t index, brk_cq_entry *e)
 {

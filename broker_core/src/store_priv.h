@@ -4,12 +4,11 @@
  * Lock inventory (take in this order, never the reverse):
  *   ckpt_mu   serialises checkpoints and retention (held across fsyncs).
  *   mu        the append lock: log end, current segment, topics, queues,
- *             consume-queue and index tails, cursors, counters.  Held for a
- *             pwrite into the page cache.  It is held across an fdatasync
- *             only on rare metadata paths: sealing a segment (once per
- *             segment_bytes) and saving the topic table (create, resize,
- *             auto-create), so appenders and readers stall for one fsync
- *             then and never otherwise.
+ *             consume-queue and index tails, cursors, counters, the
+ *             pending-write list.  Never held across a pwrite of records
+ *             (the writer drops it) nor a log fdatasync.  It is held across
+ *             an fdatasync only to save the topic table (create, resize,
+ *             auto-create): appenders stall for one fsync then.
  *   seg_lock  rwlock over the segment array (segs/nsegs).  Readers hold it
  *             only to find a segment and take a reference.
  *   fmu       flush state: durable offset, the "a leader is flushing" flag.
@@ -74,6 +73,19 @@ typedef struct brk_idx_pending {
     uint64_t log_offset;
 } brk_idx_pending;
 
+/* A record whose log position is assigned but whose bytes are not yet
+ * written: it lives on its appender's stack while it waits for a writer
+ * (store.c, "Append"). */
+typedef struct brk_pending {
+    const uint8_t *buf;       /* the encoded, patched record */
+    uint32_t len;
+    uint64_t log_offset;
+    brk_seg *seg;             /* the segment it goes to */
+    brk_status st;            /* set by the writer when done */
+    bool done;
+    pthread_cond_t cv;        /* its appender sleeps here (with mu) */
+} brk_pending;
+
 typedef struct brk_cursor {
     char *name;               /* NULL: free slot */
     uint64_t offset;          /* below this the owner needs nothing */
@@ -94,7 +106,15 @@ struct brk_store {
 
     /* guarded by mu */
     pthread_mutex_t mu;
-    uint64_t log_end;         /* next append offset */
+    uint64_t log_end;         /* next offset to assign */
+    uint64_t written_end;     /* every byte below is in the page cache */
+    brk_pending **pend;       /* assigned, waiting for a writer, in log order */
+    size_t npend, pend_cap;
+    bool writing;             /* a writer is in pwrite with mu released */
+    brk_seg **unsynced;       /* sealed segments not yet fdatasync'ed */
+    size_t nunsynced, unsynced_cap;
+    uint64_t roll_gen;        /* segments created; the log dir needs an */
+    uint64_t dir_synced_gen;  /*   fsync while these two differ */
     uint64_t log_start;       /* first readable offset */
     brk_seg *cur;             /* the segment appends go to */
     brk_topic **topics;       /* sorted by name */
@@ -106,6 +126,9 @@ struct brk_store {
     uint64_t appends;         /* records appended since open */
     uint64_t disk_bytes;      /* log + index + cq bytes */
     uint64_t ckpt_offset;     /* last checkpoint written */
+    uint8_t *wbuf;            /* the writer's staging buffer (only the
+                                 thread with `writing` set touches it) */
+    size_t wbuf_cap;
 
     /* guarded by seg_lock */
     pthread_rwlock_t seg_lock;
@@ -170,6 +193,7 @@ brk_status brk__topic_new(brk_store *s, const char *name, uint16_t queues,
 brk_status brk__cq_open_queue(brk_store *s, brk_topic *t, uint16_t q);
 void brk__cq_close_queue(brk_store *s, brk_queue *q);
 brk_status brk__cq_push(brk_store *s, brk_queue *q, const brk_cq_entry *e);
+void brk__cq_pop(brk_queue *q);   /* drop the newest tail entry */
 brk_status brk__cq_get(brk_store *s, brk_topic *t, uint16_t qid,
                        uint64_t index, brk_cq_entry *e);
 brk_status brk__cq_writeout(brk_store *s, brk_topic *t, uint16_t qid,

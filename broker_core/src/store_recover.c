@@ -2,19 +2,22 @@
  * store_recover.c - what brk_store_open does before the store takes writes.
  *
  *   1. Load the topic table and the checkpoint C (state files).
- *   2. List the segments; every segment but the newest must end exactly
- *      where the next begins (sealed segments were fdatasync'ed whole before
- *      the next was created), else the log has a hole: CORRUPT.
+ *   2. List the segments; each must end exactly where the next begins.
+ *      Sealed segments are fdatasync'ed lazily, by the first group commit
+ *      after the roll, so above C a short segment followed by another is a
+ *      torn tail: the later segments were never durable and are removed.
+ *      Below C a hole is damage: CORRUPT.
  *   3. Open every consume queue and index file and cut them back to C: what
  *      lies below C was fdatasync'ed before C was written; anything above may
  *      be a torn write.
- *   4. Scan records from min(C, start of newest segment) to the end,
+ *   4. Scan records from min(C, start of the newest opts.verify_segments
+ *      segments) to the end,
  *      checking each CRC.  Below C a bad record is corruption: refuse to open
  *      (or, with opts.repair, cut the log there).  At or above C it is the
- *      torn tail a crash leaves: in the newest segment it is cut off; in a
- *      sealed segment it is corruption again.  Records at or above C are
- *      re-dispatched into the consume queues and the index; since a record
- *      carries its queue offset, this is idempotent.
+ *      torn tail a crash leaves: the log is cut there, later segments
+ *      included.  Records at or above C are re-dispatched into the consume
+ *      queues and the index; since a record carries its queue offset, this
+ *      is idempotent.
  *   5. fdatasync the newest segment (bytes a killed process left in the page
  *      cache become durable), then brk_store_open writes a new checkpoint.
  *
@@ -23,8 +26,8 @@
  * offset equals the log end.
  *
  * Bit rot above the checkpoint (at most checkpoint_interval_ms of appends)
- * cannot be told from a torn write and is cut like one; below it, and in
- * every sealed segment, it is reported.
+ * cannot be told from a torn write and is cut like one; below it, it is
+ * reported (and the newest segment is verified whole at every open).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -258,29 +261,36 @@ brk_status brk__recover(brk_store *s, char *errbuf, size_t errlen)
         s->segs[s->nsegs++] = seg;
         if (i > 0) {
             brk_seg *prev = s->segs[i - 1];
-            if (prev->base + prev->size != seg->base) {
-                if (!s->opts.repair) {
+            uint64_t prev_end = prev->base + prev->size;
+            if (prev_end != seg->base) {
+                /* A sealed segment is synced lazily (by the next group
+                 * commit), so above the checkpoint its tail may be lost
+                 * while the next file exists: a torn tail like any other.
+                 * Nothing after it was durable, so it all goes. */
+                uint64_t low = prev_end < seg->base ? prev_end : seg->base;
+                if (low < ckpt && !s->opts.repair) {
                     st = fail_open(s, errbuf, errlen, BRK_CORRUPT,
                                    "segment %020" PRIu64 " holds %" PRIu64
                                    " bytes but the next segment starts at %"
-                                   PRIu64 ": the log has a hole or overlap "
-                                   "(open with repair to cut it there)",
-                                   prev->base, prev->size, seg->base);
+                                   PRIu64 ": the log has a hole below the "
+                                   "checkpoint (open with repair to cut it "
+                                   "there)", prev->base, prev->size,
+                                   seg->base);
                     break;
                 }
-                /* Repair: keep what is contiguous, drop the rest later. */
                 s->nsegs--;
                 brk__seg_put(s, seg);
-                st = drop_segments_from(s, s->nsegs);
-                /* Files of later names are removed below. */
-                for (size_t j = i + 1; j < l.n; j++) {
+                for (size_t j = i; j < l.n; j++) {
                     brk__seg_path(s, l.v[j], "", path, sizeof path);
                     (void)s->io->unlink(s->io, path);
                     brk__seg_path(s, l.v[j], ".idx", path, sizeof path);
                     (void)s->io->unlink(s->io, path);
                 }
-                brk__seg_path(s, l.v[i], "", path, sizeof path);
-                (void)s->io->unlink(s->io, path);
+                rc = s->io->sync_dir(s->io, s->log_dir);
+                if (rc != 0)
+                    st = fail_open(s, errbuf, errlen, brk__errno_status(rc),
+                                   "syncing %s: %s", s->log_dir,
+                                   strerror(-rc));
                 break;
             }
         }
@@ -333,8 +343,14 @@ brk_status brk__recover(brk_store *s, char *errbuf, size_t errlen)
 
     /* Scan and re-dispatch. */
     uint64_t from = ckpt;
-    if (s->nsegs && s->segs[s->nsegs - 1]->base < from)
-        from = s->segs[s->nsegs - 1]->base;   /* verify the newest whole */
+    if (s->nsegs) {
+        /* Verify the newest segments whole (by default the two a crash can
+         * have touched); older records are verified as they are read. */
+        size_t v = s->opts.verify_segments;
+        size_t first = v == 0 || v >= s->nsegs ? 0 : s->nsegs - v;
+        if (s->segs[first]->base < from)
+            from = s->segs[first]->base;
+    }
     scan_buf b = {0};
     size_t si = 0;
     while (si < s->nsegs && s->segs[si]->base + s->segs[si]->size <= from
@@ -376,25 +392,28 @@ brk_status brk__recover(brk_store *s, char *errbuf, size_t errlen)
                 pos += len;
                 continue;
             }
-            /* A bad or incomplete record at pos. */
-            bool torn = newest && pos >= ckpt;
+            /* A bad or incomplete record at pos.  At or above the
+             * checkpoint it is the torn tail a crash leaves (in the newest
+             * segment, or in a sealed one whose lazy fdatasync never ran):
+             * nothing from here on was durable.  Below it, it is damage. */
+            bool torn = pos >= ckpt;
             if (!torn && !s->opts.repair) {
                 st = fail_open(s, errbuf, errlen, BRK_CORRUPT,
                                "corrupt record in segment %s/%020" PRIu64
-                               " at log offset %" PRIu64 " (%s); open with "
-                               "repair to cut the log there",
-                               s->log_dir, seg->base, pos,
-                               pos < ckpt ? "below the checkpoint"
-                                          : "in a sealed segment");
+                               " at log offset %" PRIu64 ", below the "
+                               "checkpoint at %" PRIu64 "; open with repair "
+                               "to cut the log there",
+                               s->log_dir, seg->base, pos, ckpt);
                 break;
             }
             if (!torn) {
-                if (pos < ckpt) {
-                    st = cut_indexes(s, pos);
-                    ckpt = pos;
-                }
-                if (st == BRK_OK)
-                    st = drop_segments_from(s, si + 1);
+                st = cut_indexes(s, pos);
+                ckpt = pos;
+            }
+            if (st == BRK_OK && !newest) {
+                for (size_t k = si + 1; k < s->nsegs; k++)
+                    s->truncated_bytes += s->segs[k]->size;
+                st = drop_segments_from(s, si + 1);
             }
             if (st != BRK_OK)
                 break;
@@ -430,6 +449,7 @@ brk_status brk__recover(brk_store *s, char *errbuf, size_t errlen)
     }
     for (size_t i = 0; i < s->nsegs; i++)
         s->disk_bytes += s->segs[i]->size;
+    s->written_end = s->log_end;
     atomic_store(&s->durable, s->log_end);
     s->ckpt_offset = have_ckpt ? ckpt : UINT64_MAX;
     return BRK_OK;

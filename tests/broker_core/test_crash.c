@@ -343,6 +343,22 @@ static void crash_at_every_operation_keeps_acknowledged_appends(void **state)
     (void)state;
     uint64_t budget = env_u64("BRK_CRASH_STATES", 20000);
     uint64_t seed = env_u64("BRK_CRASH_SEED", 1);
+    /* Replay one state of a failure report: BRK_CRASH_SEED=<workload seed>
+     * BRK_CRASH_POINT=<crash point>. */
+    uint64_t only_point = env_u64("BRK_CRASH_POINT", UINT64_MAX);
+    if (only_point != UINT64_MAX) {
+        static workload w1;
+        static run r1;
+        int mode = (int)env_u64("BRK_CRASH_MODE", 0);
+        make_workload(&w1, seed);
+        run_init(&r1, &w1, seed + only_point);
+        brk_sim_set_crash_after(r1.sim, only_point);
+        run_workload(&r1, &w1);
+        assert_int_equal(brk_sim_crash(r1.sim, mode), BRK_OK);
+        verify(&r1, &w1, only_point, mode);
+        brk_sim_close(r1.sim);
+        return;
+    }
     uint64_t states = 0, workloads = 0, recovery_crashes = 0;
     static workload w;
     static run r;

@@ -51,12 +51,18 @@ static uint32_t get_le32(const uint8_t *p)
          | (uint32_t)p[3] << 24;
 }
 
+/* The CRC as record.c documents it: bytes [48, len), then [12, 48). */
+static uint32_t doc_crc(const uint8_t *rec, size_t len)
+{
+    return brk_crc32c(brk_crc32c(0, rec + 48, len - 48), rec + 12, 36);
+}
+
 /* Re-seal a record after editing it, so a test reaches the rule it means
  * to test instead of stopping at the CRC. */
 static void reseal(uint8_t *rec)
 {
     uint32_t len = get_le32(rec);
-    put_le32(rec + 8, brk_crc32c(0, rec + 12, len - 12));
+    put_le32(rec + 8, doc_crc(rec, len));
 }
 
 static brk_bytes bs(const char *s)
@@ -221,7 +227,7 @@ static void record_encodes_documented_byte_layout(void **state)
     /* The offsets written at the top of record.c, checked byte by byte. */
     assert_int_equal(get_le32(buf + 0), len);
     assert_memory_equal(buf + 4, "OBX1", 4);
-    assert_int_equal(get_le32(buf + 8), brk_crc32c(0, buf + 12, len - 12));
+    assert_int_equal(get_le32(buf + 8), doc_crc(buf, len));
     assert_int_equal(buf[12], 1);
     assert_int_equal(buf[13], BRK_REC_MSG);
     assert_int_equal(buf[14], 513 & 0xFF);
@@ -559,6 +565,31 @@ static void decode_rejects_stale_log_offset(void **state)
     assert_int_equal(decode_exact(rec, len, in.log_offset), BRK_OK);
     assert_int_equal(decode_exact(rec, len, UINT64_MAX), BRK_OK);
     free(rec);
+}
+
+static void unsealed_encode_plus_patch_equals_full_encode(void **state)
+{
+    uint8_t props[64];
+    size_t plen = make_props(props, sizeof props);
+    brk_record in = full_record(props, plen);
+    uint8_t a[512], b[512];
+    size_t la = 0, lb = 0;
+    uint32_t tail = 0;
+
+    (void)state;
+    assert_int_equal(brk_record_encode(&in, a, sizeof a, &la), BRK_OK);
+    brk_record blank = in;
+    blank.queue = 0;
+    blank.log_offset = 0;
+    blank.queue_offset = 0;
+    blank.store_ms = 0;
+    assert_int_equal(brk_record_encode_unsealed(&blank, b, sizeof b, &lb, &tail),
+                     BRK_OK);
+    assert_int_equal(la, lb);
+    assert_int_equal(decode_exact(b, lb, UINT64_MAX), BRK_BADREC);  /* unsealed */
+    brk_record_patch(b, in.queue, in.log_offset, in.queue_offset, in.store_ms, tail);
+    assert_memory_equal(a, b, la);
+    assert_int_equal(decode_exact(b, lb, in.log_offset), BRK_OK);
 }
 
 static void decode_rejects_nonzero_reserved_even_with_valid_crc(void **state)
@@ -1013,6 +1044,7 @@ int main(void)
         cmocka_unit_test(decode_rejects_every_single_bit_flip),
         cmocka_unit_test(decode_rejects_flipped_body_byte),
         cmocka_unit_test(decode_rejects_stale_log_offset),
+        cmocka_unit_test(unsealed_encode_plus_patch_equals_full_encode),
         cmocka_unit_test(decode_rejects_nonzero_reserved_even_with_valid_crc),
         cmocka_unit_test(decode_rejects_header_rule_violations_with_valid_crc),
         cmocka_unit_test(decode_judges_len_and_magic_as_soon_as_they_arrive),

@@ -394,7 +394,7 @@ static void corruption_below_checkpoint_refuses_open_naming_file_and_offset(void
     assert_int_equal(r.log_offset, res[4].log_offset);
 }
 
-static void corruption_in_sealed_segment_refuses_open(void **state)
+static void corruption_in_an_older_segment_refuses_open(void **state)
 {
     fx *f = *state;
     f->o.segment_bytes = 4096;
@@ -404,18 +404,56 @@ static void corruption_in_sealed_segment_refuses_open(void **state)
         assert_int_equal(put(f, "t", NULL, "0123456789012345678901234567890123456789", &res[i]),
                          BRK_OK);
     assert_true(res[99].log_offset > 8192);
-    /* Corrupt the first segment (sealed), then crash without checkpoint so
-     * the scan starts below it. */
+    brk_store_close(f->s);   /* checkpoint covers everything */
+    f->s = NULL;
     char path[64];
     seg0_path(path, sizeof path);
     uint8_t x = 0x00;
     assert_int_equal(brk_sim_write_raw(f->sim, path, res[2].log_offset + 8, &x, 1), BRK_OK);
-    crash(f, BRK_SIM_DROP_ALL);
-    /* Remove the checkpoint so recovery must scan the sealed segment. */
-    assert_int_equal(brk_sim_io(f->sim)->unlink(brk_sim_io(f->sim), DIR "/checkpoint"), 0);
+    /* By default open verifies the newest two segments; the damage in the
+     * first one shows when it is read, naming the file. */
+    reopen(f);
+    brk_batch *b = NULL;
+    assert_int_equal(brk_store_read(f->s, "t", res[2].queue, res[2].queue_offset, 1, &b),
+                     BRK_CORRUPT);
+    assert_non_null(strstr(brk_store_errstr(f->s), "segment 00000000000000000000"));
+    brk_store_close(f->s);
+    f->s = NULL;
+    /* Asked to verify every segment, open refuses and says where. */
+    f->o.verify_segments = 0;
     brk_status st = brk_store_open(&f->s, DIR, &f->o, f->err, sizeof f->err);
     assert_int_equal(st, BRK_CORRUPT);
-    assert_non_null(strstr(f->err, "sealed"));
+    assert_non_null(strstr(f->err, "/log/00000000000000000000"));
+    assert_non_null(strstr(f->err, "below the checkpoint"));
+}
+
+static void lost_tail_of_a_lazily_sealed_segment_is_cut_with_later_ones(void **state)
+{
+    fx *f = *state;
+    f->o.segment_bytes = 4096;
+    f->o.flush_mode = BRK_FLUSH_ASYNC;
+    reopen(f);
+    brk_append_res res[100];
+    for (int i = 0; i < 100; i++)
+        assert_int_equal(put(f, "t", "k", "0123456789012345678901234567890123456789", &res[i]),
+                         BRK_OK);
+    assert_int_equal(brk_store_checkpoint(f->s), BRK_OK);
+    /* Twenty more appends roll into a new segment; nothing syncs them. */
+    uint64_t seg0_end = 0;
+    for (int i = 0; i < 60; i++) {
+        brk_append_res r;
+        assert_int_equal(put(f, "t", "k", "0123456789012345678901234567890123456789", &r), BRK_OK);
+        if (!seg0_end && r.log_offset > res[99].log_offset + 4096)
+            seg0_end = r.log_offset;
+    }
+    crash(f, BRK_SIM_DROP_ALL);
+    reopen(f);
+    uint64_t min, max;
+    assert_int_equal(brk_store_queue_range(f->s, "t", res[0].queue, &min, &max), BRK_OK);
+    assert_int_equal(max, 100);      /* exactly the checkpointed ones */
+    brk_store_stats st;
+    brk_store_get_stats(f->s, &st);
+    assert_int_equal(st.log_end, res[99].log_offset + (res[99].log_offset - res[98].log_offset));
 }
 
 static void enospc_on_append_is_reported_and_store_stays_usable(void **state)
@@ -473,7 +511,7 @@ static void eio_on_write_makes_the_store_refuse_writes_until_reopened(void **sta
     assert_int_equal(brk_sim_fail_next(f->sim, BRK_SIM_OP_PWRITE, EIO, 1), BRK_OK);
     assert_int_equal(put(f, "t", NULL, "two", NULL), BRK_IO);
     assert_int_equal(put(f, "t", NULL, "three", NULL), BRK_FAILED);
-    assert_non_null(strstr(brk_store_errstr(f->s), "writing segment"));
+    assert_non_null(strstr(brk_store_errstr(f->s), "writing the log"));
     /* Reads still work. */
     brk_topic_info ti;
     assert_int_equal(brk_topic_get(f->s, "t", &ti), BRK_OK);
@@ -715,7 +753,8 @@ int main(void)
         T(sync_appends_survive_power_loss_and_indexes_are_rebuilt),
         T(torn_tail_is_cut_and_earlier_records_kept),
         T(corruption_below_checkpoint_refuses_open_naming_file_and_offset),
-        T(corruption_in_sealed_segment_refuses_open),
+        T(corruption_in_an_older_segment_refuses_open),
+        T(lost_tail_of_a_lazily_sealed_segment_is_cut_with_later_ones),
         T(enospc_on_append_is_reported_and_store_stays_usable),
         T(full_disk_capacity_gives_nospc_never_a_partial_record),
         T(eio_on_write_makes_the_store_refuse_writes_until_reopened),

@@ -91,12 +91,20 @@ brk_status brk_record_decode(const void *buf, size_t avail,
                              uint64_t expect_offset, brk_record *r,
                              size_t *len);
 
-/* Rewrite the fields only known under the store's append lock (queue,
- * log_offset, queue_offset, store_ms) in an encoded record and recompute its
- * CRC.  buf holds a record of `len` bytes produced by brk_record_encode. */
-void brk_record_patch(void *buf, size_t len, uint16_t queue,
-                      uint64_t log_offset, uint64_t queue_offset,
-                      int64_t store_ms);
+/* Encode like brk_record_encode but leave the CRC unfinished: *tail_crc is
+ * the first of its two passes (see record.c).  brk_record_patch finishes it
+ * once the store knows the record's position.  Same errors as encode. */
+brk_status brk_record_encode_unsealed(const brk_record *r, void *buf,
+                                      size_t cap, size_t *len,
+                                      uint32_t *tail_crc);
+
+/* Fill in the fields only known under the store's append lock (queue,
+ * log_offset, queue_offset, store_ms) of a record made by
+ * brk_record_encode_unsealed, and finish its CRC from tail_crc.  Touches
+ * 36 header bytes; cost does not depend on the record's size. */
+void brk_record_patch(void *buf, uint16_t queue, uint64_t log_offset,
+                      uint64_t queue_offset, int64_t store_ms,
+                      uint32_t tail_crc);
 
 /*
  * Properties (message headers) are a block of pairs:

@@ -78,6 +78,9 @@ typedef struct brk_store_opts {
     bool     auto_create_topics;    /* append to an unknown topic creates it */
     uint16_t default_queues;        /* for auto-created topics; default 4 */
     bool     repair;                /* truncate at mid-log corruption instead of failing */
+    uint32_t verify_segments;       /* open checks every CRC of the newest N
+                                       segments (default 2; 0 = all); older
+                                       records are checked when read */
     bool     no_background;         /* tests: no thread; call brk_store_tick() */
     uint64_t uuid_seed;             /* 0: random; else reproducible ids (tests) */
 } brk_store_opts;
