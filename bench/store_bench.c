@@ -232,7 +232,8 @@ static int run_case(const char *base, brk_flush_mode mode, int threads,
     brk_store_opts o;
     brk_store_opts_init(&o);
     o.flush_mode = mode;
-    o.flush_interval_ms = 500;
+    o.flush_interval_ms = getenv("BENCH_FLUSH_MS") ? (uint32_t)atoi(getenv("BENCH_FLUSH_MS")) : 500;
+    if (getenv("BENCH_CKPT_MS")) o.checkpoint_interval_ms = (uint32_t)atoi(getenv("BENCH_CKPT_MS"));
     brk_store *s = NULL;
     char err[256];
     brk_status st = brk_store_open(&s, dir, &o, err, sizeof err);

@@ -20,10 +20,12 @@
  *      record on the pending list.
  *   3. Write combining: the appender heading the pending list, when nobody
  *      is writing, becomes the writer: it takes the whole list, drops mu,
- *      writes each segment's run with one pwrite, retakes mu, advances
- *      written_end and wakes the appenders it served.  Others sleep on their
- *      own condition variable, so a batch wakes only whom it concerns.
- *   Then, in SYNC mode (or req->sync), wait for the group commit.
+ *      writes each segment's run with one pwrite, retakes mu and advances
+ *      written_end.  In SYNC mode the writer then leads the group commit for
+ *      its batch (an ASYNC store's req->sync appender waits on its own).
+ *      Finally it wakes the appenders it served.  Others sleep on their own
+ *      condition variable, so an appender sleeps once and a batch wakes
+ *      only whom it concerns.
  * A write that fails with ENOSPC cuts the log back to the failed record
  * (rollback_to), and that append and everything assigned after it report
  * NOSPC; the store stays usable.  Any other write error is sticky.
@@ -99,6 +101,8 @@ void brk__fail(brk_store *s, const char *fmt, ...)
     /* Wake group-commit waiters so they see the failure. */
     pthread_mutex_lock(&s->fmu);
     pthread_cond_broadcast(&s->fcond);
+    for (size_t i = 0; i < s->ndwait; i++)
+        pthread_cond_signal(&s->dwait[i]->cv);
     pthread_mutex_unlock(&s->fmu);
 }
 
@@ -279,6 +283,7 @@ static void store_free(brk_store *s)
     free(s->unsynced);
     free(s->pend);
     free(s->wbuf);
+    free(s->dwait);
     for (size_t i = 0; i < s->ncursors; i++)
         free(s->cursors[i].name);
     free(s->cursors);
@@ -628,16 +633,69 @@ brk_status brk_topic_queue_for_key(brk_store *s, const char *topic,
 
 /* Wait until everything below `target` is durable, leading a group flush
  * when nobody else is.  See the top of the file. */
+/* fmu held.  Take `w` off the follower list if it is on it. */
+static void dwait_remove(brk_store *s, brk_dwaiter *w)
+{
+    for (size_t i = 0; i < s->ndwait; i++)
+        if (s->dwait[i] == w) {
+            s->dwait[i] = s->dwait[--s->ndwait];
+            return;
+        }
+}
+
+/* fmu held, after a flush round: wake the followers it covered, and one
+ * that it did not, to lead the next round.  Waking only these (not every
+ * follower, as a broadcast would) is what keeps 64 appenders from spending
+ * their CPU on futile wake-ups. */
+static void dwait_wake(brk_store *s)
+{
+    uint64_t durable = atomic_load(&s->durable);
+    bool failed = atomic_load(&s->failed);
+    brk_dwaiter *next = NULL;
+    size_t keep = 0;
+    for (size_t i = 0; i < s->ndwait; i++) {
+        brk_dwaiter *w = s->dwait[i];
+        if (failed || w->target <= durable) {
+            pthread_cond_signal(&w->cv);
+        } else {
+            if (!next || w->target < next->target)
+                next = w;
+            s->dwait[keep++] = w;
+        }
+    }
+    s->ndwait = keep;
+    if (next)
+        pthread_cond_signal(&next->cv);
+}
+
 static brk_status wait_durable(brk_store *s, uint64_t target)
 {
+    brk_dwaiter me;
+    bool cv_ready = false;
+    me.target = target;
     pthread_mutex_lock(&s->fmu);
     while (atomic_load(&s->durable) < target) {
-        if (atomic_load(&s->failed)) {
-            pthread_mutex_unlock(&s->fmu);
-            return BRK_FAILED;
-        }
+        if (atomic_load(&s->failed))
+            break;
         if (s->flushing) {
-            pthread_cond_wait(&s->fcond, &s->fmu);
+            if (!cv_ready) {
+                pthread_cond_init(&me.cv, NULL);
+                cv_ready = true;
+            }
+            if (s->ndwait == s->dwait_cap) {
+                size_t nc = s->dwait_cap ? s->dwait_cap * 2 : 64;
+                brk_dwaiter **nw = realloc(s->dwait, nc * sizeof *nw);
+                if (!nw) {
+                    /* No room on the list: wait the simple way. */
+                    pthread_cond_wait(&s->fcond, &s->fmu);
+                    continue;
+                }
+                s->dwait = nw;
+                s->dwait_cap = nc;
+            }
+            s->dwait[s->ndwait++] = &me;
+            pthread_cond_wait(&me.cv, &s->fmu);
+            dwait_remove(s, &me);
             continue;
         }
         s->flushing = true;
@@ -707,10 +765,14 @@ static brk_status wait_durable(brk_store *s, uint64_t target)
             s->durable_appends = appends;
             atomic_store(&s->durable, upto);
         }
-        pthread_cond_broadcast(&s->fcond);
+        pthread_cond_broadcast(&s->fcond);   /* waiters without list room */
+        dwait_wake(s);
     }
+    bool ok = atomic_load(&s->durable) >= target;
     pthread_mutex_unlock(&s->fmu);
-    return BRK_OK;
+    if (cv_ready)
+        pthread_cond_destroy(&me.cv);
+    return ok ? BRK_OK : BRK_FAILED;
 }
 
 static brk_status pick_queue(brk_store *s, brk_topic *t,
@@ -850,13 +912,26 @@ static void write_pending(brk_store *s)
     }
 
     pthread_mutex_lock(&s->mu);
-    for (size_t k = 0; k < done; k++) {
-        batch[k]->st = BRK_OK;
-        batch[k]->done = true;
-    }
+    brk_status fst = BRK_OK;
+    bool need_sync = false;
     if (done > 0) {
         s->written_end = batch[done - 1]->log_offset + batch[done - 1]->len;
         s->appends += done;
+        for (size_t k = 0; k < done && !need_sync; k++)
+            need_sync = batch[k]->sync;
+    }
+    if (need_sync) {
+        /* The writer also leads the group commit for its batch, so a SYNC
+         * appender sleeps once (not once for the write and again for the
+         * fdatasync).  Appends arriving meanwhile gather for the next batch. */
+        uint64_t end = s->written_end;
+        pthread_mutex_unlock(&s->mu);
+        fst = wait_durable(s, end);
+        pthread_mutex_lock(&s->mu);
+    }
+    for (size_t k = 0; k < done; k++) {
+        batch[k]->st = batch[k]->sync ? fst : BRK_OK;
+        batch[k]->done = true;
     }
     if (rc != 0) {
         /* Everything from the failed record on fails: the rest of this
@@ -1009,6 +1084,10 @@ brk_status brk_store_append(brk_store *s, const brk_append_req *req,
         p.len = (uint32_t)len;
         p.log_offset = s->log_end;
         p.seg = s->cur;
+        /* In SYNC mode the writer makes the batch durable; an ASYNC store's
+         * occasional req->sync waits on its own below, so that the other
+         * appenders' writes never queue behind its fdatasync. */
+        p.sync = s->opts.flush_mode == BRK_FLUSH_SYNC;
         pthread_cond_init(&p.cv, NULL);
         s->pend[s->npend++] = &p;
         res->queue = qid;
@@ -1036,11 +1115,9 @@ brk_status brk_store_append(brk_store *s, const brk_append_req *req,
     }
     pthread_mutex_unlock(&s->mu);
     free(buf);
-    if (st != BRK_OK)
-        return st;
-    if (s->opts.flush_mode == BRK_FLUSH_SYNC || req->sync)
-        return wait_durable(s, p.log_offset + p.len);
-    return BRK_OK;
+    if (st == BRK_OK && !p.sync && req->sync)
+        st = wait_durable(s, p.log_offset + p.len);
+    return st;   /* with p.sync, the writer made it durable before done */
 }
 
 brk_status brk_store_flush(brk_store *s)

@@ -81,10 +81,17 @@ typedef struct brk_pending {
     uint32_t len;
     uint64_t log_offset;
     brk_seg *seg;             /* the segment it goes to */
+    bool sync;                /* the writer must make it durable too */
     brk_status st;            /* set by the writer when done */
     bool done;
     pthread_cond_t cv;        /* its appender sleeps here (with mu) */
 } brk_pending;
+
+/* An appender waiting for the group commit to cover `target`. */
+typedef struct brk_dwaiter {
+    uint64_t target;
+    pthread_cond_t cv;        /* signalled with fmu held */
+} brk_dwaiter;
 
 typedef struct brk_cursor {
     char *name;               /* NULL: free slot */
@@ -142,6 +149,8 @@ struct brk_store {
                                      written under fmu, read anywhere */
     uint64_t durable_appends; /* `appends` value covered by `durable` */
     bool flushing;            /* a leader is inside fdatasync */
+    brk_dwaiter **dwait;      /* followers asleep, each on its own cv */
+    size_t ndwait, dwait_cap;
     uint64_t fsyncs, fsync_records, fsync_ns;
 
     /* background thread */
