@@ -741,11 +741,13 @@ static brk_status wait_durable(brk_store *s, uint64_t target)
         pthread_mutex_lock(&s->mu);
         if (rc == 0) {
             /* The synced seals are the first nseal entries: rolls append. */
-            for (size_t i = 0; i < nseal; i++)
-                brk__seg_put(s, s->unsynced[i]);
-            memmove(s->unsynced, s->unsynced + nseal,
-                    (s->nunsynced - nseal) * sizeof *s->unsynced);
-            s->nunsynced -= nseal;
+            if (nseal > 0) {
+                for (size_t i = 0; i < nseal; i++)
+                    brk__seg_put(s, s->unsynced[i]);
+                memmove(s->unsynced, s->unsynced + nseal,
+                        (s->nunsynced - nseal) * sizeof *s->unsynced);
+                s->nunsynced -= nseal;
+            }
             if (dir)
                 s->dir_synced_gen = gen;
         }
