@@ -18,8 +18,8 @@
  *      finish the CRC over the 36 header bytes that depend on them, push the
  *      consume-queue and index entries to their memory tails, and put the
  *      record on the pending list.
- *   3. Write combining: the appender heading the pending list, when nobody
- *      is writing, becomes the writer: it takes the whole list, drops mu,
+ *   3. Write combining: an appender that finds nobody writing becomes the
+ *      writer: it takes the whole list, drops mu,
  *      writes each segment's run with one pwrite, retakes mu and advances
  *      written_end.  In SYNC mode the writer then leads the group commit for
  *      its batch (an ASYNC store's req->sync appender waits on its own).
@@ -1104,10 +1104,13 @@ brk_status brk_store_append(brk_store *s, const brk_append_req *req,
         s->log_end += len;
         s->disk_bytes += len;
 
-        /* Wait until a writer has written it; become the writer when this
-         * record heads the list and nobody is writing. */
+        /* Wait until a writer has written it; become the writer whenever
+         * nobody is writing.  Any appender may take the role, not only the
+         * head of the list: a thread already on the CPU writing the batch
+         * beats waiting for a woken one to be scheduled (on few cores that
+         * wait is most of an append's cost). */
         while (!p.done) {
-            if (!s->writing && s->pend[0] == &p)
+            if (!s->writing)
                 write_pending(s);
             else
                 pthread_cond_wait(&p.cv, &s->mu);
