@@ -29,9 +29,10 @@
  *     checkpoint refuses to open (BRK_CORRUPT, detail in the error string)
  *     unless opts.repair is set, which truncates the log at the bad record.
  *
- * Threads: every function is thread-safe.  Readers never block appenders
- * for longer than a memcpy.  The store owns one background thread (flush,
- * checkpoint, retention).
+ * Threads: every function is thread-safe (brk_store_tick only for
+ * no_background stores).  Readers take the append lock briefly: to copy
+ * consume-queue entries, which may mean a few small preads of queue files.
+ * The store owns one background thread (flush, checkpoint, retention).
  *
  * Caveats
  *   - One process per directory (enforced with a lock file on POSIX).
