@@ -186,6 +186,14 @@ void brk__seg_path(brk_store *s, uint64_t base, const char *suffix,
 brk_status brk__pread_full(brk_store *s, brk_file *f, void *buf, size_t len,
                            uint64_t off);
 
+brk_status brk__roll_segment(brk_store *s);                      /* mu held */
+bool brk__topic_name_ok(const char *name, bool internal);
+uint16_t brk__slot_queue(const brk_topic *t, const void *key, size_t len);
+
+/* ---- store_read.c ---- */
+uint64_t brk__visible_end(brk_store *s);                        /* mu held */
+uint64_t brk__visible_next(brk_store *s, const brk_queue *q);  /* mu held */
+
 /* ---- store_meta.c: state files ---- */
 brk_status brk__write_state_file(brk_store *s, const char *name,
                                  const void *buf, size_t len);
