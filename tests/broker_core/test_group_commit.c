@@ -15,7 +15,6 @@
 #include <cmocka.h>
 
 #include <errno.h>
-#include <ftw.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -28,31 +27,19 @@
 #include "broker/record.h"
 #include "broker/store.h"
 #include "io_sim.h"
+#include "tmpdir.h"
 
 #define TOPIC     "gc"
 #define NQUEUES   4
 
 /* ---- helpers --------------------------------------------------------------- */
 
-static int rm_entry(const char *path, const struct stat *sb, int flag,
-                    struct FTW *ftw)
-{
-    (void)sb; (void)flag; (void)ftw;
-    remove(path);
-    return 0;
-}
-
-static void rm_tree(const char *dir)
-{
-    nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
-}
-
 /* Tests on the real file system get a fresh directory under /tmp as their
  * state; teardown removes it whether the test passed or failed. */
 static int tmpdir_setup(void **state)
 {
-    char *dir = strdup("/tmp/brk_gc_XXXXXX");
-    if (!dir || !mkdtemp(dir)) {
+    char *dir = malloc(256);
+    if (!dir || brk_tmpdir_new("gc", dir, 256) != 0) {
         free(dir);
         return -1;
     }
@@ -62,7 +49,7 @@ static int tmpdir_setup(void **state)
 
 static int tmpdir_teardown(void **state)
 {
-    rm_tree(*state);
+    brk_tmpdir_remove(*state);
     free(*state);
     return 0;
 }

@@ -29,39 +29,12 @@
 #include <unistd.h>
 
 #include "broker/io.h"
+#include "tmpdir.h"
 
 struct fixture {
-    char dir[64];
+    char dir[256];
     brk_io *io;
 };
-
-/* Remove a tree we created; only regular files and directories live
- * there, so no symlink care is needed. */
-static void rm_tree(const char *path)
-{
-    struct stat st;
-    DIR *d;
-    struct dirent *de;
-
-    if (lstat(path, &st) != 0)
-        return;
-    if (!S_ISDIR(st.st_mode)) {
-        unlink(path);
-        return;
-    }
-    d = opendir(path);
-    if (d != NULL) {
-        while ((de = readdir(d)) != NULL) {
-            char child[PATH_MAX];
-            if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
-                continue;
-            snprintf(child, sizeof child, "%s/%s", path, de->d_name);
-            rm_tree(child);
-        }
-        closedir(d);
-    }
-    rmdir(path);
-}
 
 static int setup_dir(void **state)
 {
@@ -69,8 +42,7 @@ static int setup_dir(void **state)
 
     if (fx == NULL)
         return -1;
-    snprintf(fx->dir, sizeof fx->dir, "/tmp/outboxd-io-XXXXXX");
-    if (mkdtemp(fx->dir) == NULL) {
+    if (brk_tmpdir_new("io", fx->dir, sizeof fx->dir) != 0) {
         free(fx);
         return -1;
     }
@@ -83,7 +55,7 @@ static int teardown_dir(void **state)
 {
     struct fixture *fx = *state;
 
-    rm_tree(fx->dir);
+    brk_tmpdir_remove(fx->dir);
     free(fx);
     return 0;
 }

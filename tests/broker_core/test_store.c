@@ -19,6 +19,7 @@
 #include "broker/store.h"
 #include "fake_clock.h"
 #include "io_sim.h"
+#include "tmpdir.h"
 
 #define DIR "/s"
 
@@ -634,8 +635,8 @@ static void open_rejects_bad_options_with_a_reason(void **state)
 static void real_filesystem_round_trip_and_single_opener(void **state)
 {
     (void)state;
-    char tmpl[] = "/tmp/brk_store_XXXXXX";
-    assert_non_null(mkdtemp(tmpl));
+    char tmpl[256];
+    assert_int_equal(brk_tmpdir_new("store", tmpl, sizeof tmpl), 0);
     brk_store_opts o;
     brk_store_opts_init(&o);
     o.flush_mode = BRK_FLUSH_SYNC;
@@ -663,9 +664,7 @@ static void real_filesystem_round_trip_and_single_opener(void **state)
     assert_memory_equal(b->recs[0].body.ptr, "hello", 5);
     brk_batch_free(b);
     assert_int_equal(brk_store_close(s), BRK_OK);
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpl);
-    assert_int_equal(system(cmd), 0);
+    assert_int_equal(brk_tmpdir_remove(tmpl), 0);
 }
 
 static void tick_runs_flush_and_checkpoint_when_due(void **state)
@@ -702,8 +701,8 @@ static void tick_runs_flush_and_checkpoint_when_due(void **state)
 static void background_thread_flushes_async_appends(void **state)
 {
     (void)state;
-    char tmpl[] = "/tmp/brk_store_XXXXXX";
-    assert_non_null(mkdtemp(tmpl));
+    char tmpl[256];
+    assert_int_equal(brk_tmpdir_new("store", tmpl, sizeof tmpl), 0);
     brk_store_opts o;
     brk_store_opts_init(&o);
     o.flush_mode = BRK_FLUSH_ASYNC;
@@ -733,9 +732,7 @@ static void background_thread_flushes_async_appends(void **state)
     assert_int_equal(st.durable_offset, st.log_end);
     assert_true(st.checkpoints > ckpts);
     assert_int_equal(brk_store_close(s), BRK_OK);
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpl);
-    assert_int_equal(system(cmd), 0);
+    assert_int_equal(brk_tmpdir_remove(tmpl), 0);
 }
 
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)

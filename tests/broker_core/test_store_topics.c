@@ -16,7 +16,6 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
-#include <ftw.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +25,7 @@
 #include "broker/crc32c.h"
 #include "broker/store.h"
 #include "fake_clock.h"
+#include "tmpdir.h"
 
 #define T0_MS 1700000000000LL     /* the fake wall clock's start */
 #define NKEYS 1000
@@ -33,8 +33,8 @@
 /* ---- fixture ------------------------------------------------------------- */
 
 typedef struct fx {
-    char root[64];                /* mkdtemp directory */
-    char dir[96];                 /* root/store */
+    char root[256];               /* brk_tmpdir_new directory */
+    char dir[300];                /* root/store */
     brk_fake_clock clock;
     brk_store_opts opts;          /* used by every (re)open */
     brk_store *s;
@@ -61,8 +61,7 @@ static int setup(void **state)
     fx *f = calloc(1, sizeof *f);
     if (!f)
         return -1;
-    snprintf(f->root, sizeof f->root, "/tmp/test_store_topics.XXXXXX");
-    if (!mkdtemp(f->root)) {
+    if (brk_tmpdir_new("topics", f->root, sizeof f->root) != 0) {
         free(f);
         return -1;
     }
@@ -81,22 +80,13 @@ static int setup(void **state)
     return 0;
 }
 
-static int rm_entry(const char *path, const struct stat *sb, int flag,
-                    struct FTW *ftw)
-{
-    (void)sb;
-    (void)flag;
-    (void)ftw;
-    return remove(path);
-}
-
 static int teardown(void **state)
 {
     fx *f = *state;
     if (!f)
         return 0;
     brk_store_close(f->s);
-    int rc = nftw(f->root, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+    int rc = brk_tmpdir_remove(f->root);
     free(f);
     return rc;
 }
