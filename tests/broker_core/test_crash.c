@@ -146,6 +146,7 @@ typedef struct run {
     brk_store_opts o;
     brk_store *s;
     ack acks[MAX_OPS];
+    uint16_t grown[2];  /* queues of a resize that returned OK, per topic */
     char err[256];
 } run;
 
@@ -219,7 +220,11 @@ static void run_workload(run *r, const workload *w)
                 mark_durable(r, i);
             break;
         case OP_GROW:
-            (void)brk_topic_resize(r->s, topic_name(o->topic), o->grow_to, NULL);
+            /* The topic table is a state file written tmp -> fsync ->
+             * rename -> fsync dir: an acknowledged resize must survive. */
+            if (brk_topic_resize(r->s, topic_name(o->topic), o->grow_to, NULL)
+                == BRK_OK)
+                r->grown[o->topic] = o->grow_to;
             break;
         case OP_RESTART:
             if (brk_store_close(r->s) == BRK_OK)
@@ -256,8 +261,13 @@ static void verify(run *r, const workload *w, uint64_t k, int mode)
     uint8_t body[MAX_BODY];
     for (int t = 0; t < 2; t++) {
         brk_topic_info ti;
-        if (brk_topic_get(r->s, topic_name(t), &ti) != BRK_OK)
+        if (brk_topic_get(r->s, topic_name(t), &ti) != BRK_OK) {
+            CHECK(r->grown[t] == 0, "topic %s was resized to %u queues but "
+                  "is gone", topic_name(t), r->grown[t]);
             continue;
+        }
+        CHECK(ti.queues >= r->grown[t], "topic %s has %u queues; a resize to "
+              "%u was acknowledged", topic_name(t), ti.queues, r->grown[t]);
         for (uint16_t q = 0; q < ti.queues; q++) {
             uint64_t min, max;
             CHECK(brk_store_queue_range(r->s, topic_name(t), q, &min, &max)
