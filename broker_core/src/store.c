@@ -130,6 +130,41 @@ brk_status brk__pread_full(brk_store *s, brk_file *f, void *buf, size_t len,
     return got == len ? BRK_OK : BRK_RANGE;
 }
 
+bool brk__u64s_push(brk_u64s *l, uint64_t x)
+{
+    if (l->n == l->cap) {
+        size_t nc = l->cap ? l->cap * 2 : 16;
+        uint64_t *nv = realloc(l->v, nc * sizeof *nv);
+        if (!nv) {
+            l->nomem = true;
+            return false;
+        }
+        l->v = nv;
+        l->cap = nc;
+    }
+    l->v[l->n++] = x;
+    return true;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+void brk__u64s_sort(brk_u64s *l)
+{
+    if (l->n > 1)   /* v is NULL when empty: qsort(NULL, ...) is UB */
+        qsort(l->v, l->n, sizeof *l->v, cmp_u64);
+}
+
+uint64_t brk__numbered_name(const char *name, const char *suffix)
+{
+    if (strspn(name, "0123456789") != 20 || strcmp(name + 20, suffix) != 0)
+        return UINT64_MAX;
+    return strtoull(name, NULL, 10);
+}
+
 /* ---- segments ---------------------------------------------------------------- */
 
 brk_seg *brk__seg_get(brk_store *s, uint64_t log_offset)

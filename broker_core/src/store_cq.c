@@ -64,39 +64,11 @@ static void queue_file(brk_store *s, const brk_topic *t, uint16_t qid,
 
 /* ---- open / close --------------------------------------------------------- */
 
-typedef struct name_list {
-    uint64_t *v;
-    size_t n, cap;
-    bool bad;
-} name_list;
-
 static int collect_numbers(void *arg, const char *name)
 {
-    name_list *l = arg;
-    size_t len = strlen(name);
-    if (len >= 4 && strcmp(name + len - 4, ".tmp") == 0)
-        return 0;
-    if (len != 20 || strspn(name, "0123456789") != 20) {
-        return 0;   /* foreign file: ignore, it is not ours */
-    }
-    if (l->n == l->cap) {
-        size_t nc = l->cap ? l->cap * 2 : 16;
-        uint64_t *nv = realloc(l->v, nc * sizeof *nv);
-        if (!nv) {
-            l->bad = true;
-            return 1;
-        }
-        l->v = nv;
-        l->cap = nc;
-    }
-    l->v[l->n++] = strtoull(name, NULL, 10);
-    return 0;
-}
-
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
+    uint64_t n = brk__numbered_name(name, "");
+    /* Other names (a stray .tmp, a foreign file) are not ours: ignored. */
+    return n != UINT64_MAX && !brk__u64s_push(arg, n);
 }
 
 brk_status brk__cq_open_queue(brk_store *s, brk_topic *t, uint16_t qid)
@@ -112,9 +84,9 @@ brk_status brk__cq_open_queue(brk_store *s, brk_topic *t, uint16_t qid)
         brk__seterr(s, "checking %s: %s", dir, strerror(-ex));
         return brk__errno_status(ex);
     }
-    name_list l = {0};
+    brk_u64s l = {0};
     int rc = s->io->list(s->io, dir, collect_numbers, &l);
-    if (rc != 0 || l.bad) {
+    if (rc != 0 || l.nomem) {
         free(l.v);
         brk__seterr(s, "listing %s: %s", dir, rc ? strerror(-rc) : "no memory");
         return rc ? brk__errno_status(rc) : BRK_NOMEM;
@@ -123,7 +95,7 @@ brk_status brk__cq_open_queue(brk_store *s, brk_topic *t, uint16_t qid)
         free(l.v);
         return BRK_OK;
     }
-    qsort(l.v, l.n, sizeof *l.v, cmp_u64);
+    brk__u64s_sort(&l);
     uint64_t epf = s->opts.cq_entries_per_file;
     brk_status st = BRK_OK;
     for (size_t i = 0; i < l.n && st == BRK_OK; i++) {

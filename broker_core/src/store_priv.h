@@ -170,7 +170,19 @@ struct brk_store {
     char errstr[BRK_ERRSTR_LEN];
 };
 
+/* A growable list of numbers: file names that are 20-digit offsets. */
+typedef struct brk_u64s {
+    uint64_t *v;
+    size_t n, cap;
+    bool nomem;               /* a push failed */
+} brk_u64s;
+
 /* ---- store.c helpers ---- */
+bool brk__u64s_push(brk_u64s *l, uint64_t x);   /* false: no memory */
+void brk__u64s_sort(brk_u64s *l);
+/* The number of a file named <20 decimal digits><suffix>, or UINT64_MAX
+ * for any other name (a foreign file, a .tmp). */
+uint64_t brk__numbered_name(const char *name, const char *suffix);
 void brk__seterr(brk_store *s, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 void brk__fail(brk_store *s, const char *fmt, ...)

@@ -41,49 +41,20 @@
 #include "store_priv.h"
 
 typedef struct seg_names {
-    uint64_t *v;
-    size_t n, cap;
-    uint64_t *idx;
-    size_t nidx, capidx;
-    bool nomem;
+    brk_u64s segs;            /* <base> segment files */
+    brk_u64s idx;             /* <base>.idx index files */
 } seg_names;
-
-static bool push_u64(uint64_t **v, size_t *n, size_t *cap, uint64_t x)
-{
-    if (*n == *cap) {
-        size_t nc = *cap ? *cap * 2 : 16;
-        uint64_t *nv = realloc(*v, nc * sizeof *nv);
-        if (!nv)
-            return false;
-        *v = nv;
-        *cap = nc;
-    }
-    (*v)[(*n)++] = x;
-    return true;
-}
 
 static int collect_segments(void *arg, const char *name)
 {
     seg_names *l = arg;
-    size_t len = strlen(name);
-    if (strspn(name, "0123456789") != 20)
-        return 0;
-    bool ok = true;
-    if (len == 20)
-        ok = push_u64(&l->v, &l->n, &l->cap, strtoull(name, NULL, 10));
-    else if (len == 24 && strcmp(name + 20, ".idx") == 0)
-        ok = push_u64(&l->idx, &l->nidx, &l->capidx, strtoull(name, NULL, 10));
-    if (!ok) {
-        l->nomem = true;
-        return 1;
-    }
+    uint64_t n = brk__numbered_name(name, "");
+    if (n != UINT64_MAX)
+        return !brk__u64s_push(&l->segs, n);
+    n = brk__numbered_name(name, ".idx");
+    if (n != UINT64_MAX)
+        return !brk__u64s_push(&l->idx, n);
     return 0;
-}
-
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
 }
 
 static brk_status fail_open(brk_store *s, char *errbuf, size_t errlen,
@@ -227,25 +198,24 @@ brk_status brk__recover(brk_store *s, char *errbuf, size_t errlen)
 
     seg_names l = {0};
     int rc = s->io->list(s->io, s->log_dir, collect_segments, &l);
-    if (rc != 0 || l.nomem) {
-        free(l.v);
-        free(l.idx);
+    if (rc != 0 || l.segs.nomem || l.idx.nomem) {
+        free(l.segs.v);
+        free(l.idx.v);
         return fail_open(s, errbuf, errlen, rc ? brk__errno_status(rc) : BRK_NOMEM,
                          "listing %s: %s", s->log_dir,
                          rc ? strerror(-rc) : "out of memory");
     }
-    if (l.n > 1)   /* l.v is NULL for an empty log: qsort(NULL, ...) is UB */
-        qsort(l.v, l.n, sizeof *l.v, cmp_u64);
+    brk__u64s_sort(&l.segs);
 
     /* Open segments and check they follow on. */
     st = BRK_OK;
-    s->segs = calloc(l.n ? l.n : 1, sizeof *s->segs);
+    s->segs = calloc(l.segs.n ? l.segs.n : 1, sizeof *s->segs);
     if (!s->segs)
         st = BRK_NOMEM;
-    for (size_t i = 0; i < l.n && st == BRK_OK; i++) {
+    for (size_t i = 0; i < l.segs.n && st == BRK_OK; i++) {
         brk_seg *seg = calloc(1, sizeof *seg);
         if (!seg) { st = BRK_NOMEM; break; }
-        seg->base = l.v[i];
+        seg->base = l.segs.v[i];
         atomic_init(&seg->refs, 1);
         char path[BRK_PATH_MAX];
         brk__seg_path(s, seg->base, "", path, sizeof path);
@@ -280,10 +250,10 @@ brk_status brk__recover(brk_store *s, char *errbuf, size_t errlen)
                 }
                 s->nsegs--;
                 brk__seg_put(s, seg);
-                for (size_t j = i; j < l.n; j++) {
-                    brk__seg_path(s, l.v[j], "", path, sizeof path);
+                for (size_t j = i; j < l.segs.n; j++) {
+                    brk__seg_path(s, l.segs.v[j], "", path, sizeof path);
                     (void)s->io->unlink(s->io, path);
-                    brk__seg_path(s, l.v[j], ".idx", path, sizeof path);
+                    brk__seg_path(s, l.segs.v[j], ".idx", path, sizeof path);
                     (void)s->io->unlink(s->io, path);
                 }
                 rc = s->io->sync_dir(s->io, s->log_dir);
@@ -296,18 +266,18 @@ brk_status brk__recover(brk_store *s, char *errbuf, size_t errlen)
         }
     }
     /* Index files whose segment is gone (retention stopped half-way). */
-    for (size_t i = 0; i < l.nidx && st == BRK_OK; i++) {
+    for (size_t i = 0; i < l.idx.n && st == BRK_OK; i++) {
         bool known = false;
         for (size_t j = 0; j < s->nsegs && !known; j++)
-            known = s->segs[j]->base == l.idx[i];
+            known = s->segs[j]->base == l.idx.v[i];
         if (!known) {
             char path[BRK_PATH_MAX];
-            brk__seg_path(s, l.idx[i], ".idx", path, sizeof path);
+            brk__seg_path(s, l.idx.v[i], ".idx", path, sizeof path);
             (void)s->io->unlink(s->io, path);
         }
     }
-    free(l.v);
-    free(l.idx);
+    free(l.segs.v);
+    free(l.idx.v);
     if (st != BRK_OK)
         return st;
 
