@@ -448,6 +448,51 @@ brk_status brk_props_get(brk_bytes block, const char *key, brk_bytes *value)
     return st == BRK_EMPTY ? BRK_NOTFOUND : st;
 }
 
+bool brk_props_has_sys(brk_bytes block)
+{
+    size_t pos = 0;
+    brk_prop pr;
+    while (brk_props_next(block, &pos, &pr) == BRK_OK)
+        if (pr.key.len > 0 && ((const char *)pr.key.ptr)[0] == BRK_SYSPROP_CHAR)
+            return true;
+    return false;
+}
+
+brk_status brk_props_strip_sys(brk_bytes block, void *buf, size_t cap,
+                               size_t *len)
+{
+    size_t pos = 0, out = 2, kept = 0;
+    uint8_t *p = buf;
+    brk_prop pr;
+    brk_status st;
+
+    *len = 0;
+    while ((st = brk_props_next(block, &pos, &pr)) == BRK_OK) {
+        if (((const char *)pr.key.ptr)[0] == BRK_SYSPROP_CHAR)
+            continue;
+        size_t need = 4 + pr.key.len + pr.value.len;
+        if (out + need > cap)
+            return BRK_RANGE;
+        brk_st16(p + out, (uint16_t)pr.key.len);
+        memcpy(p + out + 2, pr.key.ptr, pr.key.len);
+        out += 2 + pr.key.len;
+        brk_st16(p + out, (uint16_t)pr.value.len);
+        if (pr.value.len)
+            memcpy(p + out + 2, pr.value.ptr, pr.value.len);
+        out += 2 + pr.value.len;
+        kept++;
+    }
+    if (st != BRK_EMPTY)
+        return st;
+    if (kept == 0)
+        return BRK_OK;               /* an empty block is spelt len 0 */
+    if (cap < 2)
+        return BRK_RANGE;
+    brk_st16(p, (uint16_t)kept);
+    *len = out;
+    return BRK_OK;
+}
+
 /* ---- topic names --------------------------------------------------------- */
 
 bool brk_topic_name_valid(const char *name, size_t len, bool allow_internal)

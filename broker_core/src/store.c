@@ -104,6 +104,11 @@ int64_t brk__now_ms(brk_store *s)
     return s->clock->now_ms(s->clock->ctx);
 }
 
+const brk_clock *brk_store_clock(brk_store *s)
+{
+    return s->clock;
+}
+
 static int64_t mono_ms(brk_store *s)
 {
     return s->clock->mono_ns(s->clock->ctx) / 1000000;

@@ -399,6 +399,10 @@ brk_status brk_store_append(brk_store *s, const brk_append_req *req,
                     req->body.len, s->opts.max_body_bytes);
         return BRK_TOOBIG;
     }
+    if (!req->allow_internal && brk_props_has_sys(req->props)) {
+        brk__seterr(s, "property names starting with 0x1F are reserved");
+        return BRK_INVAL;
+    }
     if (atomic_load(&s->failed))
         return BRK_FAILED;
 

@@ -31,6 +31,13 @@
  *   24  u32  CRC32C of bytes [0, 24)
  * Recovery trusts entries below the checkpoint and re-dispatches the log
  * from it; bad records below it are corruption, above it a torn tail.
+ *
+ * Module state, "<dir>/state.<name>" (brk_store_state_write):
+ *   0   u32  magic 0x5453584F ("OXST")
+ *   4   u32  version (1)
+ *   8   u32  payload length P
+ *   12  P    payload (owned by the module that wrote it)
+ *   end u32  CRC32C of bytes [0, 12 + P)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -44,6 +51,7 @@
 
 #define TOPICS_MAGIC  0x5442584Fu
 #define CKPT_MAGIC    0x4B434F4Fu
+#define STATE_MAGIC   0x5453584Fu
 #define META_VERSION  1u
 #define CKPT_LEN      28
 
@@ -336,6 +344,77 @@ brk_status brk__ckpt_load(brk_store *s, uint64_t *offset, bool *found)
     if (!ok)
         brk__seterr(s, "checkpoint %s/checkpoint is unreadable; "
                     "rebuilding indexes from the whole log", s->dir);
+    return BRK_OK;
+}
+
+/* ---- module state files --------------------------------------------------- */
+
+static bool state_name_ok(const char *name)
+{
+    size_t n = name ? strlen(name) : 0;
+    if (n == 0 || n > 64)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        char c = name[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_'
+              || c == '-'))
+            return false;
+    }
+    return true;
+}
+
+brk_status brk_store_state_write(brk_store *s, const char *name,
+                                 const void *buf, size_t len)
+{
+    if (!state_name_ok(name) || (len && !buf))
+        return BRK_INVAL;
+    if (len > BRK_STATE_MAX)
+        return BRK_TOOBIG;
+    if (atomic_load(&s->failed))
+        return BRK_FAILED;
+    uint8_t *img = malloc(len + 16);
+    if (!img)
+        return BRK_NOMEM;
+    brk_st32(img, STATE_MAGIC);
+    brk_st32(img + 4, META_VERSION);
+    brk_st32(img + 8, (uint32_t)len);
+    if (len)
+        memcpy(img + 12, buf, len);
+    brk_st32(img + 12 + len, brk_crc32c(0, img, 12 + len));
+    char file[80];
+    snprintf(file, sizeof file, "state.%s", name);
+    brk_status st = brk__write_state_file(s, file, img, len + 16);
+    free(img);
+    return st;
+}
+
+brk_status brk_store_state_read(brk_store *s, const char *name, void **out,
+                                size_t *len)
+{
+    *out = NULL;
+    *len = 0;
+    if (!state_name_ok(name))
+        return BRK_INVAL;
+    char file[80];
+    snprintf(file, sizeof file, "state.%s", name);
+    uint8_t *buf = NULL;
+    size_t n = 0;
+    brk_status st = read_state_file(s, file, &buf, &n);
+    if (st != BRK_OK)
+        return st;
+    uint32_t plen = n >= 16 ? brk_ld32(buf + 8) : 0;
+    bool ok = n >= 16 && brk_ld32(buf) == STATE_MAGIC
+              && brk_ld32(buf + 4) == META_VERSION && (size_t)plen + 16 == n
+              && brk_crc32c(0, buf, 12 + plen) == brk_ld32(buf + 12 + plen);
+    if (!ok) {
+        free(buf);
+        brk__seterr(s, "state file %s/%s is damaged (bad framing or CRC)",
+                    s->dir, file);
+        return BRK_CORRUPT;
+    }
+    memmove(buf, buf + 12, plen);
+    *out = buf;
+    *len = plen;
     return BRK_OK;
 }
 

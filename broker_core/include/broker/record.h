@@ -30,12 +30,13 @@
 #define BRK_REC_MAX          (BRK_REC_HEADER_LEN + BRK_TOPIC_MAX + BRK_KEY_MAX \
                               + BRK_TAG_MAX + BRK_PROPS_MAX + BRK_BODY_MAX)
 
-/* Record types.  Only MSG is written by this issue; later issues add the
- * transaction half/op records to the same log. */
+/* Record types. */
 enum {
-    BRK_REC_MSG  = 1,    /* an ordinary message in a topic queue */
-    BRK_REC_HALF = 2,    /* reserved: transactional half message */
-    BRK_REC_OP   = 3     /* reserved: transaction outcome op record */
+    BRK_REC_MSG  = 1,    /* a message in a topic queue (also a delayed one
+                            waiting in the internal delay topic) */
+    BRK_REC_HALF = 2,    /* a transactional half message (txn.c) */
+    BRK_REC_OP   = 3     /* a scheduler op record: transaction verdicts and
+                            checks, delay firings (txn.c, delay.c) */
 };
 
 /* Flag bits (brk_record.flags).  Unknown bits are rejected by the decoder so
@@ -132,6 +133,26 @@ brk_status brk_props_validate(brk_bytes block);
 
 /* Find a key; BRK_NOTFOUND when absent. */
 brk_status brk_props_get(brk_bytes block, const char *key, brk_bytes *value);
+
+/*
+ * System properties.  Records of the internal topics (half messages,
+ * delayed messages, op records) carry their routing and scheduling data as
+ * properties whose key starts with the byte 0x1F (ASCII unit separator),
+ * e.g. "\x1ftopic".  No HTTP header name can hold that byte, so they never
+ * collide with user headers; the store refuses them on a user write
+ * (brk_append_req.allow_internal false), and the modules strip them when
+ * they move a message into a user topic.
+ */
+#define BRK_SYSPROP_CHAR   '\x1f'
+
+/* True when the block holds at least one system property. */
+bool brk_props_has_sys(brk_bytes block);
+
+/* Copy the user properties of `block` (all but the system ones) into
+ * buf[cap]; *len is the new block's length (0 when none remain).
+ * BRK_RANGE if cap is short (cap >= block.len always suffices). */
+brk_status brk_props_strip_sys(brk_bytes block, void *buf, size_t cap,
+                               size_t *len);
 
 /* Topic names: 1..BRK_TOPIC_MAX bytes of [A-Za-z0-9._-], not "." or "..";
  * names starting with "__" are reserved for internal topics.  Returns true

@@ -30,7 +30,8 @@
     X(CLOSED,   "store is closing")                                            \
     X(LIMIT,    "a configured limit was reached")                              \
     X(BADREC,   "malformed record")                                            \
-    X(LOCKED,   "the store directory is in use by another process")
+    X(LOCKED,   "the store directory is in use by another process")          \
+    X(CONFLICT, "conflicts with the current state (e.g. commit after rollback)")
 
 typedef enum brk_status {
 #define BRK_STATUS_ENUM_(name, msg) BRK_##name,

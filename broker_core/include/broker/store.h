@@ -270,6 +270,28 @@ brk_status brk_store_cursor_unregister(brk_store *s, uint32_t id);
  * is never deleted.  *deleted (may be NULL) counts segments removed. */
 brk_status brk_store_retention_run(brk_store *s, unsigned *deleted);
 
+/* ---- state files for modules built on the store --------------------------- */
+
+/* Small named state files for the modules layered on the store (transaction
+ * and delay schedulers, consumer groups): "<dir>/state.<name>", written
+ * whole (tmp -> fdatasync -> rename -> fsync dir) and closed by a CRC32C, so
+ * a reader sees either the previous or the new contents.  `name` is 1..64
+ * bytes of [a-z0-9_-].  BRK_INVAL for a bad name, BRK_TOOBIG over 16 MiB.
+ * A failed write makes the store failed (sticky), as for its own state. */
+#define BRK_STATE_MAX (16u << 20)
+brk_status brk_store_state_write(brk_store *s, const char *name,
+                                 const void *buf, size_t len);
+
+/* Read it back into a malloc'ed buffer (*out, free with free()).
+ * BRK_NOTFOUND when it was never written, BRK_CORRUPT when its CRC or
+ * framing is wrong (the reason is in brk_store_errstr). */
+brk_status brk_store_state_read(brk_store *s, const char *name,
+                                void **out, size_t *len);
+
+/* The clock the store was opened with (never NULL), so layered modules
+ * read the same time as the records they write. */
+const brk_clock *brk_store_clock(brk_store *s);
+
 /* ---- stats --------------------------------------------------------------- */
 
 typedef struct brk_store_stats {
