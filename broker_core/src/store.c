@@ -109,6 +109,11 @@ const brk_clock *brk_store_clock(brk_store *s)
     return s->clock;
 }
 
+bool brk_store_auto_create(brk_store *s)
+{
+    return s->opts.auto_create_topics;
+}
+
 static int64_t mono_ms(brk_store *s)
 {
     return s->clock->mono_ns(s->clock->ctx) / 1000000;

@@ -292,6 +292,10 @@ brk_status brk_store_state_read(brk_store *s, const char *name,
  * read the same time as the records they write. */
 const brk_clock *brk_store_clock(brk_store *s);
 
+/* Whether appends to an unknown topic create it (opts.auto_create_topics),
+ * so layered modules can refuse early what a later append would refuse. */
+bool brk_store_auto_create(brk_store *s);
+
 /* ---- stats --------------------------------------------------------------- */
 
 typedef struct brk_store_stats {
