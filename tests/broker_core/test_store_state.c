@@ -1,0 +1,245 @@
+/*
+ * test_store_state.c - what the store offers the modules layered on it:
+ * named state files (atomic replace, CRC-checked), the system-property rule
+ * on user appends, and the clock/auto-create accessors.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "broker/store.h"
+#include "fake_clock.h"
+#include "io_sim.h"
+
+#define DIR "/s"
+
+typedef struct fx {
+    brk_sim *sim;
+    brk_fake_clock clk;
+    brk_store_opts o;
+    brk_store *s;
+    char err[256];
+} fx;
+
+static void reopen(fx *f)
+{
+    brk_store_close(f->s);
+    f->s = NULL;
+    brk_status st = brk_store_open(&f->s, DIR, &f->o, f->err, sizeof f->err);
+    if (st != BRK_OK)
+        fail_msg("open failed: %s: %s", brk_status_name(st), f->err);
+}
+
+static int setup(void **state)
+{
+    fx *f = calloc(1, sizeof *f);
+    assert_non_null(f);
+    assert_int_equal(brk_sim_open(&f->sim, 9), BRK_OK);
+    brk_fake_clock_init(&f->clk, 1700000000000LL);
+    brk_store_opts_init(&f->o);
+    f->o.io = brk_sim_io(f->sim);
+    f->o.clock = &f->clk.clock;
+    f->o.no_background = true;
+    f->o.flush_mode = BRK_FLUSH_SYNC;
+    reopen(f);
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    fx *f = *state;
+    brk_store_close(f->s);
+    brk_sim_close(f->sim);
+    free(f);
+    return 0;
+}
+
+static void state_file_round_trips_and_survives_power_loss(void **state)
+{
+    fx *f = *state;
+    const char data[] = "watermarks 1 2 3";
+    assert_int_equal(brk_store_state_write(f->s, "txn", data, sizeof data), BRK_OK);
+    assert_int_equal(brk_sim_crash(f->sim, BRK_SIM_DROP_ALL), BRK_OK);
+    reopen(f);
+    void *buf = NULL;
+    size_t len = 0;
+    assert_int_equal(brk_store_state_read(f->s, "txn", &buf, &len), BRK_OK);
+    assert_int_equal(len, sizeof data);
+    assert_memory_equal(buf, data, sizeof data);
+    free(buf);
+}
+
+static void rewriting_a_state_file_replaces_it_whole(void **state)
+{
+    fx *f = *state;
+    assert_int_equal(brk_store_state_write(f->s, "delay", "a long first value", 18), BRK_OK);
+    assert_int_equal(brk_store_state_write(f->s, "delay", "b", 1), BRK_OK);
+    void *buf = NULL;
+    size_t len = 0;
+    assert_int_equal(brk_store_state_read(f->s, "delay", &buf, &len), BRK_OK);
+    assert_int_equal(len, 1);
+    assert_memory_equal(buf, "b", 1);
+    free(buf);
+}
+
+static void empty_state_file_is_allowed(void **state)
+{
+    fx *f = *state;
+    assert_int_equal(brk_store_state_write(f->s, "x", NULL, 0), BRK_OK);
+    void *buf = NULL;
+    size_t len = 7;
+    assert_int_equal(brk_store_state_read(f->s, "x", &buf, &len), BRK_OK);
+    assert_int_equal(len, 0);
+    free(buf);
+}
+
+static void missing_state_file_is_notfound(void **state)
+{
+    fx *f = *state;
+    void *buf = (void *)1;
+    size_t len = 7;
+    assert_int_equal(brk_store_state_read(f->s, "never", &buf, &len), BRK_NOTFOUND);
+    assert_null(buf);
+    assert_int_equal(len, 0);
+}
+
+static void bad_state_names_are_refused(void **state)
+{
+    fx *f = *state;
+    const char *bad[] = { "", "Upper", "a/b", "..", "a.b", "sp ace",
+                          "0123456789012345678901234567890123456789012345678901234567890123456789" };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        assert_int_equal(brk_store_state_write(f->s, bad[i], "x", 1), BRK_INVAL);
+        void *buf;
+        size_t len;
+        assert_int_equal(brk_store_state_read(f->s, bad[i], &buf, &len), BRK_INVAL);
+    }
+    assert_int_equal(brk_store_state_write(f->s, NULL, "x", 1), BRK_INVAL);
+}
+
+static void oversized_state_is_toobig(void **state)
+{
+    fx *f = *state;
+    size_t n = (size_t)BRK_STATE_MAX + 1;
+    char *big = calloc(1, n);
+    assert_non_null(big);
+    assert_int_equal(brk_store_state_write(f->s, "big", big, n), BRK_TOOBIG);
+    free(big);
+}
+
+static void damaged_state_file_is_reported_corrupt(void **state)
+{
+    fx *f = *state;
+    assert_int_equal(brk_store_state_write(f->s, "txn", "0123456789", 10), BRK_OK);
+    /* Flip one payload byte on the simulated disk. */
+    uint8_t b = 'X';
+    assert_int_equal(brk_sim_write_raw(f->sim, DIR "/state.txn", 14, &b, 1), BRK_OK);
+    void *buf = NULL;
+    size_t len = 0;
+    assert_int_equal(brk_store_state_read(f->s, "txn", &buf, &len), BRK_CORRUPT);
+    assert_null(buf);
+    assert_non_null(strstr(brk_store_errstr(f->s), "state.txn"));
+}
+
+static void failed_state_write_leaves_the_old_contents(void **state)
+{
+    fx *f = *state;
+    assert_int_equal(brk_store_state_write(f->s, "txn", "old", 3), BRK_OK);
+    assert_int_equal(brk_sim_fail_next(f->sim, BRK_SIM_OP_RENAME, EIO, 1), BRK_OK);
+    assert_int_not_equal(brk_store_state_write(f->s, "txn", "new", 3), BRK_OK);
+    reopen(f);
+    void *buf = NULL;
+    size_t len = 0;
+    assert_int_equal(brk_store_state_read(f->s, "txn", &buf, &len), BRK_OK);
+    assert_memory_equal(buf, "old", 3);
+    free(buf);
+}
+
+static void user_append_with_system_property_is_refused(void **state)
+{
+    fx *f = *state;
+    brk_prop p = { { "\x1ftopic", 6 }, { "x", 1 } };
+    uint8_t block[64];
+    size_t blen;
+    assert_int_equal(brk_props_encode(&p, 1, block, sizeof block, &blen), BRK_OK);
+    brk_append_req r;
+    memset(&r, 0, sizeof r);
+    r.topic = "orders";
+    r.queue = -1;
+    r.props.ptr = block;
+    r.props.len = blen;
+    brk_append_res res;
+    assert_int_equal(brk_store_append(f->s, &r, &res), BRK_INVAL);
+    r.allow_internal = true;
+    assert_int_equal(brk_store_append(f->s, &r, &res), BRK_OK);
+}
+
+static void strip_sys_keeps_only_user_properties(void **state)
+{
+    (void)state;
+    brk_prop p[3] = {
+        { { "a", 1 }, { "1", 1 } },
+        { { "\x1fsys", 4 }, { "zz", 2 } },
+        { { "traceparent", 11 }, { "00-x", 4 } },
+    };
+    uint8_t block[128], out[128];
+    size_t blen, olen;
+    assert_int_equal(brk_props_encode(p, 3, block, sizeof block, &blen), BRK_OK);
+    brk_bytes b = { block, blen };
+    assert_true(brk_props_has_sys(b));
+    assert_int_equal(brk_props_strip_sys(b, out, sizeof out, &olen), BRK_OK);
+    brk_bytes o = { out, olen };
+    assert_false(brk_props_has_sys(o));
+    assert_int_equal(brk_props_validate(o), BRK_OK);
+    brk_bytes v;
+    assert_int_equal(brk_props_get(o, "a", &v), BRK_OK);
+    assert_int_equal(brk_props_get(o, "traceparent", &v), BRK_OK);
+    assert_memory_equal(v.ptr, "00-x", 4);
+    assert_int_equal(brk_props_get(o, "\x1fsys", &v), BRK_NOTFOUND);
+    /* Only system properties: the result is the empty block. */
+    assert_int_equal(brk_props_encode(&p[1], 1, block, sizeof block, &blen), BRK_OK);
+    b.len = blen;
+    assert_int_equal(brk_props_strip_sys(b, out, sizeof out, &olen), BRK_OK);
+    assert_int_equal(olen, 0);
+    /* Too small an output buffer. */
+    assert_int_equal(brk_props_encode(p, 3, block, sizeof block, &blen), BRK_OK);
+    b.len = blen;
+    assert_int_equal(brk_props_strip_sys(b, out, 4, &olen), BRK_RANGE);
+}
+
+static void accessors_report_clock_and_auto_create(void **state)
+{
+    fx *f = *state;
+    assert_ptr_equal(brk_store_clock(f->s), &f->clk.clock);
+    assert_true(brk_store_auto_create(f->s));
+    f->o.auto_create_topics = false;
+    reopen(f);
+    assert_false(brk_store_auto_create(f->s));
+}
+
+#define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        T(state_file_round_trips_and_survives_power_loss),
+        T(rewriting_a_state_file_replaces_it_whole),
+        T(empty_state_file_is_allowed),
+        T(missing_state_file_is_notfound),
+        T(bad_state_names_are_refused),
+        T(oversized_state_is_toobig),
+        T(damaged_state_file_is_reported_corrupt),
+        T(failed_state_write_leaves_the_old_contents),
+        T(user_append_with_system_property_is_refused),
+        cmocka_unit_test(strip_sys_keeps_only_user_properties),
+        T(accessors_report_clock_and_auto_create),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
