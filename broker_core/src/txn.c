@@ -146,12 +146,15 @@ typedef struct txn_ent {
     uint32_t interval_ms;
     uint16_t checks;
     uint16_t max_checks;
-    uint16_t errors;          /* consecutive ERROR answers */
+    uint8_t  errors;          /* consecutive ERROR answers (saturates) */
     uint8_t  state;           /* brk_txn_state */
     uint8_t  flags;
     uint8_t  action;          /* brk_exhausted_action */
-    uint8_t  pad_[3];
+    uint32_t half_age_s;      /* the current half record was written this
+                                 many seconds after prepared_ms (copies) */
 } txn_ent;
+
+_Static_assert(sizeof(txn_ent) == 48, "txn_ent is sized for the memory bound");
 
 typedef struct job {
     uint64_t hash;
@@ -725,19 +728,25 @@ static brk_status publish_commit(brk_txn *t, const half_view *h,
 /* The effect owed by a stored verdict: the message (commit) or the expiry
  * event (rollback because checks ran out, with an expiry topic). */
 static brk_status do_effect(brk_txn *t, uint64_t half_off, bool commit,
-                            bool expired, uint16_t checks, brk_txn_result *res)
+                            bool expired, uint16_t checks,
+                            const half_view *pre, brk_txn_result *res)
 {
     if (!commit && !expired)
         return BRK_OK;
     half_view h;
-    brk_status st = read_half(t, half_off, &h);
+    brk_status st = BRK_OK;
+    if (pre)
+        h = *pre;                /* a compaction copy has the same content */
+    else
+        st = read_half(t, half_off, &h);
     if (st != BRK_OK)
         return st;
     if (commit)
         st = publish_commit(t, &h, res);
     else if (h.expiry[0])
         st = publish_expiry(t, &h, checks);
-    brk_batch_free(h.b);
+    if (!pre)
+        brk_batch_free(h.b);
     return st;
 }
 
@@ -757,7 +766,7 @@ static void fill_result(const txn_ent *e, brk_txn_result *res)
  */
 static brk_status resolve(brk_txn *t, uint64_t hash, const char *txid,
                           bool commit, uint8_t src, bool wait,
-                          brk_txn_result *res)
+                          const half_view *pre, brk_txn_result *res)
 {
     uint8_t want = commit ? BRK_TXN_COMMITTED : BRK_TXN_ROLLED_BACK;
     pthread_mutex_lock(&t->mu);
@@ -792,7 +801,7 @@ static brk_status resolve(brk_txn *t, uint64_t hash, const char *txid,
             e->flags |= F_RESOLVING;
             uint64_t lb = inflight_add(t);
             pthread_mutex_unlock(&t->mu);
-            st = do_effect(t, half_off, commit, expired, checks, res);
+            st = do_effect(t, half_off, commit, expired, checks, pre, res);
             pthread_mutex_lock(&t->mu);
             inflight_del(t, lb);
             e = tab_find(t, hash);
@@ -833,7 +842,8 @@ static brk_status resolve(brk_txn *t, uint64_t hash, const char *txid,
                        0, half_off, NULL);
     bool stored = st == BRK_OK;
     if (stored)
-        st = do_effect(t, half_off, commit, src == SRC_EXHAUSTED, checks, res);
+        st = do_effect(t, half_off, commit, src == SRC_EXHAUSTED, checks, pre,
+                       res);
 
     pthread_mutex_lock(&t->mu);
     inflight_del(t, lb);
@@ -871,7 +881,7 @@ static brk_status lookup_txid(const char *txid, uint64_t *hash)
 
 /* The entry for hash must belong to txid: compare with its half record. */
 static brk_status verify_owner(brk_txn *t, uint64_t hash, const char *txid,
-                               brk_txn_result *res)
+                               half_view *out, brk_txn_result *res)
 {
     pthread_mutex_lock(&t->mu);
     txn_ent *e = tab_find(t, hash);
@@ -888,8 +898,12 @@ static brk_status verify_owner(brk_txn *t, uint64_t hash, const char *txid,
         memcpy(res->txid, h.txid, h.txid_len + 1);
         memcpy(res->msg_id, h.r->msg_id, BRK_UUID_LEN);
     }
-    brk_batch_free(h.b);
-    return same ? BRK_OK : BRK_NOTFOUND;
+    if (!same) {
+        brk_batch_free(h.b);
+        return BRK_NOTFOUND;
+    }
+    *out = h;
+    return BRK_OK;
 }
 
 static brk_status verdict(brk_txn *t, const char *txid, bool commit,
@@ -909,10 +923,13 @@ static brk_status verdict(brk_txn *t, const char *txid, bool commit,
     pthread_mutex_unlock(&t->mu);
     if (!e)
         return BRK_NOTFOUND;
-    st = verify_owner(t, hash, txid, res);
+    half_view h;
+    st = verify_owner(t, hash, txid, &h, res);
     if (st != BRK_OK)
         return st;
-    return resolve(t, hash, txid, commit, SRC_CLIENT, true, res);
+    st = resolve(t, hash, txid, commit, SRC_CLIENT, true, &h, res);
+    brk_batch_free(h.b);
+    return st;
 }
 
 brk_status brk_txn_commit(brk_txn *t, const char *txid, brk_txn_result *res)
@@ -1165,10 +1182,10 @@ brk_status brk_txn_prepare(brk_txn *t, const brk_txn_prepare_req *req,
 
 /* ---- check-backs -------------------------------------------------------- */
 
-static uint32_t backoff_ms(brk_txn *t, uint16_t errors)
+static uint32_t backoff_ms(brk_txn *t, unsigned errors)
 {
     uint64_t b = t->o.error_backoff_min_ms;
-    for (uint16_t i = 1; i < errors && b < t->o.error_backoff_max_ms; i++)
+    for (unsigned i = 1; i < errors && b < t->o.error_backoff_max_ms; i++)
         b *= 2;
     if (b > t->o.error_backoff_max_ms)
         b = t->o.error_backoff_max_ms;
@@ -1223,7 +1240,8 @@ static void run_check(brk_txn *t, uint64_t hash)
 
     if (r == BRK_CHECK_COMMIT || r == BRK_CHECK_ROLLBACK) {
         brk_status rs = resolve(t, hash, st == BRK_OK ? h.txid : NULL,
-                                r == BRK_CHECK_COMMIT, SRC_CHECK, false, NULL);
+                                r == BRK_CHECK_COMMIT, SRC_CHECK, false,
+                                st == BRK_OK ? &h : NULL, NULL);
         pthread_mutex_lock(&t->mu);
         e = tab_find(t, hash);
         if (e) {
@@ -1241,7 +1259,7 @@ static void run_check(brk_txn *t, uint64_t hash)
         if (e) {
             e->flags &= (uint8_t)~F_CHECKING;
             if (e->state == BRK_TXN_PREPARED && !(e->flags & F_RESOLVING)) {
-                if (e->errors < UINT16_MAX)
+                if (e->errors < UINT8_MAX)
                     e->errors++;
                 schedule(t, e, now_ms(t) + backoff_ms(t, e->errors));
             }
@@ -1290,7 +1308,8 @@ static void run_check(brk_txn *t, uint64_t hash)
         }
         pthread_mutex_unlock(&t->mu);
         if (live && ws == BRK_OK && exhausted && !hold)
-            (void)resolve(t, hash, h.txid, false, SRC_EXHAUSTED, true, NULL);
+            (void)resolve(t, hash, h.txid, false, SRC_EXHAUSTED, true, &h,
+                          NULL);
     }
     if (st == BRK_OK)
         brk_batch_free(h.b);
@@ -1530,6 +1549,9 @@ static void compact_one(brk_txn *t, uint64_t hash)
     e->flags &= (uint8_t)~F_MOVING;
     if (st == BRK_OK) {
         e->half_off = ar.log_offset;
+        int64_t age = (ar.store_ms - e->prepared_ms) / 1000;
+        e->half_age_s = age < 0 ? 0 : age > UINT32_MAX ? UINT32_MAX
+                                                       : (uint32_t)age;
         t->st.compacted_total++;
     }
     pthread_cond_broadcast(&t->cv);
@@ -1540,9 +1562,8 @@ static void compact(brk_txn *t, int64_t now)
 {
     if (t->o.compact_after_ms <= 0)
         return;
-    /* Half records written before `horizon` are old enough to move.  The
-     * half's own write time is not kept in memory; prepared_ms bounds it
-     * from below, and a copy resets it (the copy's time is "now"). */
+    /* A half record is old enough to move when it was written (prepare,
+     * or the last copy) more than compact_after_ms ago. */
     pthread_mutex_lock(&t->mu);
     size_t cap = 0, n = 0;
     uint64_t *todo = NULL;
@@ -1550,7 +1571,8 @@ static void compact(brk_txn *t, int64_t now)
         txn_ent *e = &t->tab[i];
         if (!e->hash || e->state != BRK_TXN_PREPARED)
             continue;
-        if (e->prepared_ms + t->o.compact_after_ms > now)
+        if (e->prepared_ms + (int64_t)e->half_age_s * 1000
+            + t->o.compact_after_ms > now)
             continue;
         if (n == cap) {
             cap = cap ? cap * 2 : 64;
@@ -1592,7 +1614,7 @@ static void retry_effects(brk_txn *t)
         uint16_t checks = e->checks;
         uint64_t lb = inflight_add(t);
         pthread_mutex_unlock(&t->mu);
-        brk_status st = do_effect(t, off, commit, expired, checks, NULL);
+        brk_status st = do_effect(t, off, commit, expired, checks, NULL, NULL);
         pthread_mutex_lock(&t->mu);
         inflight_del(t, lb);
         e = tab_find(t, hv[i]);
@@ -1688,6 +1710,8 @@ static brk_status rebuild_half(brk_txn *t, const brk_record *r)
         e->checks = h.copy_checks;
         if (h.copy_next)
             e->when_ms = h.copy_next;
+        int64_t age = (r->store_ms - e->prepared_ms) / 1000;
+        e->half_age_s = age < 0 ? 0 : (uint32_t)age;
         return BRK_OK;
     }
     if (e) {                             /* a resolved txid prepared anew */
@@ -1706,6 +1730,8 @@ static brk_status rebuild_half(brk_txn *t, const brk_record *r)
     e->max_checks = h.pol.max_checks;
     e->action = h.pol.on_exhausted;
     e->checks = h.is_copy ? h.copy_checks : 0;
+    if (h.is_copy && r->store_ms > h.prepared_ms)
+        e->half_age_s = (uint32_t)((r->store_ms - h.prepared_ms) / 1000);
     e->when_ms = h.is_copy && h.copy_next ? h.copy_next
                  : h.prepared_ms + h.pol.first_check_ms;
     if (h.is_copy && e->checks >= e->max_checks
@@ -1955,7 +1981,7 @@ static brk_status rebuild(brk_txn *t, char *err, size_t errlen)
         }
     }
     for (size_t i = 0; i < nex; i++)
-        (void)resolve(t, ex[i], NULL, false, SRC_EXHAUSTED, true, NULL);
+        (void)resolve(t, ex[i], NULL, false, SRC_EXHAUSTED, true, NULL, NULL);
     free(ex);
     /* Owed effects are retried by the first tick; do it now so an open
      * leaves nothing owed when the store is writable. */
