@@ -76,6 +76,38 @@ bool brk_timerheap_peek(const brk_timerheap *h, brk_timer *out)
     return true;
 }
 
+/* Sift v[i] down within v[0..n). */
+static void sift_down(brk_timer *v, size_t n, size_t i)
+{
+    brk_timer x = v[i];
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= n)
+            break;
+        if (c + 1 < n && before(&v[c + 1], &v[c]))
+            c++;
+        if (!before(&v[c], &x))
+            break;
+        v[i] = v[c];
+        i = c;
+    }
+    v[i] = x;
+}
+
+void brk_timerheap_filter(brk_timerheap *h,
+                          bool (*keep)(const brk_timer *t, void *ctx),
+                          void *ctx)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < h->n; i++)
+        if (keep(&h->v[i], ctx))
+            h->v[n++] = h->v[i];
+    h->n = n;
+    /* Floyd's bottom-up heap construction. */
+    for (size_t i = n / 2; i-- > 0;)
+        sift_down(h->v, n, i);
+}
+
 bool brk_timerheap_pop(brk_timerheap *h, brk_timer *out)
 {
     if (h->n == 0)

@@ -43,5 +43,11 @@ bool brk_timerheap_pop(brk_timerheap *h, brk_timer *out);
 brk_status brk_timerheap_reserve(brk_timerheap *h, size_t n);
 /* Drop slack capacity (after a burst drains), keeping at least n * 2. */
 void brk_timerheap_shrink(brk_timerheap *h);
+/* Keep only the timers for which keep(t, ctx) returns true and restore heap
+ * order, in O(n).  For owners that cancel lazily: when cancelled entries
+ * pile up, one pass drops them all instead of waiting for them to surface. */
+void brk_timerheap_filter(brk_timerheap *h,
+                          bool (*keep)(const brk_timer *t, void *ctx),
+                          void *ctx);
 
 #endif /* BROKER_TIMERHEAP_H */
