@@ -1,0 +1,1671 @@
+/*
+ * delay.c - delayed delivery on top of a brk_store (see broker/delay.h).
+ *
+ * A delayed message lives in the log from the moment it is sent: it is a
+ * record of the internal topic "__delay".  The scheduler keeps only a small
+ * index in memory (a timer and a ring slot per pending message) and records
+ * every firing in the log before it delivers, so that the index can be
+ * rebuilt at open and a crash never makes it deliver a message twice.
+ *
+ * FORMATS
+ * =======
+ * All integers little-endian.
+ *
+ * Delayed record (topic "__delay", 1 queue, always written to queue 0,
+ * type BRK_REC_MSG): the sent message as it will be delivered -- same
+ * msg_id, key, tag, body, flags and born_ms -- with its props block being
+ * the user's pairs followed by these system pairs (keys start with 0x1F):
+ *
+ *   key          value
+ *   -----------  -------------------------------------------------------
+ *   "\x1ftopic"  target topic name, 1..127 bytes, no NUL
+ *   "\x1fdue"    i64, 8 bytes: due time, wall ms since the Unix epoch
+ *   "\x1fmoved"  u64, 8 bytes, only on a compaction copy: the log offset
+ *                of the delayed record this one replaces (see COMPACTION)
+ *
+ * User props that already hold a system pair are refused (BRK_INVAL), so a
+ * record's system pairs are exactly these.  On delivery the system pairs
+ * are dropped (brk_props_strip_sys) and the user's pairs kept in order.
+ *
+ * Fire op record (topic "__delay_op", 1 queue, queue 0, type BRK_REC_OP,
+ * no key, tag or props), body:
+ *
+ *   off  width     field
+ *   ---  --------  -------------------------------------------------------
+ *     0  u8        version, 1
+ *     1  u8        kind, 1 = FIRE
+ *     2  u16       reserved, 0
+ *     4  u32       n, 1..65536
+ *     8  n x u64   log offsets of the delayed records this op fires
+ *
+ * A body whose length is not 8 + 8n, or with an unknown version or kind,
+ * is skipped at rebuild (and counted in errors_total).
+ *
+ * State file "state.delay" (brk_store_state_write; the store frames it and
+ * adds a CRC), 40 bytes:
+ *
+ *   off  width  field
+ *   ---  -----  ----------------------------------------------------------
+ *     0  u32    magic 0x31594C44, bytes "DLY1"
+ *     4  u32    version, 1
+ *     8  u64    dq: queue offset in __delay from which records may still
+ *               be pending (every record below is fired or superseded)
+ *    16  u64    xd: the log offset dq stands for (first __delay record at
+ *               or after xd is at queue offset dq)
+ *    24  u64    oq: queue offset in __delay_op of the first op at or after
+ *               log offset xd; ops below fire only records below xd
+ *    32  u64    effect_from: a log offset; every fire op below it had all
+ *               of its deliveries completed and made durable
+ *
+ * A missing file is a fresh scheduler; an unreadable one (bad CRC) or an
+ * unknown version is treated like a missing one: rebuild from offset 0,
+ * which reads more but is exact.
+ *
+ * FIRING PROTOCOL
+ * ===============
+ * One fire at a time (fire_mu).  For a batch of up to fire_batch due timers:
+ *   1. append one fire op naming the batch's delayed records (log offsets);
+ *   2. for each, read the delayed record and append it to its target topic
+ *      (queue by key, same id, key, tag, flags, born_ms, body, user props).
+ * The store makes a prefix of the log durable (README, invariant 2), so if
+ * a delivery survives a crash, the op before it survives too.
+ *
+ * What rebuild concludes for a delayed record L, by what is in the log:
+ *   - no op names L                       -> pending (re-armed).
+ *   - an op O names L, O < effect_from    -> delivered (effect_from only
+ *                                            passes O once every delivery of
+ *                                            O succeeded and was flushed).
+ *   - an op O names L, O >= effect_from   -> maybe: the log is scanned from
+ *                                            the oldest such O to its end for
+ *                                            a record in L's target topic
+ *                                            with L's msg_id (a delivery is
+ *                                            always after its op).  Found:
+ *                                            delivered.  Not found: it goes
+ *                                            to the retry list with
+ *                                            first_op = O and is fired again
+ *                                            at once (see Failures).
+ * The scan covers only the state-save lag (state_interval_ms of log) in
+ * the normal case, which is what effect_from is for.
+ *
+ * Failures.  If the op append fails, nothing was delivered: the batch goes
+ * to the retry list (still pending, no op) and firing pauses with a
+ * backoff.  If a delivery fails (store FULL, NOSPC, topic unknown with
+ * auto-create off, ...), the message goes to the retry list with the op
+ * that named it (first_op).  A retry is an ordinary fire of the retry
+ * list's due entries: a new op, then the deliveries.  effect_from is kept
+ * at or below the oldest first_op of the retry list, so whichever op a
+ * restart sees, the scan covers every delivery that could exist.  Backoff
+ * per entry: 100 ms doubling to 30 s; errors_total counts failed appends.
+ * An append whose outcome is unknown (the record may or may not be on disk)
+ * makes the store failed for good (store.h), so no later state save can
+ * move effect_from past it; the restart then decides by the scan.
+ *
+ * Why the scheduler never delivers twice, in one line per path: a delivery
+ * happens only after an op naming it is in the log; a record named by an op
+ * is never armed again in this process except through the retry list, and
+ * at rebuild only when the scan proves no delivery exists; compaction never
+ * copies a record that an op has named (see below).
+ *
+ * COMPACTION
+ * ==========
+ * A pending record stored more than compact_after_ms ago is copied to the
+ * end of __delay (same id, key, tag, body, flags, born_ms, props) with
+ * "\x1fmoved" = its log offset, so that retention can free the old segment.
+ * The copy supersedes the original: in memory the original is dropped and
+ * the copy armed with the same due time; at rebuild a record carrying
+ * "moved" = L marks L as superseded.  A crash before the copy is durable
+ * leaves the original pending; after, the copy -- exactly one of the two.
+ * Only records no op has named are copied (never one in the retry list),
+ * so an original can never be both fired and superseded.  A copy keeps its
+ * due time but, among equal due times, now ranks by its new log offset.
+ *
+ * STATE SAVE AND RETENTION
+ * ========================
+ * Every state_interval_ms (tick or background thread) and at close, when
+ * it changed: under fire_mu (no fire in progress) and mu take
+ *   xd          = min(lowest pending log offset, floors of sends in flight,
+ *                     hi_water)
+ *   effect_from = min(first_op over the retry list, hi_water)
+ * where hi_water is the start of the newest append this scheduler completed
+ * (every later append gets a higher offset) and a send's floor is hi_water
+ * read before its append (so <= its record's offset).  Then, without
+ * fire_mu: flush the log (so every delivery and copy counted as done is
+ * durable before the state says so), find dq and oq by binary search over
+ * the consume queues, write state.delay, and move the retention cursor
+ * "delay" to min(xd, effect_from).  Cursors are in memory only: open the
+ * scheduler right after the store, before its first retention run.
+ *
+ * MEMORY
+ * ======
+ * Per pending message: one 16-byte timer in a binary heap (due, log
+ * offset) and one 8-byte slot in `ring`, the pending log offsets sorted in
+ * log order, where a slot is marked DEAD (fired or superseded) and dropped
+ * lazily: dead slots at the front go at once, the rest in one pass when
+ * they outnumber the live ones.  The heap has no removal: a timer whose
+ * slot is gone is skipped when it surfaces (binary search in the ring), and
+ * when such stale timers are over half the heap one pass drops them.  Both
+ * arrays grow by half, so a steady pending set costs 24..48 bytes per
+ * message (bench/README.md has the measured figure).
+ *
+ * LOCKS (take in this order)
+ *   save_mu  one state save at a time; held across flush, state write
+ *   fire_mu  one fire or compaction at a time; held across store appends
+ *   mu       heap, ring, retry list, sends in flight, counters; never held
+ *            across a store call.  cond (with mu): the background thread's
+ *            sleep, signalled when a send arms an earlier timer or at close
+ */
+#define _GNU_SOURCE
+#include "broker/delay.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "le.h"
+#include "timerheap.h"
+
+#define STATE_NAME     "delay"
+#define STATE_MAGIC    0x31594C44u          /* "DLY1" */
+#define STATE_VERSION  1u
+#define STATE_LEN      40u
+
+#define OP_VERSION     1u
+#define OP_KIND_FIRE   1u
+#define OP_HDR         8u
+#define OP_MAX_N       65536u
+
+#define SYS_TOPIC      "\x1ftopic"
+#define SYS_DUE        "\x1f" "due"
+#define SYS_MOVED      "\x1fmoved"
+
+#define RING_DEAD      (UINT64_C(1) << 63)  /* fired or superseded */
+#define RING_INFLIGHT  (UINT64_C(1) << 62)  /* taken by a fire, or in the
+                                               retry list: no timer armed */
+#define RING_OFF       (RING_INFLIGHT - 1)
+
+#define NONE           UINT64_MAX
+
+#define BACKOFF_MIN_MS 100
+#define BACKOFF_MAX_MS 30000
+#define SLEEP_MAX_MS   200                   /* background thread's longest
+                                                nap (fake clocks move) */
+
+/* A message whose fire did not complete: its op failed (first_op NONE) or
+ * its delivery did.  Its ring slot is INFLIGHT; it has no timer. */
+typedef struct retry_ent {
+    uint64_t off;           /* the delayed record */
+    uint64_t first_op;      /* oldest op that named it, NONE if none did */
+    int64_t  due_ms;
+    int64_t  next_ms;       /* next attempt */
+    uint32_t attempts;
+} retry_ent;
+
+/* A send between taking its floor and arming its timer (on its stack). */
+typedef struct send_slot {
+    uint64_t floor;
+    struct send_slot *prev, *next;
+} send_slot;
+
+/* One message of a fire batch. */
+typedef struct fire_item {
+    uint64_t off;
+    uint64_t first_op;
+    int64_t  due_ms;
+    uint32_t attempts;
+} fire_item;
+
+struct brk_delay {
+    brk_store *s;
+    const brk_clock *clock;
+    brk_delay_opts o;
+    uint32_t cursor;                /* retention cursor "delay" */
+
+    pthread_mutex_t save_mu;
+    pthread_mutex_t fire_mu;
+    pthread_mutex_t mu;
+    pthread_cond_t cond;            /* CLOCK_MONOTONIC */
+
+    /* --- mu ------------------------------------------------------------- */
+    brk_timerheap heap;             /* (due, log offset) of armed timers */
+    size_t stale;                   /* heap entries whose slot is gone */
+    uint64_t *ring;                 /* pending log offsets, ascending, with
+                                       RING_* flags; v[rhead, rhead+rlen) */
+    size_t rhead, rlen, rcap;
+    size_t rdead;                   /* DEAD slots inside the window */
+    size_t live;                    /* pending = slots not DEAD */
+    retry_ent *retry;
+    size_t nretry, retry_cap;
+    send_slot *sends;               /* sends in flight */
+    size_t reserved;                /* heap/ring slots promised to sends and
+                                       compaction copies in flight */
+    uint64_t hi_water;              /* start of the newest completed append */
+    int64_t wake_at;                /* background thread sleeps until this
+                                       (INT64_MIN while it is awake) */
+    int64_t hold_until;             /* firing paused after an op failure
+                                       (written under fire_mu and mu) */
+    uint32_t hold_fails;
+    bool stop;
+    uint64_t scheduled_total, fired_total, errors_total, compacted_total;
+
+    /* --- fire_mu -------------------------------------------------------- */
+    fire_item *batch;               /* fire_batch items */
+    uint8_t *opbuf;                 /* op body for fire_batch items */
+    int64_t compact_at;             /* next time the oldest pending may be
+                                       old enough to copy */
+
+    /* --- save_mu -------------------------------------------------------- */
+    bool saved_valid;
+    uint64_t saved_xd, saved_eff, saved_dq, saved_oq;
+    int64_t next_save_ms;
+
+    pthread_t thr;
+    bool has_thr;
+};
+
+/* ---- levels and options ------------------------------------------------------ */
+
+int64_t brk_delay_level_ms(int level)
+{
+    static const int64_t ms[BRK_DELAY_LEVELS] = {
+        1000, 5000, 10000, 30000,                        /* 1 s .. 30 s */
+        60000, 120000, 180000, 240000, 300000, 360000,   /* 1 .. 6 min */
+        420000, 480000, 540000, 600000,                  /* 7 .. 10 min */
+        1200000, 1800000, 3600000, 7200000               /* 20, 30 min, 1, 2 h */
+    };
+    if (level < 1 || level > BRK_DELAY_LEVELS)
+        return -1;
+    return ms[level - 1];
+}
+
+void brk_delay_opts_init(brk_delay_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->max_delay_ms = BRK_DELAY_MAX_DEFAULT_MS;
+    o->fire_batch = 256;
+    o->compact_after_ms = 24LL * 3600 * 1000;
+    o->state_interval_ms = 1000;
+}
+
+static int64_t now_ms(brk_delay *d)
+{
+    return d->clock->now_ms(d->clock->ctx);
+}
+
+static void set_err(char *errbuf, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void set_err(char *errbuf, size_t errlen, const char *fmt, ...)
+{
+    if (!errbuf || errlen == 0)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(errbuf, errlen, fmt, ap);
+    va_end(ap);
+}
+
+static int64_t backoff_ms(uint32_t attempts)
+{
+    int64_t b = BACKOFF_MIN_MS;
+    for (uint32_t i = 1; i < attempts && b < BACKOFF_MAX_MS; i++)
+        b *= 2;
+    return b < BACKOFF_MAX_MS ? b : BACKOFF_MAX_MS;
+}
+
+/* ---- the ring: pending log offsets in log order (mu held) -------------------- */
+
+/* Index of the slot holding `off`, or SIZE_MAX. */
+static size_t ring_find(const brk_delay *d, uint64_t off)
+{
+    size_t lo = d->rhead, hi = d->rhead + d->rlen;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        uint64_t v = d->ring[mid] & RING_OFF;
+        if (v < off)
+            lo = mid + 1;
+        else if (v > off)
+            hi = mid;
+        else
+            return mid;
+    }
+    return SIZE_MAX;
+}
+
+/* Whether a timer for `off` is armed: its slot exists, not dead or taken. */
+static bool ring_armed(const brk_delay *d, uint64_t off)
+{
+    size_t i = ring_find(d, off);
+    return i != SIZE_MAX && !(d->ring[i] & (RING_DEAD | RING_INFLIGHT));
+}
+
+/* Drop dead slots: those at the front at once, the others when they
+ * outnumber the live ones (one pass, order kept). */
+static void ring_tidy(brk_delay *d)
+{
+    while (d->rlen > 0 && (d->ring[d->rhead] & RING_DEAD)) {
+        d->rhead++;
+        d->rlen--;
+        d->rdead--;
+    }
+    if (d->rlen == 0)
+        d->rhead = 0;
+    if (d->rdead >= 64 && d->rdead * 2 > d->rlen) {
+        size_t n = 0;
+        for (size_t i = d->rhead; i < d->rhead + d->rlen; i++)
+            if (!(d->ring[i] & RING_DEAD))
+                d->ring[n++] = d->ring[i];
+        d->rhead = 0;
+        d->rlen = n;
+        d->rdead = 0;
+        /* Give back slack after a burst drained (keep room for promises). */
+        size_t want = (n + d->reserved) * 2 + 1024;
+        if (d->rcap > 2 * want) {
+            uint64_t *r = realloc(d->ring, want * sizeof *r);
+            if (r) {
+                d->ring = r;
+                d->rcap = want;
+            }
+        }
+    }
+}
+
+static void ring_kill(brk_delay *d, size_t i)
+{
+    if (d->ring[i] & RING_DEAD)
+        return;
+    d->ring[i] = (d->ring[i] & RING_OFF) | RING_DEAD;
+    d->rdead++;
+    d->live--;
+    ring_tidy(d);
+}
+
+/* Insert in order (appends nearly always land at the end).  Needs a free
+ * slot, which make_room promised: never allocates. */
+static void ring_insert(brk_delay *d, uint64_t v)
+{
+    if (d->rhead + d->rlen == d->rcap) {
+        memmove(d->ring, d->ring + d->rhead, d->rlen * sizeof *d->ring);
+        d->rhead = 0;
+    }
+    size_t i = d->rhead + d->rlen;
+    uint64_t off = v & RING_OFF;
+    while (i > d->rhead && (d->ring[i - 1] & RING_OFF) > off) {
+        d->ring[i] = d->ring[i - 1];
+        i--;
+    }
+    d->ring[i] = v;
+    d->rlen++;
+    if (v & RING_DEAD)
+        d->rdead++;
+    else
+        d->live++;
+}
+
+/* Lowest pending log offset, NONE when nothing is pending. */
+static uint64_t ring_low(const brk_delay *d)
+{
+    for (size_t i = d->rhead; i < d->rhead + d->rlen; i++)
+        if (!(d->ring[i] & RING_DEAD))
+            return d->ring[i] & RING_OFF;
+    return NONE;
+}
+
+/* Make sure `reserved` more timers and ring slots fit without allocating. */
+static brk_status make_room(brk_delay *d)
+{
+    size_t need = d->heap.n + d->reserved;
+    if (need > d->heap.cap) {
+        size_t want = d->heap.cap + d->heap.cap / 2;
+        if (want < need)
+            want = need;
+        if (want < 64)
+            want = 64;
+        if (brk_timerheap_reserve(&d->heap, want) != BRK_OK)
+            return BRK_NOMEM;
+    }
+    need = d->rlen + d->reserved;
+    if (need > d->rcap) {
+        size_t want = d->rcap + d->rcap / 2;
+        if (want < need)
+            want = need;
+        if (want < 64)
+            want = 64;
+        uint64_t *r = realloc(d->ring, want * sizeof *r);
+        if (!r)
+            return BRK_NOMEM;
+        d->ring = r;
+        d->rcap = want;
+    }
+    return BRK_OK;
+}
+
+/* Promise one heap/ring slot to a caller about to append (mu held). */
+static brk_status reserve_slot(brk_delay *d)
+{
+    d->reserved++;
+    brk_status st = make_room(d);
+    if (st != BRK_OK)
+        d->reserved--;
+    return st;
+}
+
+/* Arm a timer in a promised slot (mu held). */
+static void arm(brk_delay *d, uint64_t off, int64_t due_ms)
+{
+    ring_insert(d, off);
+    (void)brk_timerheap_push(&d->heap, due_ms, off);   /* room promised */
+    d->reserved--;
+}
+
+static bool keep_armed(const brk_timer *t, void *ctx)
+{
+    return ring_armed(ctx, t->ref);
+}
+
+/* Drop stale timers in one pass when they are over half the heap. */
+static void heap_tidy(brk_delay *d)
+{
+    if (d->stale >= 1024 && d->stale * 2 > d->heap.n) {
+        brk_timerheap_filter(&d->heap, keep_armed, d);
+        d->stale = 0;
+        if (d->reserved == 0)
+            brk_timerheap_shrink(&d->heap);
+    }
+}
+
+/* Pop timers that are no longer armed off the top (mu held). */
+static bool heap_top(brk_delay *d, brk_timer *t)
+{
+    while (brk_timerheap_peek(&d->heap, t)) {
+        if (ring_armed(d, t->ref))
+            return true;
+        brk_timerheap_pop(&d->heap, t);
+        if (d->stale > 0)
+            d->stale--;
+    }
+    return false;
+}
+
+static void note_append(brk_delay *d, uint64_t log_offset)
+{
+    if (log_offset > d->hi_water)
+        d->hi_water = log_offset;
+}
+
+/* ---- records: system properties and op bodies -------------------------------- */
+
+typedef struct dmeta {
+    char topic[BRK_TOPIC_MAX + 1];
+    int64_t due_ms;
+    bool moved;
+    uint64_t moved_from;
+} dmeta;
+
+/* Read the system pairs of a delayed record; false when they are not all
+ * there or malformed. */
+static bool parse_meta(const brk_record *r, dmeta *m)
+{
+    brk_bytes v;
+    memset(m, 0, sizeof *m);
+    if (brk_props_get(r->props, SYS_TOPIC, &v) != BRK_OK || v.len == 0
+        || v.len > BRK_TOPIC_MAX)
+        return false;
+    memcpy(m->topic, v.ptr, v.len);
+    m->topic[v.len] = '\0';
+    if (brk_props_get(r->props, SYS_DUE, &v) != BRK_OK || v.len != 8)
+        return false;
+    m->due_ms = (int64_t)brk_ld64(v.ptr);
+    if (brk_props_get(r->props, SYS_MOVED, &v) == BRK_OK) {
+        if (v.len != 8)
+            return false;
+        m->moved = true;
+        m->moved_from = brk_ld64(v.ptr);
+    }
+    return true;
+}
+
+/* A new props block: the pairs of `base` whose keys are not among sys[],
+ * then sys[].  *out is malloc'ed (NULL with *len 0 for an empty block). */
+static brk_status props_merge(brk_bytes base, const brk_prop *sys, size_t nsys,
+                              uint8_t **out, size_t *len)
+{
+    *out = NULL;
+    *len = 0;
+    size_t npairs = nsys, pos = 0, cap = 2;
+    brk_prop pr;
+    brk_status st;
+    while ((st = brk_props_next(base, &pos, &pr)) == BRK_OK)
+        npairs++;
+    if (st != BRK_EMPTY)
+        return BRK_INVAL;
+    brk_prop *all = malloc((npairs ? npairs : 1) * sizeof *all);
+    if (!all)
+        return BRK_NOMEM;
+    size_t n = 0;
+    pos = 0;
+    while (brk_props_next(base, &pos, &pr) == BRK_OK) {
+        bool replaced = false;
+        for (size_t i = 0; i < nsys && !replaced; i++)
+            replaced = pr.key.len == sys[i].key.len
+                       && memcmp(pr.key.ptr, sys[i].key.ptr, pr.key.len) == 0;
+        if (!replaced) {
+            all[n++] = pr;
+            cap += 4 + pr.key.len + pr.value.len;
+        }
+    }
+    for (size_t i = 0; i < nsys; i++) {
+        all[n++] = sys[i];
+        cap += 4 + sys[i].key.len + sys[i].value.len;
+    }
+    if (cap > BRK_PROPS_MAX) {
+        free(all);
+        return BRK_TOOBIG;
+    }
+    uint8_t *buf = malloc(cap);
+    if (!buf) {
+        free(all);
+        return BRK_NOMEM;
+    }
+    st = brk_props_encode(all, n, buf, cap, len);
+    free(all);
+    if (st != BRK_OK) {
+        free(buf);
+        return st;
+    }
+    *out = buf;
+    return BRK_OK;
+}
+
+static size_t op_encode(uint8_t *buf, const fire_item *items, size_t n)
+{
+    buf[0] = OP_VERSION;
+    buf[1] = OP_KIND_FIRE;
+    brk_st16(buf + 2, 0);
+    brk_st32(buf + 4, (uint32_t)n);
+    for (size_t i = 0; i < n; i++)
+        brk_st64(buf + OP_HDR + 8 * i, items[i].off);
+    return OP_HDR + 8 * n;
+}
+
+/* Number of offsets in a fire op body, 0 when it is not one. */
+static size_t op_count(const brk_record *r)
+{
+    const uint8_t *p = r->body.ptr;
+    if (r->type != BRK_REC_OP || r->body.len < OP_HDR || p[0] != OP_VERSION
+        || p[1] != OP_KIND_FIRE)
+        return 0;
+    uint32_t n = brk_ld32(p + 4);
+    if (n == 0 || n > OP_MAX_N || r->body.len != OP_HDR + 8 * (size_t)n)
+        return 0;
+    return n;
+}
+
+static uint64_t op_at(const brk_record *r, size_t i)
+{
+    return brk_ld64((const uint8_t *)r->body.ptr + OP_HDR + 8 * i);
+}
+
+/* ---- delivery ------------------------------------------------------------------ */
+
+/* Append the delayed record at `off` to its target topic. */
+static brk_status deliver(brk_delay *d, uint64_t off, brk_append_res *res)
+{
+    brk_batch *b = NULL;
+    brk_status st = brk_store_read_at(d->s, off, &b);
+    if (st != BRK_OK)
+        return st;
+    const brk_record *r = &b->recs[0];
+    dmeta m;
+    if (!parse_meta(r, &m)) {
+        brk_batch_free(b);
+        return BRK_CORRUPT;
+    }
+    uint8_t stack[256];
+    uint8_t *props = r->props.len <= sizeof stack ? stack : malloc(r->props.len);
+    size_t plen = 0;
+    if (!props) {
+        brk_batch_free(b);
+        return BRK_NOMEM;
+    }
+    st = brk_props_strip_sys(r->props, props, r->props.len, &plen);
+    if (st == BRK_OK) {
+        brk_append_req q;
+        memset(&q, 0, sizeof q);
+        q.topic = m.topic;
+        q.queue = -1;
+        q.key = r->key;
+        q.tag = r->tag;
+        q.props = (brk_bytes){ props, plen };
+        q.body = r->body;
+        q.flags = r->flags;
+        q.type = BRK_REC_MSG;
+        q.msg_id = r->msg_id;
+        q.born_ms = r->born_ms;
+        st = brk_store_append(d->s, &q, res);
+    }
+    if (props != stack)
+        free(props);
+    brk_batch_free(b);
+    return st;
+}
+
+/* Put an item back as pending-without-timer (mu held; room reserved). */
+static void to_retry(brk_delay *d, const fire_item *it, int64_t now)
+{
+    retry_ent *e = &d->retry[d->nretry++];
+    e->off = it->off;
+    e->first_op = it->first_op;
+    e->due_ms = it->due_ms;
+    e->attempts = it->attempts + 1;
+    e->next_ms = now + backoff_ms(e->attempts);
+}
+
+/* Fire items[0..n): one op, then the deliveries.  fire_mu held; the items'
+ * slots are INFLIGHT and the retry list has room for all of them. */
+static brk_status fire_items(brk_delay *d, fire_item *items, size_t n,
+                             int64_t now, unsigned *fired)
+{
+    size_t blen = op_encode(d->opbuf, items, n);
+    brk_append_req q;
+    memset(&q, 0, sizeof q);
+    q.topic = BRK_DELAY_OP_TOPIC;
+    q.queue = 0;
+    q.type = BRK_REC_OP;
+    q.body = (brk_bytes){ d->opbuf, blen };
+    q.allow_internal = true;
+    brk_append_res res;
+    brk_status st = brk_store_append(d->s, &q, &res);
+    if (st != BRK_OK) {
+        pthread_mutex_lock(&d->mu);
+        d->errors_total++;
+        for (size_t i = 0; i < n; i++)
+            to_retry(d, &items[i], now);
+        d->hold_fails++;
+        d->hold_until = now + backoff_ms(d->hold_fails);
+        pthread_mutex_unlock(&d->mu);
+        return st;
+    }
+    uint64_t op = res.log_offset;
+    pthread_mutex_lock(&d->mu);
+    d->hold_fails = 0;
+    note_append(d, op);
+    pthread_mutex_unlock(&d->mu);
+
+    brk_status first = BRK_OK;
+    for (size_t i = 0; i < n; i++) {
+        fire_item *it = &items[i];
+        if (it->first_op == NONE || op < it->first_op)
+            it->first_op = op;
+        st = deliver(d, it->off, &res);
+        pthread_mutex_lock(&d->mu);
+        if (st == BRK_OK) {
+            note_append(d, res.log_offset);
+            size_t k = ring_find(d, it->off);
+            if (k != SIZE_MAX)
+                ring_kill(d, k);
+            d->fired_total++;
+            if (fired)
+                (*fired)++;
+        } else {
+            d->errors_total++;
+            to_retry(d, it, now);
+            if (first == BRK_OK)
+                first = st;
+        }
+        pthread_mutex_unlock(&d->mu);
+    }
+    return first;
+}
+
+/* Take up to fire_batch due items (retry list first, then timers), marking
+ * them INFLIGHT.  mu held.  Returns how many; 0 also when the retry list
+ * cannot be grown to hold a failed batch. */
+static size_t take_due(brk_delay *d, int64_t now)
+{
+    size_t cap = d->o.fire_batch, n = 0;
+    if (d->nretry + cap > d->retry_cap) {
+        size_t want = d->retry_cap + d->retry_cap / 2;
+        if (want < d->nretry + cap)
+            want = d->nretry + cap;
+        retry_ent *r = realloc(d->retry, want * sizeof *r);
+        if (!r)
+            return 0;
+        d->retry = r;
+        d->retry_cap = want;
+    }
+    for (size_t i = 0; i < d->nretry && n < cap;) {
+        retry_ent *e = &d->retry[i];
+        if (e->next_ms > now) {
+            i++;
+            continue;
+        }
+        d->batch[n++] = (fire_item){ e->off, e->first_op, e->due_ms,
+                                     e->attempts };
+        d->retry[i] = d->retry[--d->nretry];
+    }
+    if (now < d->hold_until)
+        return n;   /* ops are failing: only retries, which then fail fast */
+    brk_timer t;
+    while (n < cap && brk_timerheap_peek(&d->heap, &t) && t.due_ms <= now) {
+        brk_timerheap_pop(&d->heap, &t);
+        size_t k = ring_find(d, t.ref);
+        if (k == SIZE_MAX || (d->ring[k] & (RING_DEAD | RING_INFLIGHT))) {
+            if (d->stale > 0)
+                d->stale--;
+            continue;
+        }
+        d->ring[k] |= RING_INFLIGHT;
+        d->batch[n++] = (fire_item){ t.ref, NONE, t.due_ms, 0 };
+    }
+    return n;
+}
+
+/* Fire everything due by `now`.  fire_mu held. */
+static brk_status fire_due(brk_delay *d, int64_t now, unsigned *fired)
+{
+    brk_status first = BRK_OK;
+    for (;;) {
+        pthread_mutex_lock(&d->mu);
+        size_t n = take_due(d, now);
+        heap_tidy(d);
+        pthread_mutex_unlock(&d->mu);
+        if (n == 0)
+            break;
+        brk_status st = fire_items(d, d->batch, n, now, fired);
+        if (st != BRK_OK && first == BRK_OK)
+            first = st;
+        if (st != BRK_OK && now < d->hold_until)
+            break;   /* the op failed: wait out the backoff */
+    }
+    return first;
+}
+
+/* ---- compaction ---------------------------------------------------------------- */
+
+/* Copy pending records stored more than compact_after_ms ago to the end of
+ * __delay.  fire_mu held. */
+static brk_status compact(brk_delay *d, int64_t now)
+{
+    if (d->o.compact_after_ms <= 0 || now < d->compact_at)
+        return BRK_OK;
+    for (uint32_t copies = 0; copies < d->o.fire_batch; copies++) {
+        uint64_t off = NONE;
+        pthread_mutex_lock(&d->mu);
+        for (size_t i = d->rhead; i < d->rhead + d->rlen; i++)
+            if (!(d->ring[i] & (RING_DEAD | RING_INFLIGHT))) {
+                off = d->ring[i] & RING_OFF;
+                break;
+            }
+        brk_status st = off != NONE ? reserve_slot(d) : BRK_OK;
+        pthread_mutex_unlock(&d->mu);
+        if (off == NONE) {
+            d->compact_at = now + d->o.compact_after_ms;
+            return BRK_OK;
+        }
+        if (st != BRK_OK)
+            return st;
+        brk_batch *b = NULL;
+        const brk_record *r = NULL;
+        dmeta m;
+        uint8_t *props = NULL;
+        size_t plen = 0;
+        bool young = false;
+        st = brk_store_read_at(d->s, off, &b);
+        if (st == BRK_OK) {
+            r = &b->recs[0];
+            if (!parse_meta(r, &m))
+                st = BRK_CORRUPT;
+            else if (r->store_ms > now - d->o.compact_after_ms)
+                young = true;
+        }
+        if (st == BRK_OK && !young) {
+            uint8_t v[8];
+            brk_st64(v, off);
+            brk_prop moved = { { SYS_MOVED, sizeof SYS_MOVED - 1 }, { v, 8 } };
+            st = props_merge(r->props, &moved, 1, &props, &plen);
+        }
+        brk_append_res res;
+        if (st == BRK_OK && !young) {
+            brk_append_req q;
+            memset(&q, 0, sizeof q);
+            q.topic = BRK_DELAY_TOPIC;
+            q.queue = 0;
+            q.key = r->key;
+            q.tag = r->tag;
+            q.props = (brk_bytes){ props, plen };
+            q.body = r->body;
+            q.flags = r->flags;
+            q.type = BRK_REC_MSG;
+            q.msg_id = r->msg_id;
+            q.born_ms = r->born_ms;
+            q.allow_internal = true;
+            st = brk_store_append(d->s, &q, &res);
+        }
+        pthread_mutex_lock(&d->mu);
+        if (st == BRK_OK && !young) {
+            note_append(d, res.log_offset);
+            size_t k = ring_find(d, off);
+            if (k != SIZE_MAX)
+                ring_kill(d, k);
+            arm(d, res.log_offset, m.due_ms);
+            d->stale++;          /* the original's timer */
+            d->compacted_total++;
+        } else {
+            d->reserved--;
+            if (st != BRK_OK)
+                d->errors_total++;
+        }
+        pthread_mutex_unlock(&d->mu);
+        if (young)
+            d->compact_at = r->store_ms + d->o.compact_after_ms;
+        free(props);
+        brk_batch_free(b);
+        if (young)
+            return BRK_OK;
+        if (st != BRK_OK) {
+            d->compact_at = now + BACKOFF_MAX_MS;
+            return st;
+        }
+    }
+    return BRK_OK;
+}
+
+/* ---- state --------------------------------------------------------------------- */
+
+/* First queue offset in [lo, max) of `topic` queue 0 whose record starts at
+ * or after `xoff` (max when none does). */
+static brk_status queue_search(brk_delay *d, const char *topic, uint64_t lo,
+                               uint64_t xoff, uint64_t *out)
+{
+    uint64_t min, max;
+    brk_status st = brk_store_queue_range(d->s, topic, 0, &min, &max);
+    if (st != BRK_OK)
+        return st;
+    if (lo < min)
+        lo = min;
+    uint64_t hi = max;
+    if (lo > hi)
+        lo = hi;
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        brk_cq_entry e;
+        size_t n = 0;
+        uint64_t first = mid;
+        st = brk_store_read_entries(d->s, topic, 0, mid, &e, 1, &n, &first);
+        if (st != BRK_OK)
+            return st;
+        if (n == 0 || first != mid) {
+            /* Retention moved the queue start past mid meanwhile. */
+            lo = first;
+            if (n == 0)
+                break;
+            continue;
+        }
+        if (e.log_offset < xoff)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    *out = lo;
+    return BRK_OK;
+}
+
+/* Save state.delay if it changed (see STATE SAVE at the top).  `wait`:
+ * block for a save in progress (close) instead of skipping. */
+static brk_status save_state(brk_delay *d, bool force, bool wait)
+{
+    if (wait)
+        pthread_mutex_lock(&d->save_mu);
+    else if (pthread_mutex_trylock(&d->save_mu) != 0)
+        return BRK_OK;
+    int64_t now = now_ms(d);
+    if (!force && now < d->next_save_ms) {
+        pthread_mutex_unlock(&d->save_mu);
+        return BRK_OK;
+    }
+    d->next_save_ms = now + d->o.state_interval_ms;
+
+    pthread_mutex_lock(&d->fire_mu);
+    pthread_mutex_lock(&d->mu);
+    uint64_t xd = ring_low(d);
+    if (d->hi_water < xd)
+        xd = d->hi_water;
+    for (send_slot *p = d->sends; p; p = p->next)
+        if (p->floor < xd)
+            xd = p->floor;
+    uint64_t eff = d->hi_water;
+    for (size_t i = 0; i < d->nretry; i++)
+        if (d->retry[i].first_op < eff)
+            eff = d->retry[i].first_op;
+    pthread_mutex_unlock(&d->mu);
+    pthread_mutex_unlock(&d->fire_mu);
+
+    brk_status st = BRK_OK;
+    if (d->saved_valid && xd == d->saved_xd && eff == d->saved_eff)
+        goto out;
+    /* Everything counted as done below xd and effect_from is in the log;
+     * make it durable before the state file says so. */
+    if ((st = brk_store_flush(d->s)) != BRK_OK)
+        goto out;
+    uint64_t dq, oq;
+    bool down = !d->saved_valid || xd < d->saved_xd;
+    st = queue_search(d, BRK_DELAY_TOPIC, down ? 0 : d->saved_dq, xd, &dq);
+    if (st == BRK_OK)
+        st = queue_search(d, BRK_DELAY_OP_TOPIC, down ? 0 : d->saved_oq, xd,
+                          &oq);
+    if (st != BRK_OK)
+        goto out;
+    uint8_t buf[STATE_LEN];
+    brk_st32(buf, STATE_MAGIC);
+    brk_st32(buf + 4, STATE_VERSION);
+    brk_st64(buf + 8, dq);
+    brk_st64(buf + 16, xd);
+    brk_st64(buf + 24, oq);
+    brk_st64(buf + 32, eff);
+    if ((st = brk_store_state_write(d->s, STATE_NAME, buf, sizeof buf))
+        != BRK_OK)
+        goto out;
+    d->saved_valid = true;
+    d->saved_xd = xd;
+    d->saved_eff = eff;
+    d->saved_dq = dq;
+    d->saved_oq = oq;
+    st = brk_store_cursor_set(d->s, d->cursor, xd < eff ? xd : eff);
+out:
+    pthread_mutex_unlock(&d->save_mu);
+    return st;
+}
+
+/* ---- rebuild at open ------------------------------------------------------------ */
+
+/* A delayed record seen while rebuilding. */
+typedef struct cand {
+    uint64_t off;       /* with RING_DEAD / RING_INFLIGHT */
+    int64_t due_ms;
+} cand;
+
+typedef struct cands {
+    cand *v;
+    size_t n, cap, dead;
+} cands;
+
+/* A record named by an op at or after effect_from. */
+typedef struct maybe {
+    uint64_t off;
+    uint64_t op;
+    int64_t due_ms;
+    bool known;         /* due_ms, id, topic read */
+    bool found;         /* its delivery is in the log */
+    uint8_t id[BRK_UUID_LEN];
+    char topic[BRK_TOPIC_MAX + 1];
+} maybe;
+
+static size_t cand_find(const cands *c, uint64_t off)
+{
+    size_t lo = 0, hi = c->n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        uint64_t v = c->v[mid].off & RING_OFF;
+        if (v < off)
+            lo = mid + 1;
+        else if (v > off)
+            hi = mid;
+        else
+            return mid;
+    }
+    return SIZE_MAX;
+}
+
+static void cand_kill(cands *c, size_t i)
+{
+    if (!(c->v[i].off & RING_DEAD)) {
+        c->v[i].off = (c->v[i].off & RING_OFF) | RING_DEAD;
+        c->dead++;
+    }
+}
+
+static void cand_tidy(cands *c)
+{
+    if (c->dead < 4096 || c->dead * 2 < c->n)
+        return;
+    size_t n = 0;
+    for (size_t i = 0; i < c->n; i++)
+        if (!(c->v[i].off & RING_DEAD))
+            c->v[n++] = c->v[i];
+    c->n = n;
+    c->dead = 0;
+}
+
+static brk_status cand_push(cands *c, uint64_t off, int64_t due)
+{
+    if (c->n == c->cap) {
+        size_t want = c->cap ? c->cap + c->cap / 2 : 1024;
+        cand *v = realloc(c->v, want * sizeof *v);
+        if (!v)
+            return BRK_NOMEM;
+        c->v = v;
+        c->cap = want;
+    }
+    /* Records come in log order; keep the array sorted anyway. */
+    size_t i = c->n++;
+    while (i > 0 && (c->v[i - 1].off & RING_OFF) > off) {
+        c->v[i] = c->v[i - 1];
+        i--;
+    }
+    c->v[i] = (cand){ off, due };
+    return BRK_OK;
+}
+
+/* Reads one queue (0) of an internal topic in batches. */
+typedef struct qreader {
+    const char *topic;
+    uint64_t next;
+    brk_batch *b;
+    size_t i;
+    bool end;
+} qreader;
+
+static brk_status qr_peek(brk_delay *d, qreader *q, const brk_record **out)
+{
+    *out = NULL;
+    while (!q->end && (!q->b || q->i == q->b->count)) {
+        if (q->b) {
+            q->next = q->b->next_offset;
+            brk_batch_free(q->b);
+            q->b = NULL;
+        }
+        brk_status st = brk_store_read(d->s, q->topic, 0, q->next, 4096, &q->b);
+        if (st == BRK_RANGE || st == BRK_NOTFOUND) {
+            q->end = true;
+            break;
+        }
+        if (st != BRK_OK)
+            return st;
+        q->i = 0;
+        if (q->b->count == 0)
+            q->end = true;
+    }
+    if (!q->end)
+        *out = &q->b->recs[q->i];
+    return BRK_OK;
+}
+
+static int maybe_by_off(const void *a, const void *b)
+{
+    const maybe *x = a, *y = b;
+    return x->off < y->off ? -1 : x->off > y->off;
+}
+
+static int maybe_by_id(const void *a, const void *b)
+{
+    const maybe *x = a, *y = b;
+    return memcmp(x->id, y->id, BRK_UUID_LEN);
+}
+
+/* Scan the log from `from` for deliveries of the maybes (sorted by id). */
+static brk_status scan_deliveries(brk_delay *d, uint64_t from, maybe *m,
+                                  size_t nm)
+{
+    brk_store_stats ss;
+    brk_store_get_stats(d->s, &ss);
+    if (from < ss.log_start)
+        from = ss.log_start;
+    uint64_t off = from;
+    for (;;) {
+        brk_batch *b = NULL;
+        brk_status st = brk_store_read_at(d->s, off, &b);
+        if (st == BRK_NOTFOUND)
+            return BRK_OK;          /* the visible end of the log */
+        if (st != BRK_OK)
+            return st;
+        const brk_record *r = &b->recs[0];
+        size_t len = brk_record_size(r);
+        bool internal = r->topic.len >= 2
+                        && memcmp(r->topic.ptr, "__", 2) == 0;
+        if (!internal && r->type == BRK_REC_MSG) {
+            maybe key;
+            memcpy(key.id, r->msg_id, BRK_UUID_LEN);
+            maybe *hit = bsearch(&key, m, nm, sizeof *m, maybe_by_id);
+            /* Equal ids sit next to each other: check them all. */
+            if (hit) {
+                while (hit > m && memcmp(hit[-1].id, key.id, BRK_UUID_LEN) == 0)
+                    hit--;
+                for (; hit < m + nm
+                       && memcmp(hit->id, key.id, BRK_UUID_LEN) == 0; hit++)
+                    if (strlen(hit->topic) == r->topic.len
+                        && memcmp(hit->topic, r->topic.ptr, r->topic.len) == 0)
+                        hit->found = true;
+            }
+        }
+        brk_batch_free(b);
+        if (len == 0)
+            return BRK_CORRUPT;
+        off += len;
+    }
+}
+
+static brk_status rebuild(brk_delay *d, char *errbuf, size_t errlen)
+{
+    uint64_t dq = 0, oq = 0, eff = 0, xd = 0;
+    void *sbuf = NULL;
+    size_t slen = 0;
+    brk_status st = brk_store_state_read(d->s, STATE_NAME, &sbuf, &slen);
+    if (st == BRK_OK && slen == STATE_LEN && brk_ld32(sbuf) == STATE_MAGIC
+        && brk_ld32((uint8_t *)sbuf + 4) == STATE_VERSION) {
+        const uint8_t *p = sbuf;
+        dq = brk_ld64(p + 8);
+        xd = brk_ld64(p + 16);
+        oq = brk_ld64(p + 24);
+        eff = brk_ld64(p + 32);
+        d->saved_valid = true;
+        d->saved_dq = dq;
+        d->saved_xd = xd;
+        d->saved_oq = oq;
+        d->saved_eff = eff;
+    } else if (st != BRK_OK && st != BRK_NOTFOUND && st != BRK_CORRUPT) {
+        set_err(errbuf, errlen, "reading state.delay: %s", brk_strerror(st));
+        return st;
+    }
+    /* Anything else (missing, damaged, unknown version): from 0. */
+    free(sbuf);
+
+    cands c = { 0 };
+    maybe *m = NULL;
+    size_t nm = 0, mcap = 0;
+    qreader rd = { BRK_DELAY_TOPIC, dq, NULL, 0, false };
+    qreader ro = { BRK_DELAY_OP_TOPIC, oq, NULL, 0, false };
+    st = BRK_OK;
+    /* Walk both queues in log order: an op always follows the records it
+     * names and a copy the record it replaces, so one pass resolves all. */
+    while (st == BRK_OK) {
+        const brk_record *r1, *r2;
+        if ((st = qr_peek(d, &rd, &r1)) != BRK_OK
+            || (st = qr_peek(d, &ro, &r2)) != BRK_OK)
+            break;
+        if (!r1 && !r2)
+            break;
+        if (r1 && (!r2 || r1->log_offset < r2->log_offset)) {
+            dmeta mt;
+            rd.i++;
+            if (!parse_meta(r1, &mt)) {
+                d->errors_total++;
+                continue;
+            }
+            if ((st = cand_push(&c, r1->log_offset, mt.due_ms)) != BRK_OK)
+                break;
+            if (mt.moved) {
+                size_t k = cand_find(&c, mt.moved_from);
+                if (k != SIZE_MAX)
+                    cand_kill(&c, k);
+            }
+        } else {
+            size_t n = op_count(r2);
+            ro.i++;
+            if (n == 0) {
+                d->errors_total++;
+                continue;
+            }
+            for (size_t i = 0; i < n && st == BRK_OK; i++) {
+                uint64_t off = op_at(r2, i);
+                size_t k = cand_find(&c, off);
+                if (r2->log_offset < eff) {
+                    if (k != SIZE_MAX)
+                        cand_kill(&c, k);
+                    continue;
+                }
+                if (k != SIZE_MAX && !(c.v[k].off & RING_DEAD))
+                    c.v[k].off |= RING_INFLIGHT;
+                if (nm == mcap) {
+                    size_t want = mcap ? mcap * 2 : 64;
+                    maybe *nmv = realloc(m, want * sizeof *nmv);
+                    if (!nmv) {
+                        st = BRK_NOMEM;
+                        break;
+                    }
+                    m = nmv;
+                    mcap = want;
+                }
+                memset(&m[nm], 0, sizeof m[nm]);
+                m[nm].off = off;
+                m[nm].op = r2->log_offset;
+                nm++;
+            }
+        }
+        cand_tidy(&c);
+    }
+    brk_batch_free(rd.b);
+    brk_batch_free(ro.b);
+    if (st != BRK_OK) {
+        set_err(errbuf, errlen, "rebuilding delay timers: %s: %s",
+                brk_strerror(st), brk_store_errstr(d->s));
+        goto out;
+    }
+
+    /* Records named by ops at or after effect_from: delivered or not? */
+    if (nm > 0) {
+        qsort(m, nm, sizeof *m, maybe_by_off);
+        size_t k = 0;
+        for (size_t i = 0; i < nm; i++)     /* one per record, oldest op */
+            if (k == 0 || m[k - 1].off != m[i].off)
+                m[k++] = m[i];
+        nm = k;
+        uint64_t from = NONE;
+        for (size_t i = 0; i < nm; i++) {
+            brk_batch *b = NULL;
+            dmeta mt;
+            if (m[i].op < from)
+                from = m[i].op;
+            if (brk_store_read_at(d->s, m[i].off, &b) == BRK_OK
+                && parse_meta(&b->recs[0], &mt)) {
+                m[i].known = true;
+                m[i].due_ms = mt.due_ms;
+                memcpy(m[i].id, b->recs[0].msg_id, BRK_UUID_LEN);
+                memcpy(m[i].topic, mt.topic, sizeof mt.topic);
+            }
+            brk_batch_free(b);
+        }
+        qsort(m, nm, sizeof *m, maybe_by_id);
+        if ((st = scan_deliveries(d, from, m, nm)) != BRK_OK) {
+            set_err(errbuf, errlen, "scanning for delayed deliveries: %s: %s",
+                    brk_strerror(st), brk_store_errstr(d->s));
+            goto out;
+        }
+    }
+
+    /* Build the ring and the heap from what is pending. */
+    size_t live = 0, extra = 0;
+    for (size_t i = 0; i < c.n; i++)
+        live += !(c.v[i].off & RING_DEAD);
+    for (size_t i = 0; i < nm; i++)
+        extra += !m[i].found;
+    size_t want = live + extra + 1024;
+    d->ring = malloc(want * sizeof *d->ring);
+    d->retry_cap = extra + d->o.fire_batch;
+    d->retry = malloc(d->retry_cap * sizeof *d->retry);
+    if (!d->ring || !d->retry
+        || brk_timerheap_reserve(&d->heap, live + 1024) != BRK_OK) {
+        st = BRK_NOMEM;
+        set_err(errbuf, errlen, "out of memory for %zu delay timers", live);
+        goto out;
+    }
+    d->rcap = want;
+    for (size_t i = 0; i < c.n; i++) {
+        uint64_t v = c.v[i].off;
+        if (v & RING_DEAD)
+            continue;
+        d->ring[d->rlen++] = v;
+        d->live++;
+        if (!(v & RING_INFLIGHT))
+            (void)brk_timerheap_push(&d->heap, c.v[i].due_ms, v);
+    }
+    int64_t now = now_ms(d);
+    for (size_t i = 0; i < nm; i++) {
+        size_t k = cand_find(&c, m[i].off);
+        bool in_ring = k != SIZE_MAX && !(c.v[k].off & RING_DEAD);
+        if (m[i].found) {
+            if (in_ring) {
+                size_t j = ring_find(d, m[i].off);
+                if (j != SIZE_MAX)
+                    ring_kill(d, j);
+            }
+            continue;
+        }
+        /* Named by an op, not delivered: deliver it again (same op). */
+        if (!in_ring)
+            ring_insert(d, m[i].off | RING_INFLIGHT);
+        d->retry[d->nretry++] = (retry_ent){
+            m[i].off, m[i].op, in_ring ? c.v[k].due_ms : m[i].due_ms, now, 0 };
+    }
+    st = BRK_OK;
+out:
+    free(c.v);
+    free(m);
+    return st;
+}
+
+/* ---- background thread ----------------------------------------------------------- */
+
+static void *bg_main(void *arg)
+{
+    brk_delay *d = arg;
+    pthread_mutex_lock(&d->mu);
+    while (!d->stop) {
+        pthread_mutex_unlock(&d->mu);
+        (void)brk_delay_tick(d, NULL);   /* failures: stats and retries */
+        pthread_mutex_lock(&d->mu);
+        if (d->stop)
+            break;
+        int64_t now = now_ms(d);
+        int64_t next = now + SLEEP_MAX_MS;
+        brk_timer t;
+        if (heap_top(d, &t) && t.due_ms < next)
+            next = t.due_ms;
+        for (size_t i = 0; i < d->nretry; i++)
+            if (d->retry[i].next_ms < next)
+                next = d->retry[i].next_ms;
+        if (next < d->hold_until)
+            next = d->hold_until;
+        if (next <= now)
+            continue;
+        /* The due decision is the injected clock's; this real-time wait only
+         * paces the thread (and is cut short by an earlier send). */
+        d->wake_at = next;
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        int64_t ns = (int64_t)ts.tv_nsec + (next - now) * 1000000LL;
+        ts.tv_sec += (time_t)(ns / 1000000000LL);
+        ts.tv_nsec = (long)(ns % 1000000000LL);
+        pthread_cond_timedwait(&d->cond, &d->mu, &ts);
+        d->wake_at = INT64_MIN;
+    }
+    pthread_mutex_unlock(&d->mu);
+    return NULL;
+}
+
+/* ---- public API ------------------------------------------------------------------ */
+
+static void delay_free(brk_delay *d)
+{
+    brk_timerheap_free(&d->heap);
+    free(d->ring);
+    free(d->retry);
+    free(d->batch);
+    free(d->opbuf);
+    pthread_cond_destroy(&d->cond);
+    pthread_mutex_destroy(&d->mu);
+    pthread_mutex_destroy(&d->fire_mu);
+    pthread_mutex_destroy(&d->save_mu);
+    free(d);
+}
+
+brk_status brk_delay_open(brk_delay **out, brk_store *s,
+                          const brk_delay_opts *opts, char *errbuf,
+                          size_t errlen)
+{
+    if (!out)
+        return BRK_INVAL;
+    *out = NULL;
+    if (!s) {
+        set_err(errbuf, errlen, "no store");
+        return BRK_INVAL;
+    }
+    brk_delay_opts o;
+    if (opts)
+        o = *opts;
+    else
+        brk_delay_opts_init(&o);
+    if (o.max_delay_ms <= 0)
+        o.max_delay_ms = BRK_DELAY_MAX_DEFAULT_MS;
+    if (o.fire_batch == 0)
+        o.fire_batch = 256;
+    if (o.fire_batch > OP_MAX_N)
+        o.fire_batch = OP_MAX_N;
+    if (o.state_interval_ms == 0)
+        o.state_interval_ms = 1000;
+
+    const char *topics[2] = { BRK_DELAY_TOPIC, BRK_DELAY_OP_TOPIC };
+    for (int i = 0; i < 2; i++) {
+        brk_status st = brk_topic_create(s, topics[i], 1);
+        if (st != BRK_OK && st != BRK_EXISTS) {
+            set_err(errbuf, errlen, "creating topic %s: %s: %s", topics[i],
+                    brk_strerror(st), brk_store_errstr(s));
+            return st;
+        }
+    }
+
+    brk_delay *d = calloc(1, sizeof *d);
+    if (!d) {
+        set_err(errbuf, errlen, "out of memory");
+        return BRK_NOMEM;
+    }
+    d->s = s;
+    d->clock = brk_store_clock(s);
+    d->o = o;
+    d->wake_at = INT64_MIN;
+    brk_timerheap_init(&d->heap);
+    pthread_mutex_init(&d->save_mu, NULL);
+    pthread_mutex_init(&d->fire_mu, NULL);
+    pthread_mutex_init(&d->mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&d->cond, &ca);
+    pthread_condattr_destroy(&ca);
+
+    brk_status st = BRK_OK;
+    d->batch = malloc(o.fire_batch * sizeof *d->batch);
+    d->opbuf = malloc(OP_HDR + 8 * (size_t)o.fire_batch);
+    if (!d->batch || !d->opbuf) {
+        set_err(errbuf, errlen, "out of memory");
+        st = BRK_NOMEM;
+        goto fail;
+    }
+    /* Every later append lands above the durable end. */
+    if ((st = brk_store_flush(s)) != BRK_OK) {
+        set_err(errbuf, errlen, "flushing the store: %s", brk_strerror(st));
+        goto fail;
+    }
+    brk_store_stats ss;
+    brk_store_get_stats(s, &ss);
+    d->hi_water = ss.durable_offset;
+    if ((st = brk_store_cursor_register(s, "delay", &d->cursor)) != BRK_OK) {
+        set_err(errbuf, errlen, "registering the retention cursor: %s",
+                brk_strerror(st));
+        goto fail;
+    }
+    if ((st = rebuild(d, errbuf, errlen)) != BRK_OK)
+        goto fail_cursor;
+    if (d->saved_valid)
+        (void)brk_store_cursor_set(s, d->cursor, d->saved_xd < d->saved_eff
+                                                     ? d->saved_xd
+                                                     : d->saved_eff);
+    d->next_save_ms = now_ms(d) + o.state_interval_ms;
+    if (!o.no_background) {
+        int rc = pthread_create(&d->thr, NULL, bg_main, d);
+        if (rc != 0) {
+            set_err(errbuf, errlen, "starting the delay thread: %s",
+                    strerror(rc));
+            st = BRK_NOMEM;
+            goto fail_cursor;
+        }
+        d->has_thr = true;
+    }
+    *out = d;
+    return BRK_OK;
+
+fail_cursor:
+    brk_store_cursor_unregister(s, d->cursor);
+fail:
+    delay_free(d);
+    return st;
+}
+
+brk_status brk_delay_close(brk_delay *d)
+{
+    if (!d)
+        return BRK_OK;
+    pthread_mutex_lock(&d->mu);
+    d->stop = true;
+    pthread_cond_signal(&d->cond);
+    pthread_mutex_unlock(&d->mu);
+    if (d->has_thr)
+        pthread_join(d->thr, NULL);
+    brk_status st = save_state(d, true, true);
+    brk_store_cursor_unregister(d->s, d->cursor);
+    delay_free(d);
+    return st;
+}
+
+brk_status brk_delay_send(brk_delay *d, const brk_append_req *req,
+                          int64_t deliver_at_ms, brk_delay_res *res)
+{
+    if (!d || !req || !res)
+        return BRK_INVAL;
+    memset(res, 0, sizeof *res);
+    size_t tlen = req->topic ? strlen(req->topic) : 0;
+    if (tlen == 0 || req->topic[0] == '.'
+        || !brk_topic_name_valid(req->topic, tlen, false))
+        return BRK_INVAL;
+    if (req->queue != -1 || (req->type != 0 && req->type != BRK_REC_MSG)
+        || (req->flags & ~(uint32_t)BRK_RECF_KNOWN))
+        return BRK_INVAL;
+    if (brk_props_validate(req->props) != BRK_OK
+        || brk_props_has_sys(req->props))
+        return BRK_INVAL;
+    brk_topic_info ti;
+    brk_status st = brk_topic_get(d->s, req->topic, &ti);
+    if (st == BRK_NOTFOUND && !brk_store_auto_create(d->s))
+        return BRK_NOTFOUND;
+    if (st != BRK_OK && st != BRK_NOTFOUND)
+        return st;
+
+    int64_t now = now_ms(d);
+    brk_append_res ar;
+    if (deliver_at_ms <= now) {
+        brk_append_req q = *req;
+        q.allow_internal = false;
+        q.type = BRK_REC_MSG;
+        if ((st = brk_store_append(d->s, &q, &ar)) != BRK_OK)
+            return st;
+        memcpy(res->msg_id, ar.msg_id, BRK_UUID_LEN);
+        res->deliver_at_ms = ar.store_ms;
+        res->delayed = false;
+        res->queue = ar.queue;
+        res->queue_offset = ar.queue_offset;
+        return BRK_OK;
+    }
+    int64_t ahead;
+    if (__builtin_sub_overflow(deliver_at_ms, now, &ahead)
+        || ahead > d->o.max_delay_ms)
+        return BRK_RANGE;
+
+    uint8_t due[8];
+    brk_st64(due, (uint64_t)deliver_at_ms);
+    brk_prop sys[2] = {
+        { { SYS_TOPIC, sizeof SYS_TOPIC - 1 }, { req->topic, tlen } },
+        { { SYS_DUE, sizeof SYS_DUE - 1 }, { due, 8 } },
+    };
+    uint8_t *props = NULL;
+    size_t plen = 0;
+    if ((st = props_merge(req->props, sys, 2, &props, &plen)) != BRK_OK)
+        return st;
+
+    send_slot me = { 0, NULL, NULL };
+    pthread_mutex_lock(&d->mu);
+    st = reserve_slot(d);
+    if (st == BRK_OK) {
+        me.floor = d->hi_water;
+        me.next = d->sends;
+        if (d->sends)
+            d->sends->prev = &me;
+        d->sends = &me;
+    }
+    pthread_mutex_unlock(&d->mu);
+    if (st != BRK_OK) {
+        free(props);
+        return st;
+    }
+
+    brk_append_req q;
+    memset(&q, 0, sizeof q);
+    q.topic = BRK_DELAY_TOPIC;
+    q.queue = 0;
+    q.key = req->key;
+    q.tag = req->tag;
+    q.props = (brk_bytes){ props, plen };
+    q.body = req->body;
+    q.flags = req->flags;
+    q.type = BRK_REC_MSG;
+    q.msg_id = req->msg_id;
+    q.born_ms = req->born_ms;
+    q.sync = req->sync;
+    q.allow_internal = true;
+    st = brk_store_append(d->s, &q, &ar);
+    free(props);
+
+    pthread_mutex_lock(&d->mu);
+    if (me.prev)
+        me.prev->next = me.next;
+    else
+        d->sends = me.next;
+    if (me.next)
+        me.next->prev = me.prev;
+    if (st == BRK_OK) {
+        note_append(d, ar.log_offset);
+        arm(d, ar.log_offset, deliver_at_ms);
+        d->scheduled_total++;
+        if (deliver_at_ms < d->wake_at)   /* the thread sleeps past it */
+            pthread_cond_signal(&d->cond);
+    } else {
+        d->reserved--;
+    }
+    pthread_mutex_unlock(&d->mu);
+    if (st != BRK_OK)
+        return st;
+    memcpy(res->msg_id, ar.msg_id, BRK_UUID_LEN);
+    res->deliver_at_ms = deliver_at_ms;
+    res->delayed = true;
+    res->queue = 0;
+    res->queue_offset = 0;
+    return BRK_OK;
+}
+
+brk_status brk_delay_tick(brk_delay *d, unsigned *fired)
+{
+    if (fired)
+        *fired = 0;
+    if (!d)
+        return BRK_INVAL;
+    int64_t now = now_ms(d);
+    pthread_mutex_lock(&d->fire_mu);
+    brk_status st = fire_due(d, now, fired);
+    brk_status st2 = compact(d, now);
+    pthread_mutex_unlock(&d->fire_mu);
+    brk_status st3 = save_state(d, false, false);
+    if (st == BRK_OK)
+        st = st2;
+    if (st == BRK_OK)
+        st = st3;
+    return st;
+}
+
+bool brk_delay_next_due(brk_delay *d, int64_t *due_ms)
+{
+    pthread_mutex_lock(&d->mu);
+    brk_timer t;
+    bool any = heap_top(d, &t);
+    int64_t next = any ? t.due_ms : INT64_MAX;
+    for (size_t i = 0; i < d->nretry; i++)
+        if (d->retry[i].next_ms < next) {
+            next = d->retry[i].next_ms;
+            any = true;
+        }
+    pthread_mutex_unlock(&d->mu);
+    if (any && due_ms)
+        *due_ms = next;
+    return any;
+}
+
+void brk_delay_get_stats(brk_delay *d, brk_delay_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    int64_t next = 0;
+    bool any = brk_delay_next_due(d, &next);
+    pthread_mutex_lock(&d->mu);
+    out->pending = d->live;
+    out->scheduled_total = d->scheduled_total;
+    out->fired_total = d->fired_total;
+    out->errors_total = d->errors_total;
+    out->compacted_total = d->compacted_total;
+    out->next_due_ms = any ? next : 0;
+    out->memory_bytes = sizeof *d + d->heap.cap * sizeof(brk_timer)
+                        + d->rcap * sizeof *d->ring
+                        + d->retry_cap * sizeof *d->retry
+                        + d->o.fire_batch * (sizeof *d->batch + 8);
+    pthread_mutex_unlock(&d->mu);
+}
