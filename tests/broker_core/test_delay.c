@@ -12,6 +12,8 @@
  *   BRK_DELAY_CRASH_STATES  crash states explored (default 3000; 1000
  *                           under a sanitizer)
  *   BRK_DELAY_CRASH_SEED    first workload seed (default 1)
+ *   BRK_DELAY_CRASH_POINT, BRK_DELAY_CRASH_MODE  replay one crash state of
+ *                           workload BRK_DELAY_CRASH_SEED (from a failure)
  *   BRK_DELAY_MEM_COUNT     pending messages in the memory test (default
  *                           1000000; 100000 under a sanitizer)
  */
@@ -118,6 +120,7 @@ static int teardown(void **state)
 
 static void open_all(fx *f)
 {
+    f->so.uuid_seed++;   /* reproducible ids, not repeated after a reopen */
     brk_status st = brk_store_open(&f->s, DIR, &f->so, f->err, sizeof f->err);
     if (st != BRK_OK)
         fail_msg("store open: %s: %s", brk_status_name(st), f->err);
@@ -951,6 +954,7 @@ typedef struct cr_op {
 typedef struct cr_work {
     uint64_t seed;
     brk_flush_mode mode;
+    uint64_t budget;    /* disk budget while the workload runs, 0 none */
     size_t nops;
     cr_op ops[CR_MAX_OPS];
 } cr_work;
@@ -970,6 +974,9 @@ static void cr_make(cr_work *w, uint64_t seed)
     memset(w, 0, sizeof *w);
     w->seed = seed;
     w->mode = rng_next(&r) % 3 ? BRK_FLUSH_SYNC : BRK_FLUSH_ASYNC;
+    /* A third of the workloads fill the disk budget: sends, ops,
+     * deliveries and copies then fail with FULL and are retried. */
+    w->budget = rng_next(&r) % 3 == 0 ? 2500 + rng_next(&r) % 4000 : 0;
     w->nops = 15 + rng_next(&r) % (CR_MAX_OPS - 15);
     for (size_t i = 0; i < w->nops; i++) {
         cr_op *o = &w->ops[i];
@@ -1010,7 +1017,8 @@ static void cr_init(cr_run *r, const cr_work *w, uint64_t sim_seed)
     f->so.segment_bytes = 4096;
     f->so.cq_entries_per_file = 16;
     f->so.default_queues = 2;
-    f->so.uuid_seed = w->seed;
+    f->so.uuid_seed = w->seed << 16;
+    f->so.disk_budget_bytes = w->budget;
     brk_delay_opts_init(&f->dopt);
     f->dopt.no_background = true;
     f->dopt.fire_batch = 3;
@@ -1020,6 +1028,9 @@ static void cr_init(cr_run *r, const cr_work *w, uint64_t sim_seed)
 
 static bool cr_open(fx *f)
 {
+    /* Reproducible ids, but never the same sequence twice: the scheduler
+     * tells deliveries apart by message id, as ids are unique in real use. */
+    f->so.uuid_seed++;
     if (brk_store_open(&f->s, DIR, &f->so, f->err, sizeof f->err) != BRK_OK)
         return false;
     if (brk_delay_open(&f->d, f->s, &f->dopt, f->err, sizeof f->err) != BRK_OK) {
@@ -1030,8 +1041,16 @@ static bool cr_open(fx *f)
     return true;
 }
 
+static uint64_t g_cr_compacted, g_cr_errors, g_cr_full;
+
 static void cr_close(fx *f)
 {
+    if (f->d) {
+        brk_delay_stats st;
+        brk_delay_get_stats(f->d, &st);
+        g_cr_compacted += st.compacted_total;
+        g_cr_errors += st.errors_total;
+    }
     brk_delay_close(f->d);
     f->d = NULL;
     brk_store_close(f->s);
@@ -1050,12 +1069,14 @@ static void cr_workload(cr_run *r, const cr_work *w)
         switch (o->kind) {
         case CR_SEND:
         case CR_SEND_NOW: {
-            char body[16];
+            char body[24];
             snprintf(body, sizeof body, "%zu", i);
             brk_delay_res res;
             int64_t at = o->kind == CR_SEND ? now_of(f) + o->arg : now_of(f);
-            if (send_full(f, cr_topic(o->topic), o->keyed ? "key" : NULL, body,
-                          at, &res) == BRK_OK) {
+            brk_status st = send_full(f, cr_topic(o->topic),
+                                      o->keyed ? "key" : NULL, body, at, &res);
+            g_cr_full += st == BRK_FULL;
+            if (st == BRK_OK) {
                 r->acked[i] = true;
                 r->durable[i] = w->mode == BRK_FLUSH_SYNC;
                 memcpy(r->id[i], res.msg_id, BRK_UUID_LEN);
@@ -1087,9 +1108,11 @@ static void cr_workload(cr_run *r, const cr_work *w)
 #define CR_CHECK(cond, ...)                                                   \
     do {                                                                      \
         if (!(cond)) {                                                        \
-            print_error("delay crash: workload seed %llu (%s) crash point "   \
-                        "%llu mode %d: ", (unsigned long long)w->seed,        \
+            print_error("delay crash: workload seed %llu (%s, budget %llu) "  \
+                        "crash point %llu mode %d: ",                         \
+                        (unsigned long long)w->seed,                          \
                         w->mode == BRK_FLUSH_SYNC ? "SYNC" : "ASYNC",         \
+                        (unsigned long long)w->budget,                        \
                         (unsigned long long)k, mode);                         \
             fail_msg(__VA_ARGS__);                                            \
         }                                                                     \
@@ -1100,6 +1123,8 @@ static uint64_t g_cr_delivered, g_cr_acked;
 static void cr_verify(cr_run *r, const cr_work *w, uint64_t k, int mode)
 {
     fx *f = &r->f;
+    f->so.uuid_seed++;
+    f->so.disk_budget_bytes = 0;    /* room to deliver everything */
     brk_status st = brk_store_open(&f->s, DIR, &f->so, f->err, sizeof f->err);
     CR_CHECK(st == BRK_OK, "store reopen: %s: %s", brk_status_name(st), f->err);
     st = brk_delay_open(&f->d, f->s, &f->dopt, f->err, sizeof f->err);
@@ -1126,7 +1151,7 @@ static void cr_verify(cr_run *r, const cr_work *w, uint64_t k, int mode)
         read_topic(f->s, cr_topic(t), &rs);
         for (size_t j = 0; j < rs.n; j++) {
             const brk_record *m = rs.r[j];
-            char body[16] = { 0 };
+            char body[24] = { 0 };
             CR_CHECK(m->body.len > 0 && m->body.len < sizeof body, "odd body");
             memcpy(body, m->body.ptr, m->body.len);
             size_t i = strtoul(body, NULL, 10);
@@ -1165,6 +1190,21 @@ static void crash_at_any_point_delivers_each_acknowledged_send_exactly_once(
     static cr_work w;
     static cr_run r;
     uint64_t states = 0, works = 0, second = 0;
+    /* Replay one state of a failure report: BRK_DELAY_CRASH_SEED=<workload
+     * seed> BRK_DELAY_CRASH_POINT=<crash point> BRK_DELAY_CRASH_MODE=<mode>
+     * (without the second crash some states add). */
+    uint64_t only = env_u64("BRK_DELAY_CRASH_POINT", UINT64_MAX);
+    if (only != UINT64_MAX) {
+        int mode = (int)env_u64("BRK_DELAY_CRASH_MODE", 0);
+        cr_make(&w, seed);
+        cr_init(&r, &w, w.seed + only);
+        brk_sim_set_crash_after(r.f.sim, only);
+        cr_workload(&r, &w);
+        assert_int_equal(brk_sim_crash(r.f.sim, mode), BRK_OK);
+        cr_verify(&r, &w, only, mode);
+        brk_sim_close(r.f.sim);
+        return;
+    }
     while (states < budget) {
         cr_make(&w, seed + works);
         cr_init(&r, &w, w.seed);
@@ -1202,11 +1242,15 @@ static void crash_at_any_point_delivers_each_acknowledged_send_exactly_once(
     }
     print_message("delay crash exploration: %llu states over %llu workloads "
                   "(%llu crashed twice); %llu deliveries checked, %llu "
-                  "durable sends found exactly once\n",
+                  "durable sends found exactly once; %llu compaction copies, "
+                  "%llu failed appends on the way, %llu sends refused FULL\n",
                   (unsigned long long)states, (unsigned long long)works,
                   (unsigned long long)second,
                   (unsigned long long)g_cr_delivered,
-                  (unsigned long long)g_cr_acked);
+                  (unsigned long long)g_cr_acked,
+                  (unsigned long long)g_cr_compacted,
+                  (unsigned long long)g_cr_errors,
+                  (unsigned long long)g_cr_full);
     assert_true(states >= budget);
 }
 
