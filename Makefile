@@ -5,7 +5,8 @@
 #   make test    build, run every test, then the ASan/UBSan and TSan stages
 #   make crash   build, then the full crash exploration (200000 crash states)
 #   make bench   build, then run every benchmark program
-#   make demo    build, then run examples/storage_demo in a temporary directory
+#   make demo    build, then run examples/storage_demo and examples/txn_demo,
+#                each in its own temporary directory
 #   make clean   remove every build tree
 #
 # Variables: BUILD (build), BUILD_ASAN (build-asan), BUILD_TSAN (build-tsan), JOBS (2).
@@ -63,15 +64,20 @@ bench: build
 	    rm -rf "$$dir"; \
 	done < "$$list"
 
-# storage_demo gets a fresh temporary directory as its only argument.
+# Each demo (storage_demo, then txn_demo) gets its own fresh temporary
+# directory as its only argument; both must pass.
+DEMOS := storage_demo txn_demo
+
 demo: build
 	@set -euo pipefail; \
-	prog=$$(grep -E '/storage_demo$$' "$(BUILD)/examples/programs.txt" 2>/dev/null || true); \
-	if [[ -z "$$prog" ]]; then echo "demo: storage_demo is not built (examples/storage_demo.c missing, or OUTBOXD_EXAMPLES=OFF)" >&2; exit 1; fi; \
-	dir=$$(mktemp -d); \
-	echo "==> demo: $$prog $$dir"; \
-	"$$prog" "$$dir" || { rc=$$?; rm -rf "$$dir"; exit $$rc; }; \
-	rm -rf "$$dir"
+	for name in $(DEMOS); do \
+	    prog=$$(grep -E "/$$name\$$" "$(BUILD)/examples/programs.txt" 2>/dev/null || true); \
+	    if [[ -z "$$prog" ]]; then echo "demo: $$name is not built (examples/$$name.c missing, or OUTBOXD_EXAMPLES=OFF)" >&2; exit 1; fi; \
+	    dir=$$(mktemp -d); \
+	    echo "==> demo: $$prog $$dir"; \
+	    "$$prog" "$$dir" || { rc=$$?; rm -rf "$$dir"; exit $$rc; }; \
+	    rm -rf "$$dir"; \
+	done
 
 clean:
 	rm -rf -- $(BUILD) $(BUILD_ASAN) $(BUILD_TSAN)
