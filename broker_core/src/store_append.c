@@ -504,7 +504,7 @@ brk_status brk_store_append(brk_store *s, const brk_append_req *req,
         /* In SYNC mode the writer makes the batch durable; an ASYNC store's
          * occasional req->sync waits on its own below, so that the other
          * appenders' writes never queue behind its fdatasync. */
-        p.sync = s->opts.flush_mode == BRK_FLUSH_SYNC;
+        p.sync = s->opts.flush_mode == BRK_FLUSH_SYNC && !req->defer_sync;
         pthread_cond_init(&p.cv, NULL);
         s->pend[s->npend++] = &p;
         res->queue = qid;

@@ -325,6 +325,44 @@ static void sync_appends_survive_power_loss_and_indexes_are_rebuilt(void **state
     brk_batch_free(b);
 }
 
+static void deferred_sync_appends_wait_for_the_next_flush_or_synced_append(void **state)
+{
+    fx *f = *state;
+    reopen(f);
+    brk_append_req r;
+    memset(&r, 0, sizeof r);
+    r.topic = "t";
+    r.queue = 0;
+    r.body = (brk_bytes){ "deferred", 8 };
+    r.defer_sync = true;
+    brk_append_res res;
+    assert_int_equal(brk_store_append(f->s, &r, &res), BRK_OK);
+    assert_int_equal(brk_store_append(f->s, &r, &res), BRK_OK);
+    /* Written, not durable: SYNC readers do not see them yet. */
+    uint64_t min, max;
+    assert_int_equal(brk_store_queue_range(f->s, "t", 0, &min, &max), BRK_OK);
+    assert_int_equal(max, 0);
+    brk_store_stats st;
+    brk_store_get_stats(f->s, &st);
+    assert_true(st.durable_offset <= res.log_offset);
+    /* A waiting append covers everything written before it. */
+    r.defer_sync = false;
+    assert_int_equal(brk_store_append(f->s, &r, &res), BRK_OK);
+    assert_int_equal(brk_store_queue_range(f->s, "t", 0, &min, &max), BRK_OK);
+    assert_int_equal(max, 3);
+    /* So does a flush; a power loss before it loses the deferred record. */
+    r.defer_sync = true;
+    assert_int_equal(brk_store_append(f->s, &r, &res), BRK_OK);
+    assert_int_equal(brk_store_flush(f->s), BRK_OK);
+    assert_int_equal(brk_store_queue_range(f->s, "t", 0, &min, &max), BRK_OK);
+    assert_int_equal(max, 4);
+    assert_int_equal(brk_store_append(f->s, &r, &res), BRK_OK);
+    crash(f, BRK_SIM_DROP_ALL);
+    reopen(f);
+    assert_int_equal(brk_store_queue_range(f->s, "t", 0, &min, &max), BRK_OK);
+    assert_int_equal(max, 4);
+}
+
 static void seg0_path(char *out, size_t cap)
 {
     snprintf(out, cap, DIR "/log/%020d", 0);
@@ -748,6 +786,7 @@ int main(void)
         T(segments_roll_and_are_named_by_base_offset),
         T(unsynced_appends_survive_kill_when_page_cache_survives),
         T(sync_appends_survive_power_loss_and_indexes_are_rebuilt),
+        T(deferred_sync_appends_wait_for_the_next_flush_or_synced_append),
         T(torn_tail_is_cut_and_earlier_records_kept),
         T(corruption_below_checkpoint_refuses_open_naming_file_and_offset),
         T(corruption_in_an_older_segment_refuses_open),

@@ -161,6 +161,15 @@ typedef struct brk_append_req {
     int64_t  born_ms;               /* 0: now */
     bool     sync;                  /* fdatasync before returning, even in ASYNC */
     bool     allow_internal;        /* may write to "__" topics */
+    bool     defer_sync;            /* SYNC mode: return once the record is
+                                       written, without waiting for its
+                                       fdatasync; it becomes durable (and,
+                                       in SYNC mode, visible) with the next
+                                       flush or waiting append, which covers
+                                       everything written before it.  For
+                                       modules that append a batch and make
+                                       it durable once (delay.c).  No effect
+                                       in ASYNC mode; req->sync wins. */
 } brk_append_req;
 
 typedef struct brk_append_res {
