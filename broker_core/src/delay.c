@@ -612,8 +612,10 @@ static uint64_t op_at(const brk_record *r, size_t i)
 
 /* ---- delivery ------------------------------------------------------------------ */
 
-/* Append the delayed record at `off` to its target topic. */
-static brk_status deliver(brk_delay *d, uint64_t off, brk_append_res *res)
+/* Append the delayed record at `off` to its target topic.  `defer`: do
+ * not wait for the fdatasync in SYNC mode (brk_append_req.defer_sync). */
+static brk_status deliver(brk_delay *d, uint64_t off, bool defer,
+                          brk_append_res *res)
 {
     brk_batch *b = NULL;
     brk_status st = brk_store_read_at(d->s, off, &b);
@@ -646,6 +648,7 @@ static brk_status deliver(brk_delay *d, uint64_t off, brk_append_res *res)
         q.type = BRK_REC_MSG;
         q.msg_id = r->msg_id;
         q.born_ms = r->born_ms;
+        q.defer_sync = defer;
         st = brk_store_append(d->s, &q, res);
     }
     if (props != stack)
@@ -666,7 +669,14 @@ static void to_retry(brk_delay *d, const fire_item *it, int64_t now)
 }
 
 /* Fire items[0..n): one op, then the deliveries.  fire_mu held; the items'
- * slots are INFLIGHT and the retry list has room for all of them. */
+ * slots are INFLIGHT and the retry list has room for all of them.
+ *
+ * In SYNC mode the op and every delivery but the last are appended with
+ * defer_sync, and the last one's fdatasync covers the whole batch (one
+ * group commit per batch instead of one per message).  Safe because the log
+ * is durable as a prefix: a delivery that survives a crash has its op
+ * before it.  If the last append fails, an explicit flush takes its place,
+ * so deliveries never wait for the next batch to become visible. */
 static brk_status fire_items(brk_delay *d, fire_item *items, size_t n,
                              int64_t now, unsigned *fired)
 {
@@ -678,6 +688,7 @@ static brk_status fire_items(brk_delay *d, fire_item *items, size_t n,
     q.type = BRK_REC_OP;
     q.body = (brk_bytes){ d->opbuf, blen };
     q.allow_internal = true;
+    q.defer_sync = true;
     brk_append_res res;
     brk_status st = brk_store_append(d->s, &q, &res);
     if (st != BRK_OK) {
@@ -697,11 +708,15 @@ static brk_status fire_items(brk_delay *d, fire_item *items, size_t n,
     pthread_mutex_unlock(&d->mu);
 
     brk_status first = BRK_OK;
+    bool unsynced = true;       /* the op, so far */
     for (size_t i = 0; i < n; i++) {
         fire_item *it = &items[i];
+        bool defer = i + 1 < n;
         if (it->first_op == NONE || op < it->first_op)
             it->first_op = op;
-        st = deliver(d, it->off, &res);
+        st = deliver(d, it->off, defer, &res);
+        if (st == BRK_OK)
+            unsynced = defer;
         pthread_mutex_lock(&d->mu);
         if (st == BRK_OK) {
             note_append(d, res.log_offset);
@@ -719,6 +734,8 @@ static brk_status fire_items(brk_delay *d, fire_item *items, size_t n,
         }
         pthread_mutex_unlock(&d->mu);
     }
+    if (unsynced && (st = brk_store_flush(d->s)) != BRK_OK && first == BRK_OK)
+        first = st;
     return first;
 }
 
