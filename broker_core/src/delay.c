@@ -68,7 +68,10 @@
  *   2. for each, read the delayed record and append it to its target topic
  *      (queue by key, same id, key, tag, flags, born_ms, body, user props).
  * The store makes a prefix of the log durable (README, invariant 2), so if
- * a delivery survives a crash, the op before it survives too.
+ * a delivery survives a crash, the op before it survives too.  That is also
+ * why, in SYNC mode, the op and all deliveries but the last are appended
+ * with defer_sync: the last one's group commit makes the whole batch durable
+ * at once (an explicit flush does if the last append fails).
  *
  * What rebuild concludes for a delayed record L, by what is in the log:
  *   - no op names L                       -> pending (re-armed).
@@ -144,8 +147,11 @@
  * they outnumber the live ones.  The heap has no removal: a timer whose
  * slot is gone is skipped when it surfaces (binary search in the ring), and
  * when such stale timers are over half the heap one pass drops them.  Both
- * arrays grow by half, so a steady pending set costs 24..48 bytes per
- * message (bench/README.md has the measured figure).
+ * arrays grow by half, so a pending message costs 24 bytes plus growth
+ * slack: 24..36 measured over a fill to a million (bench/README.md), up to
+ * ~48 with dead ring slots or stale timers waiting for their pass.  The
+ * retry list (40 bytes an entry) holds only messages whose fire failed.
+ * Rebuild at open needs a transient 16 bytes per delayed record read.
  *
  * LOCKS (take in this order)
  *   save_mu  one state save at a time; held across flush, state write

@@ -13,9 +13,25 @@
  *     into its topic, also across restarts and crashes: the scheduler never
  *     appends it twice (see src/delay.c for how firing is recorded).
  *   - Timers survive restart: they are rebuilt from the log at open.
- *   - Equal due times fire in send order.
- *   - Memory per pending delayed message is a 16-byte timer plus its share
- *     of a hash set (see bench/README.md for the measured figure).
+ *   - Equal due times fire in send order (the log order of the sends).
+ *   - Memory per pending delayed message is a 16-byte timer plus an 8-byte
+ *     slot in a sorted array of pending log offsets: 24..36 bytes with
+ *     growth slack (bench/README.md has the measured figures).
+ *   - No message is delivered before its due time by the store's clock;
+ *     the background thread fires within milliseconds of it (bench).
+ *
+ * Caveats
+ *   - "Acknowledged" means as durable as the store's flush mode makes it:
+ *     in ASYNC mode a power loss can lose a send (or a delivery, which is
+ *     then redone) that was not yet flushed, never duplicate one.
+ *   - After a crash, whether a fired message reached its topic is decided
+ *     by finding a record with its message id in its target topic, so ids
+ *     must be unique (UUIDv7 from the store, or the caller's own unique id).
+ *   - The scheduler holds its records against retention with an in-memory
+ *     cursor: open it right after the store, before the store's first
+ *     retention run.
+ *   - With compaction, a copied message keeps its due time but ranks behind
+ *     equal due times sent after it.
  *
  * Threads: every function is thread-safe.  Unless opts.no_background, one
  * thread sleeps until the next due time and fires it; brk_delay_tick does
@@ -82,9 +98,12 @@ typedef struct brk_delay_res {
 brk_status brk_delay_send(brk_delay *d, const brk_append_req *req,
                           int64_t deliver_at_ms, brk_delay_res *res);
 
-/* Fire everything due by the clock's now on the caller's thread.  *fired
- * (may be NULL) counts messages delivered.  A delivery that fails (e.g.
- * the store is full) stays pending and is retried on a later tick. */
+/* Fire everything due by the clock's now on the caller's thread, copy
+ * forward pending records older than compact_after_ms, and save state when
+ * state_interval_ms has passed.  *fired (may be NULL) counts messages
+ * delivered.  A delivery that fails (e.g. the store is full) stays pending
+ * and is retried on a later tick, 100 ms after the failure doubling up to
+ * 30 s; the call then returns the first error met (BRK_OK otherwise). */
 brk_status brk_delay_tick(brk_delay *d, unsigned *fired);
 
 /* Earliest pending due time, false when nothing is pending. */
@@ -94,7 +113,8 @@ typedef struct brk_delay_stats {
     uint64_t pending;           /* scheduled, not yet delivered */
     uint64_t scheduled_total;   /* sends that were delayed, since open */
     uint64_t fired_total;       /* delivered into their topic, since open */
-    uint64_t errors_total;      /* failed delivery attempts, since open */
+    uint64_t errors_total;      /* failed appends of ops, deliveries and
+                                   compaction copies, since open */
     uint64_t compacted_total;   /* records copied forward, since open */
     int64_t  next_due_ms;       /* 0 when nothing is pending */
     uint64_t memory_bytes;      /* heap + index memory held for timers */
