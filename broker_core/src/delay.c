@@ -512,12 +512,15 @@ typedef struct dmeta {
     uint64_t moved_from;
 } dmeta;
 
-/* Read the system pairs of a delayed record; false when they are not all
- * there or malformed. */
+/* Read the system pairs of a delayed record; false when it is not a
+ * record of __delay or they are not all there or malformed. */
 static bool parse_meta(const brk_record *r, dmeta *m)
 {
     brk_bytes v;
     memset(m, 0, sizeof *m);
+    if (r->type != BRK_REC_MSG || r->topic.len != sizeof BRK_DELAY_TOPIC - 1
+        || memcmp(r->topic.ptr, BRK_DELAY_TOPIC, r->topic.len) != 0)
+        return false;
     if (brk_props_get(r->props, SYS_TOPIC, &v) != BRK_OK || v.len == 0
         || v.len > BRK_TOPIC_MAX)
         return false;
