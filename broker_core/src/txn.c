@@ -96,7 +96,7 @@
  *
  * MEMORY
  * ======
- * One 48-byte entry per pending or recently resolved transaction in an
+ * One 40-byte entry per pending or recently resolved transaction in an
  * open-addressing table keyed by a 64-bit hash of the txid (the txid itself
  * stays on disk, in the half record), plus a 16-byte timer per pending one.
  * Two txids with the same 64-bit hash are refused at prepare (CONFLICT,
@@ -135,26 +135,27 @@ enum {
     F_PREPARING = 1u << 4,    /* the half record is being written */
     F_EFFECT    = 1u << 5,    /* verdict stored, its effect still owed */
     F_MOVING    = 1u << 6,    /* a compaction copy is being written */
-    F_COMMIT_V  = 1u << 7     /* the verdict being written is COMMIT */
+    F_EXHAUSTED = 1u << 7     /* rebuild: checks ran out, action not logged */
 };
 
 typedef struct txn_ent {
     uint64_t hash;            /* 0 = empty slot */
     uint64_t half_off;        /* log offset of the current half record */
-    int64_t  prepared_ms;
     int64_t  when_ms;         /* pending: next check; resolved: when */
-    uint32_t interval_ms;
+    uint32_t prep_s;          /* prepare time, s since the epoch (listing
+                                 order, age); the exact ms is on disk */
+    uint32_t half_age_s;      /* the current half record was written this
+                                 many seconds after prep_s (copies) */
     uint16_t checks;
-    uint16_t max_checks;
-    uint8_t  errors;          /* consecutive ERROR answers (saturates) */
+    uint16_t errors;          /* consecutive ERROR answers (saturates) */
     uint8_t  state;           /* brk_txn_state */
     uint8_t  flags;
-    uint8_t  action;          /* brk_exhausted_action */
-    uint32_t half_age_s;      /* the current half record was written this
-                                 many seconds after prepared_ms (copies) */
+    uint8_t  pad_[2];
 } txn_ent;
+/* The policy (interval, limit, action) is not kept here: every check reads
+ * the half record anyway, and it is there. */
 
-_Static_assert(sizeof(txn_ent) == 48, "txn_ent is sized for the memory bound");
+_Static_assert(sizeof(txn_ent) == 40, "txn_ent is sized for the memory bound");
 
 typedef struct job {
     uint64_t hash;
@@ -374,7 +375,7 @@ static void ring_push(brk_txn *t, uint64_t h)
         uint64_t *n = malloc(ncap * sizeof *n);
         if (!n)
             return;           /* the entry then lives until the table is
-                                 rebuilt; a leak of 48 bytes, not an error */
+                                 rebuilt; a leak of 40 bytes, not an error */
         for (size_t i = 0; i < t->rlen; i++)
             n[i] = t->resolved[(t->rhead + i) % t->rcap];
         free(t->resolved);
@@ -396,7 +397,7 @@ static void set_terminal(brk_txn *t, txn_ent *e, uint8_t state, bool expired,
             t->stuck--;
     }
     e->state = state;
-    e->flags &= (uint8_t)~(F_STUCK | F_RESOLVING | F_COMMIT_V);
+    e->flags &= (uint8_t)~(F_STUCK | F_RESOLVING | F_EXHAUSTED);
     if (expired)
         e->flags |= F_EXPIRED;
     e->when_ms = when;
@@ -818,8 +819,6 @@ static brk_status resolve(brk_txn *t, uint64_t hash, const char *txid,
         return BRK_AGAIN;
     }
     e->flags |= F_RESOLVING;
-    if (commit)
-        e->flags |= F_COMMIT_V;
     uint64_t half_off = e->half_off;
     uint16_t checks = e->checks;
     uint64_t lb = inflight_add(t);
@@ -859,7 +858,7 @@ static brk_status resolve(brk_txn *t, uint64_t hash, const char *txid,
         if (src == SRC_EXHAUSTED)
             t->st.expired_total++;
     } else {
-        e->flags &= (uint8_t)~(F_RESOLVING | F_COMMIT_V);
+        e->flags &= (uint8_t)~F_RESOLVING;
         /* A check-back that lost its verdict must not leave the
          * transaction unscheduled. */
         if (!(e->flags & F_STUCK) && src != SRC_CLIENT)
@@ -1162,10 +1161,7 @@ brk_status brk_txn_prepare(brk_txn *t, const brk_txn_prepare_req *req,
     if (st == BRK_OK) {
         e->flags = 0;
         e->half_off = ar.log_offset;
-        e->prepared_ms = now;
-        e->interval_ms = pol.interval_ms;
-        e->max_checks = pol.max_checks;
-        e->action = pol.on_exhausted;
+        e->prep_s = (uint32_t)(now / 1000);
         schedule(t, e, now + pol.first_check_ms);
         t->st.prepared_total++;
         memcpy(res->txid, txid, txid_len + 1);
@@ -1259,7 +1255,7 @@ static void run_check(brk_txn *t, uint64_t hash)
         if (e) {
             e->flags &= (uint8_t)~F_CHECKING;
             if (e->state == BRK_TXN_PREPARED && !(e->flags & F_RESOLVING)) {
-                if (e->errors < UINT8_MAX)
+                if (e->errors < UINT16_MAX)
                     e->errors++;
                 schedule(t, e, now_ms(t) + backoff_ms(t, e->errors));
             }
@@ -1273,9 +1269,9 @@ static void run_check(brk_txn *t, uint64_t hash)
         bool live = e && e->state == BRK_TXN_PREPARED
                     && !(e->flags & F_RESOLVING) && e->half_off == half_off;
         uint16_t checks = live ? (uint16_t)(e->checks + 1) : 0;
-        bool exhausted = live && checks >= e->max_checks;
-        bool hold = exhausted && e->action == BRK_EXHAUSTED_HOLD;
-        int64_t next = live ? now_ms(t) + e->interval_ms : 0;
+        bool exhausted = live && checks >= h.pol.max_checks;
+        bool hold = exhausted && h.pol.on_exhausted == BRK_EXHAUSTED_HOLD;
+        int64_t next = live ? now_ms(t) + h.pol.interval_ms : 0;
         if (live)
             e->flags |= F_MOVING;          /* no compaction copy meanwhile */
         pthread_mutex_unlock(&t->mu);
@@ -1549,7 +1545,7 @@ static void compact_one(brk_txn *t, uint64_t hash)
     e->flags &= (uint8_t)~F_MOVING;
     if (st == BRK_OK) {
         e->half_off = ar.log_offset;
-        int64_t age = (ar.store_ms - e->prepared_ms) / 1000;
+        int64_t age = ar.store_ms / 1000 - (int64_t)e->prep_s;
         e->half_age_s = age < 0 ? 0 : age > UINT32_MAX ? UINT32_MAX
                                                        : (uint32_t)age;
         t->st.compacted_total++;
@@ -1571,7 +1567,7 @@ static void compact(brk_txn *t, int64_t now)
         txn_ent *e = &t->tab[i];
         if (!e->hash || e->state != BRK_TXN_PREPARED)
             continue;
-        if (e->prepared_ms + (int64_t)e->half_age_s * 1000
+        if (((int64_t)e->prep_s + e->half_age_s) * 1000
             + t->o.compact_after_ms > now)
             continue;
         if (n == cap) {
@@ -1710,7 +1706,7 @@ static brk_status rebuild_half(brk_txn *t, const brk_record *r)
         e->checks = h.copy_checks;
         if (h.copy_next)
             e->when_ms = h.copy_next;
-        int64_t age = (r->store_ms - e->prepared_ms) / 1000;
+        int64_t age = r->store_ms / 1000 - (int64_t)e->prep_s;
         e->half_age_s = age < 0 ? 0 : (uint32_t)age;
         return BRK_OK;
     }
@@ -1725,17 +1721,14 @@ static brk_status rebuild_half(brk_txn *t, const brk_record *r)
         return BRK_NOMEM;
     e->state = BRK_TXN_PREPARED;
     e->half_off = r->log_offset;
-    e->prepared_ms = h.prepared_ms;
-    e->interval_ms = h.pol.interval_ms;
-    e->max_checks = h.pol.max_checks;
-    e->action = h.pol.on_exhausted;
+    e->prep_s = (uint32_t)(h.prepared_ms / 1000);
     e->checks = h.is_copy ? h.copy_checks : 0;
     if (h.is_copy && r->store_ms > h.prepared_ms)
         e->half_age_s = (uint32_t)((r->store_ms - h.prepared_ms) / 1000);
     e->when_ms = h.is_copy && h.copy_next ? h.copy_next
                  : h.prepared_ms + h.pol.first_check_ms;
-    if (h.is_copy && e->checks >= e->max_checks
-        && e->action == BRK_EXHAUSTED_HOLD)
+    if (h.is_copy && e->checks >= h.pol.max_checks
+        && h.pol.on_exhausted == BRK_EXHAUSTED_HOLD)
         e->flags |= F_STUCK;
     t->pending++;
     if (e->flags & F_STUCK)
@@ -1763,6 +1756,8 @@ static brk_status rebuild_op(brk_txn *t, const brk_record *r,
     case OP_CHECK:
         e->checks = checks;
         e->when_ms = (int64_t)brk_ld64(b + 8);
+        if (e->when_ms == 0)             /* the last check: action follows */
+            e->flags |= F_EXHAUSTED;
         break;
     case OP_STUCK:
         e->checks = checks;
@@ -1956,8 +1951,6 @@ static brk_status rebuild(brk_txn *t, char *err, size_t errlen)
         if (!e->hash)
             continue;
         if (e->state == BRK_TXN_PREPARED && !(e->flags & F_STUCK)) {
-            if (e->checks >= e->max_checks)
-                e->when_ms = now;        /* see below */
             if (brk_timerheap_push(&t->heap, e->when_ms, e->hash) != BRK_OK) {
                 snprintf(err, errlen, "rebuilding transactions: out of memory");
                 return BRK_NOMEM;
@@ -1972,7 +1965,7 @@ static brk_status rebuild(brk_txn *t, char *err, size_t errlen)
     for (size_t i = 0; i < t->cap; i++) {
         txn_ent *e = &t->tab[i];
         if (e->hash && e->state == BRK_TXN_PREPARED && !(e->flags & F_STUCK)
-            && e->checks >= e->max_checks) {
+            && (e->flags & F_EXHAUSTED)) {
             uint64_t *v = realloc(ex, (nex + 1) * sizeof *v);
             if (!v)
                 break;               /* the next check handles the rest */
@@ -2161,6 +2154,7 @@ static brk_status fill_info(brk_txn *t, const txn_ent *snap, brk_txn_info *out)
     out->policy = h.pol;
     snprintf(out->expiry_topic, sizeof out->expiry_topic, "%s", h.expiry);
     out->policy.expiry_topic = out->expiry_topic[0] ? out->expiry_topic : NULL;
+    int64_t h_prepared = h.prepared_ms;
     brk_batch_free(h.b);
     out->state = (brk_txn_state)snap->state;
     out->stuck = snap->flags & F_STUCK;
@@ -2168,7 +2162,7 @@ static brk_status fill_info(brk_txn *t, const txn_ent *snap, brk_txn_info *out)
     out->checking = snap->flags & F_CHECKING;
     out->checks = snap->checks;
     out->check_errors = snap->errors;
-    out->prepared_ms = snap->prepared_ms;
+    out->prepared_ms = h_prepared;
     out->next_check_ms = snap->state == BRK_TXN_PREPARED
                          && !(snap->flags & F_STUCK) ? snap->when_ms : 0;
     return BRK_OK;
@@ -2197,8 +2191,8 @@ brk_status brk_txn_get(brk_txn *t, const char *txid, brk_txn_info *out)
 static int snap_cmp(const void *a, const void *b)
 {
     const txn_ent *x = a, *y = b;
-    if (x->prepared_ms != y->prepared_ms)
-        return x->prepared_ms < y->prepared_ms ? -1 : 1;
+    if (x->prep_s != y->prep_s)
+        return x->prep_s < y->prep_s ? -1 : 1;
     return x->half_off < y->half_off ? -1 : x->half_off > y->half_off;
 }
 
@@ -2254,9 +2248,9 @@ void brk_txn_get_stats(brk_txn *t, brk_txn_stats *out)
     int64_t oldest = 0;
     for (size_t i = 0; i < t->cap; i++) {
         const txn_ent *e = &t->tab[i];
-        if (e->hash && e->state == BRK_TXN_PREPARED && e->prepared_ms
-            && (oldest == 0 || e->prepared_ms < oldest))
-            oldest = e->prepared_ms;
+        if (e->hash && e->state == BRK_TXN_PREPARED
+            && (oldest == 0 || (int64_t)e->prep_s * 1000 < oldest))
+            oldest = (int64_t)e->prep_s * 1000;
     }
     out->oldest_pending_ms = oldest;
     out->memory_bytes = t->cap * sizeof(txn_ent) + t->heap.cap * sizeof(brk_timer)
