@@ -531,9 +531,12 @@ static brk_status read_half(brk_txn *t, uint64_t off, half_view *h)
     return st;
 }
 
+/* `defer`: in SYNC mode do not wait for this op's fdatasync, because the
+ * caller appends its effect next and waits for that one, which covers the
+ * op too (the log is durable as a prefix): one fdatasync per commit. */
 static brk_status append_op(brk_txn *t, const char *txid, uint8_t kind,
                             uint8_t src, uint16_t checks, int64_t next,
-                            uint64_t half_off, uint64_t *op_off)
+                            uint64_t half_off, bool defer, uint64_t *op_off)
 {
     uint8_t body[OP_LEN] = { 0 };
     body[0] = OP_VERSION;
@@ -552,6 +555,7 @@ static brk_status append_op(brk_txn *t, const char *txid, uint8_t kind,
     rq.body.len = sizeof body;
     rq.type = BRK_REC_OP;
     rq.allow_internal = true;
+    rq.defer_sync = defer;
     brk_append_res res;
     brk_status st = brk_store_append(t->s, &rq, &res);
     if (st == BRK_OK && op_off)
@@ -836,13 +840,21 @@ static brk_status resolve(brk_txn *t, uint64_t hash, const char *txid,
             brk_batch_free(h.b);
         }
     }
+    /* Only a commit is sure to append an effect after its op. */
     if (st == BRK_OK)
         st = append_op(t, txid, commit ? OP_COMMIT : OP_ROLLBACK, src, checks,
-                       0, half_off, NULL);
+                       0, half_off, commit, NULL);
     bool stored = st == BRK_OK;
     if (stored)
         st = do_effect(t, half_off, commit, src == SRC_EXHAUSTED, checks, pre,
                        res);
+    if (stored && st != BRK_OK && commit) {
+        /* The effect failed: the op must still be made durable before we
+         * treat the verdict as stored. */
+        brk_status fs = brk_store_flush(t->s);
+        if (fs != BRK_OK)
+            st = fs;
+    }
 
     pthread_mutex_lock(&t->mu);
     inflight_del(t, lb);
@@ -1278,7 +1290,7 @@ static void run_check(brk_txn *t, uint64_t hash)
         brk_status ws = BRK_OK;
         if (live)
             ws = append_op(t, h.txid, hold ? OP_STUCK : OP_CHECK, SRC_CHECK,
-                           checks, exhausted ? 0 : next, half_off, NULL);
+                           checks, exhausted ? 0 : next, half_off, false, NULL);
         pthread_mutex_lock(&t->mu);
         e = tab_find(t, hash);
         if (e) {
