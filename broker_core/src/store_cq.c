@@ -98,12 +98,20 @@ brk_status brk__cq_open_queue(brk_store *s, brk_topic *t, uint16_t qid)
     brk__u64s_sort(&l);
     uint64_t epf = s->opts.cq_entries_per_file;
     brk_status st = BRK_OK;
+    size_t keep = l.n;            /* files [keep, n) lie past the end */
     for (size_t i = 0; i < l.n && st == BRK_OK; i++) {
-        if (l.v[i] % epf != 0 || (i > 0 && l.v[i] != l.v[i - 1] + epf)) {
+        if (l.v[i] % epf != 0) {
             brk__seterr(s, "consume queue %s: file %020" PRIu64 " does not "
-                        "follow on (cq_entries_per_file changed, or a file "
-                        "is missing)", dir, l.v[i]);
+                        "fit cq_entries_per_file %" PRIu64 " (the option "
+                        "changed?)", dir, l.v[i], epf);
             st = BRK_CORRUPT;
+        } else if (i > 0 && l.v[i] != l.v[i - 1] + epf && keep == l.n) {
+            /* A missing file: a crash above the checkpoint removed it (or
+             * never let its creation reach the disk) but not the later
+             * ones.  Everything from the gap on is past the end, as for a
+             * short file below; below the checkpoint, re-dispatch finds
+             * the hole. */
+            keep = i;
         }
     }
     if (st == BRK_OK) {
@@ -111,7 +119,7 @@ brk_status brk__cq_open_queue(brk_store *s, brk_topic *t, uint16_t qid)
         if (!q->files)
             st = BRK_NOMEM;
     }
-    for (size_t i = 0; i < l.n && st == BRK_OK; i++) {
+    for (size_t i = 0; i < keep && st == BRK_OK; i++) {
         char path[BRK_PATH_MAX];
         queue_file(s, t, qid, l.v[i] / epf, path, sizeof path);
         rc = s->io->open(s->io, path, BRK_IO_RDWR, &q->files[i]);
@@ -129,20 +137,24 @@ brk_status brk__cq_open_queue(brk_store *s, brk_topic *t, uint16_t qid)
             n = epf;
         s->disk_bytes += size;
         q->next = l.v[i] + n;
-        if (i + 1 < l.n && n != epf) {
+        if (i + 1 < keep && n != epf) {
             /* A short file followed by another: the later writes reached
              * the disk, this one's did not (a crash above the checkpoint).
              * Everything after the short file is past the end: drop it.
              * Were it below the checkpoint, re-dispatch finds the gap. */
-            for (size_t j = i + 1; j < l.n; j++) {
-                queue_file(s, t, qid, l.v[j] / epf, path, sizeof path);
-                rc = s->io->unlink(s->io, path);
-                if (rc != 0 && rc != -ENOENT) {
-                    brk__seterr(s, "removing %s: %s", path, strerror(-rc));
-                    st = brk__errno_status(rc);
-                }
-            }
+            keep = i + 1;
             break;
+        }
+    }
+    /* Remove what lies past the end, newest first, so that a crash in the
+     * middle leaves the files that remain contiguous. */
+    for (size_t j = l.n; st == BRK_OK && j-- > keep;) {
+        char path[BRK_PATH_MAX];
+        queue_file(s, t, qid, l.v[j] / epf, path, sizeof path);
+        rc = s->io->unlink(s->io, path);
+        if (rc != 0 && rc != -ENOENT) {
+            brk__seterr(s, "removing %s: %s", path, strerror(-rc));
+            st = brk__errno_status(rc);
         }
     }
     if (st == BRK_OK) {
