@@ -849,11 +849,15 @@ static brk_status resolve(brk_txn *t, uint64_t hash, const char *txid,
         st = do_effect(t, half_off, commit, src == SRC_EXHAUSTED, checks, pre,
                        res);
     if (stored && st != BRK_OK && commit) {
-        /* The effect failed: the op must still be made durable before we
-         * treat the verdict as stored. */
+        /* The effect failed: the op, written without waiting, must still
+         * be made durable before the verdict counts as stored.  If that
+         * fails too, its fate is unknown (the store is failed now), and
+         * nobody may be told it is committed. */
         brk_status fs = brk_store_flush(t->s);
-        if (fs != BRK_OK)
+        if (fs != BRK_OK) {
             st = fs;
+            stored = false;
+        }
     }
 
     pthread_mutex_lock(&t->mu);
