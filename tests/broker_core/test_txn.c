@@ -2390,6 +2390,59 @@ static void concurrent_prepares_verdicts_and_checks_end_consistent(void **state)
                   committed, rolled, fc_calls(&f->fc));
 }
 
+/* ---- the background scheduler --------------------------------------------- */
+
+static double elapsed_s(const struct timespec *a)
+{
+    struct timespec b;
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    return (double)(b.tv_sec - a->tv_sec) + (double)(b.tv_nsec - a->tv_nsec) / 1e9;
+}
+
+/* Without tick(): the scheduler thread dispatches due checks by itself, and
+ * keeps doing so when more are due than the queue holds: a full queue must
+ * not make it sleep until the next state save (it would then dispatch at
+ * most max_queued_checks per state_interval_ms).  Real time, generous
+ * bounds: 40 checks through a 4-slot queue must take well under 3 s. */
+static void background_scheduler_keeps_dispatching_when_the_queue_fills(void **state)
+{
+    fx *f = *state;
+    f->to.no_background = false;
+    f->to.max_queued_checks = 4;
+    f->to.workers = 2;
+    restart(f);
+    fc_set_default(&f->fc, C_COMMIT);
+    brk_check_policy now = policy(0, 1000, 3, BRK_EXHAUSTED_ROLLBACK, NULL);
+    char id[16];
+    /* Hold the first checks so the queue is surely full, then let go. */
+    fc_hold(&f->fc);
+    for (int i = 0; i < 40; i++) {
+        snprintf(id, sizeof id, "bg-%d", i);
+        prepare(f, id, NULL, &now);
+    }
+    if (!fc_wait_held(&f->fc, 2))
+        fail_msg("the scheduler thread dispatched nothing");
+    struct timespec settle = { 0, 50 * 1000000L };
+    nanosleep(&settle, NULL);
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    fc_release(&f->fc, C_COMMIT);
+    while (stats(f).pending > 0 && elapsed_s(&t0) < 20) {
+        struct timespec nap = { 0, 5 * 1000000L };
+        nanosleep(&nap, NULL);
+    }
+    double took = elapsed_s(&t0);
+    brk_txn_stats s = stats(f);
+    print_message("background: %llu of 40 resolved in %.2f s\n",
+                  (unsigned long long)s.committed_total, took);
+    assert_int_equal(s.pending, 0);
+    assert_int_equal(s.committed_total, 40);
+    if (took > 3.0)
+        fail_msg("40 due checks through a 4-slot queue took %.2f s after "
+                 "the checker was released", took);
+    assert_int_equal(fc_calls(&f->fc), 40);
+}
+
 /* ---- misc ----------------------------------------------------------------- */
 
 static void state_names_use_the_http_spelling(void **state)
@@ -2496,6 +2549,8 @@ int main(void)
         T(memory_per_pending_transaction_is_at_most_128_bytes),
         /* concurrency */
         T(concurrent_prepares_verdicts_and_checks_end_consistent),
+        /* background scheduler */
+        T(background_scheduler_keeps_dispatching_when_the_queue_fills),
         /* misc */
         cmocka_unit_test(state_names_use_the_http_spelling),
         T(internal_topics_exist_after_open),
