@@ -325,7 +325,10 @@ static brk_status tab_grow(brk_txn *t)
  * deletion: never keep a txn_ent pointer across an unlock. */
 static txn_ent *tab_insert(brk_txn *t, uint64_t h)
 {
-    if ((t->used + 1) * 4 > t->cap * 3 && tab_grow(t) != BRK_OK)
+    /* Grow at 80% full: linear probing with backward-shift deletion stays
+     * short there, and right after a doubling (40% full) an entry costs
+     * 100 bytes, which with its timer keeps under the 128-byte budget. */
+    if ((t->used + 1) * 5 > t->cap * 4 && tab_grow(t) != BRK_OK)
         return NULL;
     size_t i = slot_of(h, t->cap);
     while (t->tab[i].hash)
@@ -1346,6 +1349,10 @@ static void *worker_main(void *arg)
         pthread_mutex_lock(&t->mu);
         t->active--;
         pthread_cond_broadcast(&t->idle_cv);
+        /* Room in the queue again: the scheduler may hold due checks it
+         * could not hand over (a signal nobody waits for costs nothing). */
+        if (t->sched_running && t->jlen <= t->jcap / 2)
+            pthread_cond_signal(&t->scv);
     }
     pthread_mutex_unlock(&t->mu);
     return NULL;
@@ -1668,7 +1675,7 @@ static void *sched_main(void *arg)
         pthread_mutex_lock(&t->mu);
         if (t->sched_stop)
             break;
-        int64_t now = now_ms(t), wait = 1000;
+        int64_t now = now_ms(t), wait = t->jlen >= t->jcap ? 5 : 1000;
         brk_timer tm;
         if (brk_timerheap_peek(&t->heap, &tm) && t->jlen < t->jcap) {
             int64_t d = tm.due_ms - now;
