@@ -13,6 +13,9 @@
  *      writes each segment's run with one pwrite, retakes mu and advances
  *      written_end.  In SYNC mode the writer then leads the group commit for
  *      its batch (an ASYNC store's req->sync appender waits on its own).
+ *      Appenders that asked for defer_sync are woken right after the write,
+ *      before that fdatasync; and a writer that is itself deferred does not
+ *      lead it: the batch's SYNC appenders then wait on their own.
  *      Finally it wakes the appenders it served.  Others sleep on their own
  *      condition variable, so an appender sleeps once and a batch wakes
  *      only whom it concerns.
@@ -268,7 +271,7 @@ static bool rollback_to(brk_store *s, uint64_t at)
  * Records are staged into one buffer per run of a segment so a batch costs
  * one pwrite, however many appenders it serves.  mu held on entry and exit;
  * called only when no writer is active. */
-static void write_pending(brk_store *s)
+static void write_pending(brk_store *s, brk_pending *self)
 {
     s->writing = true;
     size_t n = s->npend;
@@ -333,17 +336,39 @@ static void write_pending(brk_store *s)
         for (size_t k = 0; k < done && !need_sync; k++)
             need_sync = batch[k]->sync;
     }
+    /* Who makes the batch durable: the writer, so a SYNC appender sleeps
+     * once (not once for the write and again for the fdatasync) -- unless
+     * the writer itself appended with defer_sync and must not wait.  Then
+     * the SYNC appenders of the batch wait on their own (wait_after), and
+     * share one fdatasync through wait_durable's leader/follower. */
+    bool lead = true;
+    if (need_sync && self && !self->sync)
+        for (size_t k = 0; k < done && lead; k++)
+            lead = batch[k] != self;
     if (need_sync) {
-        /* The writer also leads the group commit for its batch, so a SYNC
-         * appender sleeps once (not once for the write and again for the
-         * fdatasync).  Appends arriving meanwhile gather for the next batch. */
+        /* Deferred appenders were promised only the write: release them
+         * before the fdatasync.  Each returns at once and its brk_pending
+         * (on its stack) is gone, so forget the pointer. */
+        for (size_t k = 0; k < done; k++)
+            if (!batch[k]->sync && batch[k] != self) {
+                batch[k]->st = BRK_OK;
+                batch[k]->done = true;
+                pthread_cond_signal(&batch[k]->cv);
+                batch[k] = NULL;
+            }
+    }
+    if (need_sync && lead) {
+        /* Appends arriving meanwhile gather for the next batch. */
         uint64_t end = s->written_end;
         pthread_mutex_unlock(&s->mu);
         fst = wait_durable(s, end);
         pthread_mutex_lock(&s->mu);
     }
     for (size_t k = 0; k < done; k++) {
-        batch[k]->st = batch[k]->sync ? fst : BRK_OK;
+        if (!batch[k])
+            continue;
+        batch[k]->st = batch[k]->sync && lead ? fst : BRK_OK;
+        batch[k]->wait_after = batch[k]->sync && !lead;
         batch[k]->done = true;
     }
     if (rc != 0) {
@@ -375,7 +400,8 @@ static void write_pending(brk_store *s)
         s->npend = 0;
     }
     for (size_t k = 0; k < n; k++)
-        pthread_cond_signal(&batch[k]->cv);
+        if (batch[k])
+            pthread_cond_signal(&batch[k]->cv);
     s->writing = false;
     if (s->npend > 0)
         pthread_cond_signal(&s->pend[0]->cv);   /* the next writer */
@@ -526,7 +552,7 @@ brk_status brk_store_append(brk_store *s, const brk_append_req *req,
          * wait is most of an append's cost). */
         while (!p.done) {
             if (!s->writing)
-                write_pending(s);
+                write_pending(s, &p);
             else
                 pthread_cond_wait(&p.cv, &s->mu);
         }
@@ -535,7 +561,7 @@ brk_status brk_store_append(brk_store *s, const brk_append_req *req,
     }
     pthread_mutex_unlock(&s->mu);
     free(buf);
-    if (st == BRK_OK && !p.sync && req->sync)
+    if (st == BRK_OK && ((!p.sync && req->sync) || p.wait_after))
         st = wait_durable(s, p.log_offset + p.len);
     return st;   /* with p.sync, the writer made it durable before done */
 }

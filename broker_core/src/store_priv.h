@@ -82,6 +82,8 @@ typedef struct brk_pending {
     uint64_t log_offset;
     brk_seg *seg;             /* the segment it goes to */
     bool sync;                /* the writer must make it durable too */
+    bool wait_after;          /* set by a writer that did not lead the
+                                 fdatasync: the appender waits for it */
     brk_status st;            /* set by the writer when done */
     bool done;
     pthread_cond_t cv;        /* its appender sleeps here (with mu) */
