@@ -2453,6 +2453,115 @@ static void state_names_use_the_http_spelling(void **state)
     assert_string_equal(brk_txn_state_name(BRK_TXN_ROLLED_BACK), "rolled_back");
 }
 
+/* ---- compaction and forgetting -------------------------------------------- */
+
+static void fill_log(fx *f, int n)
+{
+    char body[200];
+    memset(body, 'f', sizeof body);
+    for (int i = 0; i < n; i++) {
+        brk_append_req r;
+        memset(&r, 0, sizeof r);
+        r.topic = "other";
+        r.queue = -1;
+        r.body = (brk_bytes){ body, sizeof body };
+        brk_append_res res;
+        assert_int_equal(brk_store_append(f->s, &r, &res), BRK_OK);
+    }
+}
+
+static void held_transaction_is_copied_forward_so_retention_frees_its_segment(void **state)
+{
+    fx *f = *state;
+    f->so.segment_bytes = 4096;
+    f->so.retention_ms = 60000;
+    f->to.compact_after_ms = 3600000;
+    restart(f);
+    fc_set_default(&f->fc, C_UNKNOWN);
+    brk_check_policy hold = policy(10000, 10000, 2, BRK_EXHAUSTED_HOLD, NULL);
+    brk_txn_result held = prepare(f, "held", "k-held", &hold);
+    tick_at(f, 10000);
+    tick_at(f, 20000);
+    assert_true(get(f, "held").stuck);
+    fill_log(f, 100);                       /* several 4 KiB segments */
+    brk_store_stats before;
+    brk_store_get_stats(f->s, &before);
+    assert_true(before.segments > 3);
+
+    /* An hour later its half record is old: the tick copies it. */
+    tick_at(f, 3600000 + 30000);
+    assert_true(stats(f).compacted_total >= 1);
+    fill_log(f, 20);                        /* roll past the copy's segment */
+    tick_at(f, 3600000 + 32000);            /* state saved, cursor moved */
+    unsigned deleted = 0;
+    assert_int_equal(brk_store_retention_run(f->s, &deleted), BRK_OK);
+    assert_true(deleted >= 1);
+    brk_store_stats after;
+    brk_store_get_stats(f->s, &after);
+    assert_true(after.log_start > 0);       /* the prepare's segment is gone */
+
+    brk_txn_info i = get(f, "held");
+    assert_int_equal(i.state, BRK_TXN_PREPARED);
+    assert_true(i.stuck);
+    assert_int_equal(i.checks, 2);
+    assert_int_equal(i.prepared_ms, T0);
+    assert_memory_equal(i.msg_id, held.msg_id, BRK_UUID_LEN);
+
+    /* And after a restart it is rebuilt from the copy alone. */
+    restart(f);
+    i = get(f, "held");
+    assert_int_equal(i.state, BRK_TXN_PREPARED);
+    assert_true(i.stuck);
+    assert_int_equal(i.checks, 2);
+    assert_int_equal(i.prepared_ms, T0);
+    assert_int_equal(commit(f, "held", NULL), BRK_OK);
+    assert_int_equal(count_id(f, "orders", held.msg_id, NULL), 1);
+}
+
+static void compaction_copy_keeps_check_count_and_next_check_across_restart(void **state)
+{
+    fx *f = *state;
+    f->to.compact_after_ms = 100000;
+    restart(f);
+    fc_set_default(&f->fc, C_UNKNOWN);
+    brk_check_policy slow = policy(50000, 300000, 10, BRK_EXHAUSTED_ROLLBACK,
+                                   NULL);
+    prepare(f, "slow", "k", &slow);
+    tick_at(f, 50000);                      /* check 1, next at 350 s */
+    assert_int_equal(get(f, "slow").checks, 1);
+    tick_at(f, 200000);                     /* old enough: copied */
+    assert_int_equal(stats(f).compacted_total, 1);
+    tick_at(f, 201000);                     /* not copied again */
+    assert_int_equal(stats(f).compacted_total, 1);
+    restart(f);
+    brk_txn_info i = get(f, "slow");
+    assert_int_equal(i.checks, 1);
+    assert_int_equal(i.next_check_ms, T0 + 350000);
+    tick_at(f, 349000);
+    assert_int_equal(get(f, "slow").checks, 1);
+    tick_at(f, 350000);
+    assert_int_equal(get(f, "slow").checks, 2);
+}
+
+static void resolved_transactions_are_forgotten_after_resolved_keep_ms(void **state)
+{
+    fx *f = *state;
+    f->to.resolved_keep_ms = 60000;
+    restart(f);
+    prepare(f, "old", "k", NULL);
+    assert_int_equal(commit(f, "old", NULL), BRK_OK);
+    tick_at(f, 30000);
+    brk_txn_result res;
+    assert_int_equal(commit(f, "old", &res), BRK_OK);      /* still a replay */
+    assert_true(res.replay);
+    tick_at(f, 120000);
+    assert_int_equal(commit(f, "old", NULL), BRK_NOTFOUND);
+    assert_int_equal(rollback(f, "old", NULL), BRK_NOTFOUND);
+    /* Forgotten across a restart as well (rebuild drops it too). */
+    restart(f);
+    assert_int_equal(commit(f, "old", NULL), BRK_NOTFOUND);
+}
+
 static void internal_topics_exist_after_open(void **state)
 {
     fx *f = *state;
@@ -2554,6 +2663,9 @@ int main(void)
         /* misc */
         cmocka_unit_test(state_names_use_the_http_spelling),
         T(internal_topics_exist_after_open),
+        T(held_transaction_is_copied_forward_so_retention_frees_its_segment),
+        T(compaction_copy_keeps_check_count_and_next_check_across_restart),
+        T(resolved_transactions_are_forgotten_after_resolved_keep_ms),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
