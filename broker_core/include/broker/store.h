@@ -76,7 +76,8 @@ typedef struct brk_store_opts {
     int64_t  retention_ms;          /* segments older than this may go; default 72 h; <0 never */
     uint32_t retention_interval_ms; /* how often the background thread checks; default 10000 */
     uint32_t max_body_bytes;        /* default 4 MiB, at most BRK_BODY_MAX */
-    bool     auto_create_topics;    /* append to an unknown topic creates it */
+    bool     auto_create_topics;    /* append to an unknown topic creates it;
+                                       default true */
     uint16_t default_queues;        /* for auto-created topics; default 4 */
     bool     repair;                /* truncate at mid-log corruption instead of failing */
     uint32_t verify_segments;       /* open checks every CRC of the newest N
