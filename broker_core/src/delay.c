@@ -1660,6 +1660,11 @@ brk_status brk_delay_tick(brk_delay *d, unsigned *fired)
     return st;
 }
 
+int64_t brk_delay_max_ms(brk_delay *d)
+{
+    return d->o.max_delay_ms;
+}
+
 bool brk_delay_next_due(brk_delay *d, int64_t *due_ms)
 {
     pthread_mutex_lock(&d->mu);

@@ -1020,9 +1020,11 @@ static brk_status prepare_validate(brk_txn *t, const brk_txn_prepare_req *req,
         return BRK_INVAL;
     if ((req->delay_ms > 0 || req->deliver_at_ms > 0) && !t->o.delay)
         return BRK_INVAL;
-    if (req->delay_ms > BRK_DELAY_MAX_DEFAULT_MS
-        || (req->deliver_at_ms > 0
-            && req->deliver_at_ms - now_ms(t) > BRK_DELAY_MAX_DEFAULT_MS))
+    /* The delay is measured from the commit, which comes later; a delay the
+     * scheduler would refuse then must be refused now. */
+    int64_t max = t->o.delay ? brk_delay_max_ms(t->o.delay) : 0;
+    if (req->delay_ms > max
+        || (req->deliver_at_ms > 0 && req->deliver_at_ms - now_ms(t) > max))
         return BRK_RANGE;
     if (req->flags & ~(uint32_t)BRK_RECF_KNOWN)
         return BRK_INVAL;

@@ -2178,6 +2178,30 @@ static void delayed_prepare_without_a_delay_scheduler_is_refused(void **state)
     assert_int_equal(stats(f).pending, 0);
 }
 
+static void delay_beyond_the_schedulers_maximum_is_refused_at_prepare(void **state)
+{
+    fx *f = *state;
+    f->with_delay = true;
+    f->dopts.max_delay_ms = 3600000;
+    restart(f);
+    brk_txn_prepare_req r;
+    req_init(&r, "tx-1", "orders", "k", "b", NULL);
+    r.delay_ms = 3600001;
+    brk_txn_result res;
+    assert_int_equal(brk_txn_prepare(f->t, &r, &res), BRK_RANGE);
+    req_init(&r, "tx-2", "orders", "k", "b", NULL);
+    r.deliver_at_ms = T0 + 2 * 3600000;
+    assert_int_equal(brk_txn_prepare(f->t, &r, &res), BRK_RANGE);
+    assert_int_equal(stats(f).pending, 0);
+    /* At the limit it is accepted, and the commit is delayed by it. */
+    req_init(&r, "tx-3", "orders", "k", "b", NULL);
+    r.delay_ms = 3600000;
+    assert_int_equal(brk_txn_prepare(f->t, &r, &res), BRK_OK);
+    assert_int_equal(commit(f, "tx-3", &res), BRK_OK);
+    assert_true(res.delayed);
+    assert_int_equal(res.deliver_at_ms, T0 + 3600000);
+}
+
 /* ---- memory --------------------------------------------------------------- */
 
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
@@ -2654,6 +2678,7 @@ int main(void)
         T(deliver_at_already_passed_at_commit_publishes_at_once),
         T(deliver_at_in_the_future_waits_until_then),
         T(delayed_prepare_without_a_delay_scheduler_is_refused),
+        T(delay_beyond_the_schedulers_maximum_is_refused_at_prepare),
         /* memory */
         T(memory_per_pending_transaction_is_at_most_128_bytes),
         /* concurrency */

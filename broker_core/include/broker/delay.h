@@ -106,6 +106,10 @@ brk_status brk_delay_send(brk_delay *d, const brk_append_req *req,
  * 30 s; the call then returns the first error met (BRK_OK otherwise). */
 brk_status brk_delay_tick(brk_delay *d, unsigned *fired);
 
+/* The longest delay brk_delay_send accepts (opts.max_delay_ms), so a
+ * transaction can refuse at prepare a delay its commit could not honour. */
+int64_t brk_delay_max_ms(brk_delay *d);
+
 /* Earliest pending due time, false when nothing is pending. */
 bool brk_delay_next_due(brk_delay *d, int64_t *due_ms);
 
