@@ -256,7 +256,7 @@ void brk_txn_opts_init(brk_txn_opts *o)
     o->error_backoff_min_ms = 1000;
     o->error_backoff_max_ms = 60000;
     o->resolved_keep_ms = 3600 * 1000LL;
-    o->compact_after_ms = 24 * 3600 * 1000LL;
+    o->compact_after_ms = 3600 * 1000LL;
     o->state_interval_ms = 1000;
 }
 

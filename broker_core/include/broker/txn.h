@@ -118,7 +118,9 @@ typedef struct brk_txn_opts {
                                      hold ~220 MiB over an hour */
     int64_t  compact_after_ms;    /* a pending half message older than this
                                      is copied to the log end so retention
-                                     can free its segment; default 24 h, <=0 never */
+                                     can free its segment, and a restart
+                                     reads at most about this much of the
+                                     half topic; default 1 h, <=0 never */
     uint32_t state_interval_ms;   /* how often state.txn is saved, default 1000 */
     bool     no_background;       /* tests: no scheduler thread (workers
                                      still run), call brk_txn_tick */
