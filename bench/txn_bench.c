@@ -24,6 +24,10 @@
  *   3. memory: in case 2, with every transaction prepared and none resolved
  *      yet, brk_txn_get_stats memory_bytes / pending (goal <= 128 bytes).
  *
+ *   4. rebuild: --count transactions prepared (no checker), the module
+ *      closed and opened again on the same store: the time brk_txn_open
+ *      takes to rebuild them from the log.
+ *
  * Usage: txn_bench [--dir PATH] [--seconds N] [--quick] [--threads N]
  *                  [--count N] [--workers N]
  *   --dir      where the store directories go (default: cwd); run it on the
@@ -478,6 +482,55 @@ static int run_storm(const char *base, int threads, uint64_t count,
     return ts.pending == 0 ? 0 : -1;
 }
 
+/* ---- case 4: rebuild at open ------------------------------------------------------ */
+
+static int run_rebuild(const char *base, int threads, uint64_t count)
+{
+    brk_txn_opts to;
+    brk_txn_opts_init(&to);          /* no checker: nothing resolves */
+    bench_env e;
+    if (env_open(&e, base, "rebuild", &to) != 0)
+        return -1;
+    prep_worker *w = calloc((size_t)threads, sizeof *w);
+    if (!w) {
+        env_close(&e);
+        return -1;
+    }
+    for (int i = 0; i < threads; i++) {
+        w[i].t = e.t;
+        w[i].from = count * (uint64_t)i / (uint64_t)threads;
+        w[i].to = count * (uint64_t)(i + 1) / (uint64_t)threads;
+        if (pthread_create(&w[i].th, NULL, prep_main, &w[i]) != 0) {
+            fprintf(stderr, "txn_bench: pthread_create failed\n");
+            exit(1);
+        }
+    }
+    for (int i = 0; i < threads; i++)
+        pthread_join(w[i].th, NULL);
+    free(w);
+    brk_txn_close(e.t);
+    e.t = NULL;
+    char err[256];
+    uint64_t t0 = now_ns();
+    brk_status st = brk_txn_open(&e.t, e.s, &to, err, sizeof err);
+    uint64_t t1 = now_ns();
+    if (st != BRK_OK) {
+        fprintf(stderr, "txn_bench: reopen: %s (%s)\n", brk_status_name(st), err);
+        brk_store_close(e.s);
+        rm_rf(e.dir);
+        return -1;
+    }
+    brk_txn_stats ts;
+    brk_txn_get_stats(e.t, &ts);
+    double secs = (double)(t1 - t0) / 1e9;
+    printf("rebuild %" PRIu64 " pending transactions at open: %.2f s "
+           "(%.0f per second)\n", ts.pending, secs,
+           secs > 0 ? (double)ts.pending / secs : 0.0);
+    fflush(stdout);
+    env_close(&e);
+    return ts.pending == count ? 0 : -1;
+}
+
 /* ---- main ----------------------------------------------------------------------- */
 
 static void usage(void)
@@ -558,6 +611,10 @@ int main(int argc, char **argv)
     }
     if (run_storm(base, threads, count, workers) != 0) {
         printf("storm: case failed, see stderr\n");
+        failures++;
+    }
+    if (run_rebuild(base, threads, count) != 0) {
+        printf("rebuild: case failed, see stderr\n");
         failures++;
     }
     return failures ? 1 : 0;
