@@ -409,6 +409,8 @@ typedef struct gate_io {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     bool armed, in_sync, released;
+    int skip;                        /* syncs let through before the held one */
+    bool pw_armed, in_pwrite, pw_released;   /* the same for one pwrite */
 } gate_io;
 
 static brk_io *gate_inner(brk_io *io) { return ((gate_io *)io)->inner; }
@@ -422,7 +424,19 @@ static int gate_pread(brk_io *io, brk_file *f, void *buf, size_t len,
 { return gate_inner(io)->pread(gate_inner(io), f, buf, len, off, nread); }
 static int gate_pwrite(brk_io *io, brk_file *f, const void *buf, size_t len,
                        uint64_t off)
-{ return gate_inner(io)->pwrite(gate_inner(io), f, buf, len, off); }
+{
+    gate_io *g = (gate_io *)io;
+    pthread_mutex_lock(&g->mu);
+    if (g->pw_armed) {
+        g->pw_armed = false;
+        g->in_pwrite = true;
+        pthread_cond_broadcast(&g->cv);
+        while (!g->pw_released)
+            pthread_cond_wait(&g->cv, &g->mu);
+    }
+    pthread_mutex_unlock(&g->mu);
+    return g->inner->pwrite(g->inner, f, buf, len, off);
+}
 static int gate_truncate(brk_io *io, brk_file *f, uint64_t size)
 { return gate_inner(io)->truncate(gate_inner(io), f, size); }
 static int gate_size(brk_io *io, brk_file *f, uint64_t *size)
@@ -448,7 +462,9 @@ static int gate_sync(brk_io *io, brk_file *f)
 {
     gate_io *g = (gate_io *)io;
     pthread_mutex_lock(&g->mu);
-    if (g->armed) {
+    if (g->armed && g->skip > 0) {
+        g->skip--;
+    } else if (g->armed) {
         g->armed = false;
         g->in_sync = true;
         pthread_cond_broadcast(&g->cv);
@@ -552,6 +568,110 @@ static void fdatasync_covers_only_records_appended_before_it(void **state)
     assert_int_equal(brk_store_flush(s), BRK_OK);
     brk_store_get_stats(s, &st);
     assert_int_equal(st.durable_offset, st.log_end);
+
+    assert_int_equal(brk_store_close(s), BRK_OK);
+    brk_sim_close(sim);
+    pthread_mutex_destroy(&gate.mu);
+    pthread_cond_destroy(&gate.cv);
+}
+
+/* ---- deferred appends -------------------------------------------------------- */
+
+typedef struct one_appender {
+    brk_store *s;
+    const char *body;
+    bool defer;
+    brk_append_res res;
+    brk_status st;
+    atomic_bool finished;
+} one_appender;
+
+static void *one_append_main(void *arg)
+{
+    one_appender *a = arg;
+    brk_append_req req;
+    fill_req(&req, "k", a->body);
+    req.defer_sync = a->defer;
+    a->st = brk_store_append(a->s, &req, &a->res);
+    atomic_store(&a->finished, true);
+    return NULL;
+}
+
+static uint64_t log_end_of(brk_store *s)
+{
+    brk_store_stats st;
+    brk_store_get_stats(s, &st);
+    return st.log_end;
+}
+
+/* A defer_sync append that shares a batch with a SYNC one returns once the
+ * batch is written, while the SYNC one still waits for its fdatasync. */
+static void deferred_append_returns_before_its_batchs_fdatasync(void **state)
+{
+    (void)state;
+    brk_sim *sim = NULL;
+    assert_int_equal(brk_sim_open(&sim, 23), BRK_OK);
+    gate_io gate;
+    gate_init(&gate, brk_sim_io(sim));
+    brk_store_opts o;
+    brk_store_opts_init(&o);
+    o.io = &gate.io;
+    o.flush_mode = BRK_FLUSH_SYNC;
+    o.no_background = true;
+    brk_store *s = open_store("/s", &o);
+    assert_int_equal(brk_topic_create(s, TOPIC, 1), BRK_OK);
+    uint64_t rec = record_bytes("k", BODY_LEN);
+
+    /* W becomes the writer and is held inside its pwrite ... */
+    pthread_mutex_lock(&gate.mu);
+    gate.pw_armed = true;
+    pthread_mutex_unlock(&gate.mu);
+    one_appender w = { .s = s, .body = "first-sync-1" };
+    one_appender d = { .s = s, .body = "deferred-r-2", .defer = true };
+    one_appender y = { .s = s, .body = "second-sync3" };
+    pthread_t tw, td, ty;
+    assert_int_equal(pthread_create(&tw, NULL, one_append_main, &w), 0);
+    pthread_mutex_lock(&gate.mu);
+    while (!gate.in_pwrite)
+        pthread_cond_wait(&gate.cv, &gate.mu);
+    pthread_mutex_unlock(&gate.mu);
+    /* ... while D (deferred) and Y (sync) queue up behind it. */
+    assert_int_equal(pthread_create(&td, NULL, one_append_main, &d), 0);
+    assert_int_equal(pthread_create(&ty, NULL, one_append_main, &y), 0);
+    while (log_end_of(s) < 3 * rec)
+        usleep(1000);
+    /* W's own fdatasync passes; the next one (D and Y's batch) is held. */
+    pthread_mutex_lock(&gate.mu);
+    gate.skip = 1;
+    gate.armed = true;
+    gate.pw_released = true;
+    pthread_cond_broadcast(&gate.cv);
+    while (!gate.in_sync)
+        pthread_cond_wait(&gate.cv, &gate.mu);
+    pthread_mutex_unlock(&gate.mu);
+    pthread_join(tw, NULL);
+    assert_int_equal(w.st, BRK_OK);
+
+    /* D returns although that fdatasync has not finished; Y does not. */
+    for (int i = 0; i < 10000 && !atomic_load(&d.finished); i++)
+        usleep(1000);
+    assert_true(atomic_load(&d.finished));
+    assert_int_equal(d.st, BRK_OK);
+    assert_false(atomic_load(&y.finished));
+    brk_store_stats st;
+    brk_store_get_stats(s, &st);
+    assert_true(st.durable_offset <= d.res.log_offset);
+
+    pthread_mutex_lock(&gate.mu);
+    gate.released = true;
+    pthread_cond_broadcast(&gate.cv);
+    pthread_mutex_unlock(&gate.mu);
+    pthread_join(td, NULL);
+    pthread_join(ty, NULL);
+    assert_int_equal(y.st, BRK_OK);
+    brk_store_get_stats(s, &st);
+    assert_true(st.durable_offset >= y.res.log_offset + rec);
+    assert_true(st.durable_offset >= d.res.log_offset + rec);
 
     assert_int_equal(brk_store_close(s), BRK_OK);
     brk_sim_close(sim);
@@ -743,6 +863,7 @@ int main(void)
                                         tmpdir_setup, tmpdir_teardown),
         cmocka_unit_test(sync_append_in_async_mode_survives_power_loss),
         cmocka_unit_test(fdatasync_covers_only_records_appended_before_it),
+        cmocka_unit_test(deferred_append_returns_before_its_batchs_fdatasync),
         cmocka_unit_test(fsync_failure_fails_every_waiter_and_sticks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
