@@ -86,6 +86,7 @@ static brk_status wait_durable(brk_store *s, uint64_t target)
 {
     brk_dwaiter me;
     bool cv_ready = false;
+    uint64_t published = 0;     /* the durable offset this call published */
     me.target = target;
     pthread_mutex_lock(&s->fmu);
     while (atomic_load(&s->durable) < target) {
@@ -175,6 +176,7 @@ static brk_status wait_durable(brk_store *s, uint64_t target)
         pthread_mutex_lock(&s->fmu);
         s->flushing = false;
         if (rc == 0 && upto > atomic_load(&s->durable)) {
+            published = upto;
             s->fsyncs++;
             s->fsync_records += appends - s->durable_appends;
             s->fsync_ns += (uint64_t)(t1 - t0);
@@ -188,6 +190,9 @@ static brk_status wait_durable(brk_store *s, uint64_t target)
     pthread_mutex_unlock(&s->fmu);
     if (cv_ready)
         pthread_cond_destroy(&me.cv);
+    const brk_store_listener *l = atomic_load(&s->listener);
+    if (published && l && l->durable)
+        l->durable(l->ctx, published);
     return ok ? BRK_OK : BRK_FAILED;
 }
 
@@ -563,7 +568,15 @@ brk_status brk_store_append(brk_store *s, const brk_append_req *req,
     free(buf);
     if (st == BRK_OK && ((!p.sync && req->sync) || p.wait_after))
         st = wait_durable(s, p.log_offset + p.len);
+    const brk_store_listener *l = atomic_load(&s->listener);
+    if (st == BRK_OK && l && l->appended)
+        l->appended(l->ctx, req->topic, res->queue, res->log_offset);
     return st;   /* with p.sync, the writer made it durable before done */
+}
+
+void brk_store_set_listener(brk_store *s, const brk_store_listener *l)
+{
+    atomic_store(&s->listener, l);
 }
 
 brk_status brk_store_flush(brk_store *s)

@@ -164,6 +164,7 @@ struct brk_store {
     int64_t last_flush_ms, last_ckpt_ms, last_retention_ms;  /* tick state */
 
     atomic_bool failed;       /* sticky error */
+    _Atomic(const brk_store_listener *) listener;   /* may be NULL */
     atomic_uint_fast64_t checkpoints;
     uint64_t recovered_records;
     uint64_t truncated_bytes;

@@ -10,6 +10,7 @@
 #include <cmocka.h>
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -224,6 +225,62 @@ static void accessors_report_clock_and_auto_create(void **state)
     assert_false(brk_store_auto_create(f->s));
 }
 
+typedef struct heard {
+    int appended, durable;
+    char topic[32];
+    uint16_t queue;
+    uint64_t log_offset, durable_end;
+} heard;
+
+static void on_appended(void *ctx, const char *topic, uint16_t queue,
+                        uint64_t log_offset)
+{
+    heard *h = ctx;
+    h->appended++;
+    snprintf(h->topic, sizeof h->topic, "%s", topic);
+    h->queue = queue;
+    h->log_offset = log_offset;
+}
+
+static void on_durable(void *ctx, uint64_t end)
+{
+    heard *h = ctx;
+    h->durable++;
+    h->durable_end = end;
+}
+
+static void listener_hears_appends_and_durable_advances(void **state)
+{
+    fx *f = *state;
+    heard h;
+    memset(&h, 0, sizeof h);
+    brk_store_listener l = { on_appended, on_durable, &h };
+    brk_store_set_listener(f->s, &l);
+    brk_append_req r;
+    memset(&r, 0, sizeof r);
+    r.topic = "orders";
+    r.queue = 2;
+    r.body = (brk_bytes){ "x", 1 };
+    brk_append_res res;
+    assert_int_equal(brk_store_append(f->s, &r, &res), BRK_OK);
+    assert_int_equal(h.appended, 1);
+    assert_string_equal(h.topic, "orders");
+    assert_int_equal(h.queue, 2);
+    assert_int_equal(h.log_offset, res.log_offset);
+    /* SYNC mode: the append was made durable, and the listener heard it. */
+    assert_true(h.durable >= 1);
+    assert_true(h.durable_end > res.log_offset);
+    /* A refused append is not heard. */
+    r.queue = 99;
+    assert_int_not_equal(brk_store_append(f->s, &r, &res), BRK_OK);
+    assert_int_equal(h.appended, 1);
+    /* Removed: silence. */
+    brk_store_set_listener(f->s, NULL);
+    r.queue = 0;
+    assert_int_equal(brk_store_append(f->s, &r, &res), BRK_OK);
+    assert_int_equal(h.appended, 1);
+}
+
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
 
 int main(void)
@@ -240,6 +297,7 @@ int main(void)
         T(user_append_with_system_property_is_refused),
         cmocka_unit_test(strip_sys_keeps_only_user_properties),
         T(accessors_report_clock_and_auto_create),
+        T(listener_hears_appends_and_durable_advances),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

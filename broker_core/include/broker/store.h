@@ -306,6 +306,28 @@ const brk_clock *brk_store_clock(brk_store *s);
  * so layered modules can refuse early what a later append would refuse. */
 bool brk_store_auto_create(brk_store *s);
 
+/* ---- notification -------------------------------------------------------- */
+
+/* What the store tells a module layered on it (consumer groups wake their
+ * long-polling waiters with it).  Both run on the appending or flushing
+ * thread, with no store lock held; they must be quick and must not append.
+ *   appended  an append returned OK: the record is at log_offset of
+ *             topic/queue.  In ASYNC mode it is visible to readers now; in
+ *             SYNC mode from the moment `durable` passes it.
+ *   durable   everything below `end` is fdatasync'ed (and, in SYNC mode,
+ *             visible to readers). */
+typedef struct brk_store_listener {
+    void (*appended)(void *ctx, const char *topic, uint16_t queue,
+                     uint64_t log_offset);
+    void (*durable)(void *ctx, uint64_t end);
+    void *ctx;
+} brk_store_listener;
+
+/* Install (or with NULL remove) the one listener.  The struct must stay
+ * valid while installed; remove it only when no append or flush runs
+ * concurrently (e.g. before brk_store_close). */
+void brk_store_set_listener(brk_store *s, const brk_store_listener *l);
+
 /* ---- stats --------------------------------------------------------------- */
 
 typedef struct brk_store_stats {
