@@ -114,6 +114,11 @@ bool brk_store_auto_create(brk_store *s)
     return s->opts.auto_create_topics;
 }
 
+brk_flush_mode brk_store_flush_mode(brk_store *s)
+{
+    return s->opts.flush_mode;
+}
+
 static int64_t mono_ms(brk_store *s)
 {
     return s->clock->mono_ns(s->clock->ctx) / 1000000;

@@ -306,6 +306,10 @@ const brk_clock *brk_store_clock(brk_store *s);
  * so layered modules can refuse early what a later append would refuse. */
 bool brk_store_auto_create(brk_store *s);
 
+/* The flush mode the store was opened with, so layered modules know when an
+ * appended record becomes visible to readers (see brk_store_listener). */
+brk_flush_mode brk_store_flush_mode(brk_store *s);
+
 /* ---- notification -------------------------------------------------------- */
 
 /* What the store tells a module layered on it (consumer groups wake their
