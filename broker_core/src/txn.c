@@ -201,6 +201,7 @@ struct brk_txn {
 
     int64_t next_save_ms, next_sweep_ms;
     uint64_t saved[3];          /* last state written */
+    bool rebuilt;               /* state loaded: saving it is allowed */
     uint32_t cursor;
     bool cursor_ok;
 
@@ -212,6 +213,15 @@ struct brk_txn {
 static int64_t now_ms(brk_txn *t)
 {
     return t->clock->now_ms(t->clock->ctx);
+}
+
+/* a + b for times and durations, saturating: "forever" may be INT64_MAX. */
+static int64_t sat_add(int64_t a, int64_t b)
+{
+    int64_t r;
+    if (__builtin_add_overflow(a, b, &r))
+        return b > 0 ? INT64_MAX : INT64_MIN;
+    return r;
 }
 
 static uint64_t txid_hash(const char *txid, size_t len)
@@ -830,6 +840,12 @@ static brk_status resolve(brk_txn *t, uint64_t hash, const char *txid,
     uint16_t checks = e->checks;
     uint64_t lb = inflight_add(t);
     pthread_mutex_unlock(&t->mu);
+    /* The caller's copy of the half record is only good if it is this
+     * transaction's: the txid may have been forgotten and prepared anew
+     * since.  A compaction copy names its original in \x1fcopy. */
+    if (pre && pre->r->log_offset != half_off
+        && !(pre->is_copy && pre->copy_from == half_off))
+        pre = NULL;
 
     char idbuf[BRK_TXID_MAX + 1];
     half_view h;
@@ -878,9 +894,9 @@ static brk_status resolve(brk_txn *t, uint64_t hash, const char *txid,
             t->st.expired_total++;
     } else {
         e->flags &= (uint8_t)~F_RESOLVING;
-        /* A check-back that lost its verdict must not leave the
-         * transaction unscheduled. */
-        if (!(e->flags & F_STUCK) && src != SRC_CLIENT)
+        /* A verdict that could not be stored must not leave the transaction
+         * unscheduled: its timer may have been dropped while we held it. */
+        if (!(e->flags & F_STUCK))
             schedule(t, e, now_ms(t) + t->o.error_backoff_min_ms);
     }
     fill_result(e, res);
@@ -1115,6 +1131,7 @@ brk_status brk_txn_prepare(brk_txn *t, const brk_txn_prepare_req *req,
     }
     e->state = BRK_TXN_PREPARED;
     e->flags = F_PREPARING;
+    e->half_off = log_end(t);    /* a lower bound until the append returns */
     t->pending++;
     int64_t now = now_ms(t);
     pthread_mutex_unlock(&t->mu);
@@ -1308,6 +1325,9 @@ static void run_check(brk_txn *t, uint64_t hash)
             e->flags &= (uint8_t)~F_CHECKING;
             pthread_cond_broadcast(&t->cv);
         }
+        if (e && !live && e->state == BRK_TXN_PREPARED
+            && !(e->flags & (F_RESOLVING | F_STUCK | F_CHECKING)))
+            schedule(t, e, now_ms(t) + t->o.error_backoff_min_ms);
         if (e && live && e->state == BRK_TXN_PREPARED) {
             if (ws != BRK_OK) {
                 schedule(t, e, now_ms(t) + backoff_ms(t, 1));
@@ -1371,16 +1391,24 @@ void brk_txn_quiesce(brk_txn *t)
 /* Hand due checks to the workers (under mu). */
 static void dispatch_locked(brk_txn *t, int64_t now)
 {
-    if (!t->o.checker)
-        return;
     brk_timer tm;
+    if (!t->o.checker) {
+        /* No checks ever: drop due timers so neither the heap grows nor
+         * the scheduler spins on them. */
+        while (brk_timerheap_peek(&t->heap, &tm) && tm.due_ms <= now)
+            brk_timerheap_pop(&t->heap, &tm);
+        return;
+    }
     while (t->jlen < t->jcap && brk_timerheap_peek(&t->heap, &tm)
            && tm.due_ms <= now) {
         brk_timerheap_pop(&t->heap, &tm);
         txn_ent *e = tab_find(t, tm.ref);
         if (!e || e->state != BRK_TXN_PREPARED || e->when_ms != tm.due_ms
-            || (e->flags & (F_CHECKING | F_RESOLVING | F_STUCK | F_PREPARING)))
-            continue;                    /* a stale timer */
+            || (e->flags & (F_CHECKING | F_RESOLVING | F_STUCK | F_PREPARING
+                            | F_MOVING)))
+            continue;                    /* a stale timer (or, for one being
+                                            copied, resolved or prepared,
+                                            re-armed by whoever holds it) */
         e->flags |= F_CHECKING;
         t->jobs[(t->jhead + t->jlen) % t->jcap].hash = tm.ref;
         t->jlen++;
@@ -1426,18 +1454,23 @@ static brk_status op_queue_at(brk_txn *t, const char *topic, uint64_t off,
 /* Save state.txn and move the retention cursor (not under mu). */
 static brk_status save_state(brk_txn *t, bool force)
 {
+    if (!t->rebuilt)
+        return BRK_OK;          /* never overwrite state we did not load */
+    /* One snapshot under mu: a preparing entry's half_off is a lower bound
+     * of where its record goes, and a verdict not registered in `inflight`
+     * yet will register a bound >= the log end read here (inflight_add
+     * reads it under mu too). */
     pthread_mutex_lock(&t->mu);
     uint64_t min_half = UINT64_MAX;
     for (size_t i = 0; i < t->cap; i++)
-        if (t->tab[i].hash && !(t->tab[i].flags & F_PREPARING)
-            && t->tab[i].half_off < min_half)
+        if (t->tab[i].hash && t->tab[i].half_off < min_half)
             min_half = t->tab[i].half_off;
     uint64_t effect_from = UINT64_MAX;
     for (size_t i = 0; i < t->ninflight; i++)
         if (t->inflight[i] < effect_from)
             effect_from = t->inflight[i];
-    pthread_mutex_unlock(&t->mu);
     uint64_t end = log_end(t);
+    pthread_mutex_unlock(&t->mu);
     if (effect_from == UINT64_MAX)
         effect_from = end;
     /* Owed effects (a verdict stored, its message not yet) sit at or after
@@ -1461,6 +1494,12 @@ static brk_status save_state(brk_txn *t, bool force)
     if (!force && half_q == t->saved[0] && op_q == t->saved[1]
         && effect_from == t->saved[2])
         return BRK_OK;
+    /* Every effect completed below effect_from must be durable before the
+     * state says so (in ASYNC mode an op can be durable while the message
+     * after it is not yet). */
+    st = brk_store_flush(t->s);
+    if (st != BRK_OK)
+        return st;
     uint8_t buf[STATE_LEN] = { 0 };
     brk_st32(buf, 1);
     brk_st64(buf + 8, half_q);
@@ -1483,17 +1522,24 @@ static brk_status save_state(brk_txn *t, bool force)
  * that lost their timer (a failed heap push). */
 static void sweep_locked(brk_txn *t, int64_t now)
 {
-    while (t->rlen > 0) {
+    /* The ring is in resolution order: stop at the first one still kept.
+     * One whose effect is still owed (or being written) goes to the back
+     * instead, so it cannot hold back the eviction of everything after it. */
+    for (size_t seen = 0, n = t->rlen; seen < n && t->rlen > 0; seen++) {
         uint64_t h = t->resolved[t->rhead];
         txn_ent *e = tab_find(t, h);
-        if (e && e->state != BRK_TXN_PREPARED) {
-            if (e->when_ms + t->o.resolved_keep_ms > now
-                || (e->flags & (F_EFFECT | F_RESOLVING)))
-                break;
-            tab_remove(t, e);
-        }
+        if (e && e->state != BRK_TXN_PREPARED
+            && !(e->flags & (F_EFFECT | F_RESOLVING))
+            && sat_add(e->when_ms, t->o.resolved_keep_ms) > now)
+            break;
         t->rhead = (t->rhead + 1) % t->rcap;
         t->rlen--;
+        if (e && e->state != BRK_TXN_PREPARED) {
+            if (e->flags & (F_EFFECT | F_RESOLVING))
+                ring_push(t, h);
+            else
+                tab_remove(t, e);
+        }
     }
     if (t->rearm) {
         t->rearm = false;
@@ -1568,6 +1614,10 @@ static void compact_one(brk_txn *t, uint64_t hash)
     pthread_mutex_lock(&t->mu);
     e = tab_find(t, hash);
     e->flags &= (uint8_t)~F_MOVING;
+    /* A timer that came due during the copy was dropped: re-arm (a spare
+     * timer is harmless, dispatch skips stale ones). */
+    if (e->state == BRK_TXN_PREPARED && !(e->flags & F_STUCK))
+        schedule(t, e, e->when_ms);
     if (st == BRK_OK) {
         e->half_off = ar.log_offset;
         int64_t age = ar.store_ms / 1000 - (int64_t)e->prep_s;
@@ -1592,8 +1642,8 @@ static void compact(brk_txn *t, int64_t now)
         txn_ent *e = &t->tab[i];
         if (!e->hash || e->state != BRK_TXN_PREPARED)
             continue;
-        if (((int64_t)e->prep_s + e->half_age_s) * 1000
-            + t->o.compact_after_ms > now)
+        if (sat_add(((int64_t)e->prep_s + e->half_age_s) * 1000,
+                    t->o.compact_after_ms) > now)
             continue;
         if (n == cap) {
             cap = cap ? cap * 2 : 64;
@@ -2090,6 +2140,8 @@ brk_status brk_txn_open(brk_txn **out, brk_store *s, const brk_txn_opts *opts,
     }
     if (st == BRK_OK)
         st = rebuild(t, errbuf, errlen);
+    if (st == BRK_OK)
+        t->rebuilt = true;
     if (st == BRK_OK) {
         t->workers = calloc(o.workers, sizeof *t->workers);
         if (!t->workers)
