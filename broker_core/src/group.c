@@ -455,7 +455,7 @@ int64_t brk_group_retry_delay_ms(uint32_t n)
 {
     if (n < 1)
         n = 1;
-    uint32_t level = n + 2 > LEVELS ? LEVELS : n + 2;
+    uint32_t level = n >= LEVELS - 2 ? LEVELS : n + 2;
     return brk_delay_level_ms((int)level);
 }
 
@@ -651,6 +651,27 @@ static brk_status q_settle(qstate *q, uint64_t lo, uint64_t hi)
         q->nsp -= k;
     }
     return BRK_OK;
+}
+
+/* Move q->next past the settled spans it points into (after a restart,
+ * offsets acked out of order lie above next) and return where the next
+ * span above it starts (UINT64_MAX: none). */
+static uint64_t q_skip_settled(qstate *q)
+{
+    uint32_t a = 0, b = q->nsp;
+    while (a < b) {                 /* first span with hi > next */
+        uint32_t mid = a + (b - a) / 2;
+        if (q->sp[mid].hi <= q->next)
+            a = mid + 1;
+        else
+            b = mid;
+    }
+    for (uint32_t i = a; i < q->nsp; i++) {
+        if (q->sp[i].lo > q->next)
+            return q->sp[i].lo;
+        q->next = q->sp[i].hi;
+    }
+    return UINT64_MAX;
 }
 
 static int64_t flight_find(const qstate *q, uint64_t off)
@@ -1438,12 +1459,14 @@ static qstate *loc_q(member *m, const floc *l, bool *retry, uint16_t *queue)
 
 /* A delivery failed (nack, expiry): dead-letter it at max_deliveries,
  * else (non-FIFO) copy it to the retry queue, or (FIFO) put it in WAIT.
+ * The retry delay counts from the failure: now for a nack, the moment the
+ * invisibility ran out for an expiry (however late the tick noticed it).
  * *settle says the caller must settle it once the copy is durable.  On a
  * failed append the flight stays OUT, due again after a backoff.  g->mu
  * held. */
 static brk_status fail_one(brk_groups *G, group *g, member *m, const floc *l,
                            int64_t delay_ms, brk_bytes reason, bool defer,
-                           int64_t now, bool *settle)
+                           bool expired, int64_t now, bool *settle)
 {
     *settle = false;
     bool retry;
@@ -1454,6 +1477,7 @@ static brk_status fail_one(brk_groups *G, group *g, member *m, const floc *l,
         return BRK_CONFLICT;
     flight *f = &q->fl[i];
     uint32_t count = f->count;
+    int64_t base = expired && f->visible_at < now ? f->visible_at : now;
     bool dlq = count >= g->cfg.max_deliveries;
     int64_t delay = delay_ms > 0 ? brk_delay_level_ms(level_for(delay_ms))
                                  : brk_group_retry_delay_ms(count);
@@ -1463,7 +1487,7 @@ static brk_status fail_one(brk_groups *G, group *g, member *m, const floc *l,
             m->inflight_bytes -= f->bytes;
         }
         f->state = FL_WAIT;
-        f->visible_at = now + delay;
+        f->visible_at = base + delay;
         arm(G, g, f->visible_at);
         return BRK_OK;
     }
@@ -1485,7 +1509,7 @@ static brk_status fail_one(brk_groups *G, group *g, member *m, const floc *l,
         } else {
             int level = level_for(delay);
             st = retry_copy(G, g, m, l->k, rec, &o, count, level,
-                            now + brk_delay_level_ms(level), reason, defer);
+                            base + brk_delay_level_ms(level), reason, defer);
         }
     }
     brk_batch_free(b);
@@ -1562,7 +1586,8 @@ scan_done:
     size_t nok = 0;
     brk_bytes reason = { TIMEOUT_REASON, sizeof TIMEOUT_REASON - 1 };
     for (size_t i = 0; i < n; i++) {
-        brk_status s1 = fail_one(G, g, m, &ex[i], 0, reason, defer, now, &ok[i]);
+        brk_status s1 = fail_one(G, g, m, &ex[i], 0, reason, defer, true, now,
+                                 &ok[i]);
         if (s1 != BRK_OK && st == BRK_OK)
             st = s1;
         nok += ok[i];
@@ -1770,6 +1795,9 @@ static brk_status take_from(brk_groups *G, group *g, member *m, uint32_t k,
         uint64_t first = q->next;
         size_t ask = f->all ? (want < ENTRY_CHUNK ? want : ENTRY_CHUNK)
                             : ENTRY_CHUNK;
+        uint64_t span_lo = q_skip_settled(q);
+        if (span_lo - q->next < ask)
+            ask = (size_t)(span_lo - q->next);
         st = brk_store_read_entries(G->s, topic, queue, q->next, ents, ask, &n,
                                     &first);
         if (st == BRK_NOTFOUND)
@@ -2028,6 +2056,17 @@ static void wb_u16(wbuf *w, uint16_t v) { uint8_t b[2]; brk_st16(b, v); wb_put(w
 static void wb_u32(wbuf *w, uint32_t v) { uint8_t b[4]; brk_st32(b, v); wb_put(w, b, 4); }
 static void wb_u64(wbuf *w, uint64_t v) { uint8_t b[8]; brk_st64(b, v); wb_put(w, b, 8); }
 
+/* A queue's progress: committed, then the settled spans above it. */
+static void wb_q(wbuf *w, const qstate *q)
+{
+    wb_u64(w, q->committed);
+    wb_u32(w, q->nsp);
+    for (uint32_t i = 0; i < q->nsp; i++) {
+        wb_u64(w, q->sp[i].lo);
+        wb_u64(w, q->sp[i].hi);
+    }
+}
+
 typedef struct rdr {
     const uint8_t *p;
     size_t len, pos;
@@ -2061,6 +2100,30 @@ static void rd_str(rdr *r, size_t n, char *out, size_t cap)
     }
     memcpy(out, p, n);
     out[n] = 0;
+}
+
+static void rd_q(rdr *r, qstate *q)
+{
+    q_init(q, rd_u64(r));
+    uint32_t n = rd_u32(r);
+    if (r->bad || n > (r->len - r->pos) / 16) {
+        r->bad = true;
+        return;
+    }
+    q->sp = n ? malloc(n * sizeof *q->sp) : NULL;
+    if (n && !q->sp) {
+        r->bad = true;
+        return;
+    }
+    q->csp = q->nsp = n;
+    uint64_t prev = q->committed;
+    for (uint32_t i = 0; i < n; i++) {
+        q->sp[i].lo = rd_u64(r);
+        q->sp[i].hi = rd_u64(r);
+        if (q->sp[i].lo <= prev || q->sp[i].hi <= q->sp[i].lo)
+            r->bad = true;
+        prev = q->sp[i].hi;
+    }
 }
 
 typedef struct cursor_pos {
@@ -2117,6 +2180,10 @@ static void group_serialize(brk_groups *G, group *g, wbuf *w, uint64_t end,
     wb_u32(w, g->nmembers);
     for (uint32_t mi = 0; mi < g->nmembers; mi++) {
         member *m = g->members[mi];
+        for (uint32_t k = 0; k < g->nsubs; k++) {
+            substate *sp;       /* registers the cursor of a new one */
+            (void)ss_ensure(G, g, m, k, &sp);
+        }
         size_t ml = strlen(m->name);
         wb_u8(w, (uint8_t)ml);
         wb_put(w, m->name, ml);
@@ -2125,10 +2192,10 @@ static void group_serialize(brk_groups *G, group *g, wbuf *w, uint64_t end,
             uint32_t nmq = ss ? ss->nmq : 0, nrq = ss ? ss->nrq : 0;
             wb_u16(w, (uint16_t)nmq);
             for (uint32_t i = 0; i < nmq; i++)
-                wb_u64(w, ss->mq[i].committed);
+                wb_q(w, &ss->mq[i]);
             wb_u8(w, (uint8_t)nrq);
             for (uint32_t i = 0; i < nrq; i++)
-                wb_u64(w, ss->rq[i].committed);
+                wb_q(w, &ss->rq[i]);
             if (ss && ss->has_cursor && cp) {
                 if (*ncp == *ccp) {
                     size_t nc = *ccp ? *ccp * 2 : 16;
@@ -2293,7 +2360,7 @@ static brk_status load_state(brk_groups *G, char *errbuf, size_t errlen)
                 }
                 ss->nmq = nmq;
                 for (uint32_t i = 0; i < nmq; i++)
-                    q_init(&ss->mq[i], rd_u64(&r));
+                    rd_q(&r, &ss->mq[i]);
                 uint32_t nrq = rd_u8(&r);
                 if (nrq != 0 && nrq != LEVELS) {
                     r.bad = true;
@@ -2306,7 +2373,7 @@ static brk_status load_state(brk_groups *G, char *errbuf, size_t errlen)
                 }
                 ss->nrq = nrq;
                 for (uint32_t i = 0; i < nrq; i++)
-                    q_init(&ss->rq[i], rd_u64(&r));
+                    rd_q(&r, &ss->rq[i]);
                 if (nrq)
                     m->retry_nq = (k + 1) * LEVELS;
             }
@@ -2862,7 +2929,8 @@ brk_status brk_group_nack(brk_groups *G, const char *group_name,
     if (st == BRK_OK) {
         bool was = at_bound(g, m), settle = false;
         brk_bytes rs = { reason ? reason : "", reason ? strlen(reason) : 0 };
-        st = fail_one(G, g, m, &l, delay_ms, rs, false, now_ms(G), &settle);
+        st = fail_one(G, g, m, &l, delay_ms, rs, false, false, now_ms(G),
+                      &settle);
         if (st == BRK_OK && settle)
             settle_loc(G, g, m, &l);
         if (st == BRK_OK) {
@@ -3184,8 +3252,23 @@ brk_status brk_group_lag(brk_groups *G, const char *group_name,
                         || r->oldest_unacked_ms < tot.oldest_unacked_ms))
                     tot.oldest_unacked_ms = r->oldest_unacked_ms;
             }
-            for (uint32_t i = 0; i < ss->nrq; i++)
-                tot.inflight += ss->rq[i].nfl;
+            /* Messages waiting in the retry queues are not acked either:
+             * the totals row counts them as lag (committed = max - lag). */
+            for (uint32_t i = 0; i < ss->nrq; i++) {
+                qstate *q = &ss->rq[i];
+                uint64_t rmn = 0, rmx = 0;
+                tot.inflight += q->nfl;
+                if (brk_store_queue_range(G->s, m->retry_topic,
+                                          (uint16_t)(k * LEVELS + i), &rmn,
+                                          &rmx) == BRK_OK
+                    && rmx > q->committed) {
+                    uint64_t back = rmx - q->committed;
+                    tot.lag += back;
+                    tot.committed_offset = tot.committed_offset > back
+                                               ? tot.committed_offset - back
+                                               : 0;
+                }
+            }
             v[n++] = tot;
         }
     }
