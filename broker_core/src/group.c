@@ -801,11 +801,42 @@ static void w_take(brk_groups *G, waiter *w, waiter **list)
     *list = w;
 }
 
+/* A thread that holds a group lock across store appends or flushes (retry
+ * copies, dead letters) may run the store listener itself; the waiters that
+ * listener takes are parked here and fired once the lock is dropped
+ * (defer_end), so no callback ever runs under a group lock. */
+static _Thread_local int tl_defer_depth;
+static _Thread_local waiter *tl_deferred;
+
+static void defer_begin(void)
+{
+    tl_defer_depth++;
+}
+
+static void w_fire(brk_groups *G, waiter *list);
+
+static void defer_end(brk_groups *G)
+{
+    if (--tl_defer_depth > 0)
+        return;
+    waiter *list = tl_deferred;
+    tl_deferred = NULL;
+    w_fire(G, list);
+}
+
 /* Run the callbacks of a firing list with no lock held, then free them. */
 static void w_fire(brk_groups *G, waiter *list)
 {
     if (!list)
         return;
+    if (tl_defer_depth > 0) {
+        waiter *last = list;
+        while (last->fnext)
+            last = last->fnext;
+        last->fnext = tl_deferred;
+        tl_deferred = list;
+        return;
+    }
     for (waiter *w = list; w; w = w->fnext)
         w->fn(w->ctx);
     pthread_mutex_lock(&G->wmu);
@@ -1946,7 +1977,7 @@ static bool has_work(brk_groups *G, group *g, member *m, uint32_t k,
                                   &mx) == BRK_OK && q->next < mx)
             return true;
     }
-    for (uint32_t ri = 0; ri < ss->nrq; ri++)
+    for (uint32_t ri = 0; !g->cfg.fifo && ri < ss->nrq; ri++)
         if (retry_head(G, m, k, ri, &ss->rq[ri]) <= now)
             return true;
     return false;
@@ -1969,7 +2000,7 @@ static int64_t next_event(brk_groups *G, group *g, int64_t now)
                     if (q->fl[i].visible_at > now && q->fl[i].visible_at < next)
                         next = q->fl[i].visible_at;
             }
-            for (uint32_t ri = 0; ri < ss->nrq; ri++) {
+            for (uint32_t ri = 0; !g->cfg.fifo && ri < ss->nrq; ri++) {
                 int64_t d = retry_head(G, m, k, ri, &ss->rq[ri]);
                 if (d > now && d < next)
                     next = d;
@@ -1990,6 +2021,7 @@ static brk_status process_group(brk_groups *G, group *g, int64_t now)
     brk_status st = BRK_OK;
     wake_ent *w = NULL;
     size_t nw = 0, cw = 0;
+    defer_begin();
     pthread_mutex_lock(&g->mu);
     for (uint32_t mi = 0; mi < g->nmembers; mi++) {
         brk_status s1 = expire_member(G, g, g->members[mi], now);
@@ -2017,6 +2049,7 @@ static brk_status process_group(brk_groups *G, group *g, int64_t now)
     arm(G, g, next_event(G, g, now));
     bool bc = g->cfg.broadcast;
     pthread_mutex_unlock(&g->mu);
+    defer_end(G);
     for (size_t i = 0; i < nw; i++)
         wake_topic(G, w[i].topic, g->name, bc ? w[i].member : NULL);
     free(w);
@@ -2504,7 +2537,7 @@ static void arm_heads(brk_groups *G, group *g, member *m, uint32_t k,
                       int64_t now)
 {
     substate *ss = &m->ss[k];
-    for (uint32_t ri = 0; ri < ss->nrq; ri++) {
+    for (uint32_t ri = 0; !g->cfg.fifo && ri < ss->nrq; ri++) {
         int64_t d = retry_head(G, m, k, ri, &ss->rq[ri]);
         if (d > now && d != INT64_MAX)
             arm(G, g, d);
@@ -2527,10 +2560,12 @@ brk_status brk_group_receive(brk_groups *G, const brk_receive_req *req,
     if (st != BRK_OK)
         return st;
     int64_t now = now_ms(G);
+    defer_begin();
     (void)expire_member(G, g, m, now);   /* failures stay in flight */
     rbuild rb;
     if ((st = rb_init(&rb, req->max)) != BRK_OK) {
         pthread_mutex_unlock(&g->mu);
+        defer_end(G);
         return st;
     }
     rctx rc = { now, req->invisible_ms ? req->invisible_ms
@@ -2552,6 +2587,7 @@ brk_status brk_group_receive(brk_groups *G, const brk_receive_req *req,
         arm(G, g, now + rc.invisible);
     arm_heads(G, g, m, k, now);
     pthread_mutex_unlock(&g->mu);
+    defer_end(G);
     if (rb.b->count == 0) {
         brk_receive_batch_free(rb.b);
         if (st != BRK_OK)
@@ -2916,9 +2952,12 @@ brk_status brk_group_nack(brk_groups *G, const char *group_name,
         return BRK_INVAL;
     group *g;
     rcpt r;
+    defer_begin();
     brk_status st = settle_begin(G, group_name, receipt, &g, &r);
-    if (st != BRK_OK)
+    if (st != BRK_OK) {
+        defer_end(G);
         return st;
+    }
     member *m;
     floc l;
     qstate *q;
@@ -2940,6 +2979,7 @@ brk_status brk_group_nack(brk_groups *G, const char *group_name,
         }
     }
     pthread_mutex_unlock(&g->mu);
+    defer_end(G);
     if (st == BRK_OK && pae)
         st = save_state(G, false);
     if (wake)
