@@ -301,6 +301,8 @@ typedef struct member {
     uint64_t inflight_bytes;
     uint32_t retry_nq;          /* queues of the retry topic (0: none yet) */
     uint32_t rr;                /* rotating start for receive */
+    int64_t min_vis;            /* <= every FL_OUT visible_at (expiry scans
+                                   are skipped before it) */
 } member;
 
 typedef struct subscr {
@@ -1031,7 +1033,14 @@ static member *member_new(const group *g, const char *name, uint32_t idx)
         snprintf(m->retry_topic, sizeof m->retry_topic, "__retry.%s",
                  g->name);
     m->idx = idx;
+    m->min_vis = INT64_MAX;
     return m;
+}
+
+static void note_vis(member *m, int64_t v)
+{
+    if (v < m->min_vis)
+        m->min_vis = v;
 }
 
 static brk_status members_push(group *g, member *m)
@@ -1551,6 +1560,7 @@ static brk_status fail_one(brk_groups *G, group *g, member *m, const floc *l,
         i = q ? flight_find(q, l->off) : -1;
         if (i >= 0) {
             q->fl[i].visible_at = now + FAIL_BACKOFF_MS;
+            note_vis(m, q->fl[i].visible_at);
             arm(G, g, q->fl[i].visible_at);
         }
     }
@@ -1577,17 +1587,25 @@ static void settle_loc(brk_groups *G, group *g, member *m, const floc *l)
 static brk_status expire_member(brk_groups *G, group *g, member *m,
                                 int64_t now)
 {
+    if (now < m->min_vis)
+        return BRK_OK;
     floc *ex = NULL;
     size_t n = 0, cap = 0;
     brk_status st = BRK_OK;
+    int64_t rest = INT64_MAX;       /* earliest expiry that stays */
     for (uint32_t k = 0; k < m->nss; k++) {
         substate *ss = &m->ss[k];
         uint32_t nq = ss->nmq + ss->nrq;
         for (uint32_t qi = 0; qi < nq; qi++) {
             qstate *q = qi < ss->nmq ? &ss->mq[qi] : &ss->rq[qi - ss->nmq];
             for (uint32_t i = 0; i < q->nfl; i++) {
-                if (q->fl[i].state != FL_OUT || q->fl[i].visible_at > now)
+                if (q->fl[i].state != FL_OUT)
                     continue;
+                if (q->fl[i].visible_at > now) {
+                    if (q->fl[i].visible_at < rest)
+                        rest = q->fl[i].visible_at;
+                    continue;
+                }
                 if (n == cap) {
                     size_t nc = cap ? cap * 2 : 16;
                     floc *ne = realloc(ex, nc * sizeof *ne);
@@ -1604,6 +1622,8 @@ static brk_status expire_member(brk_groups *G, group *g, member *m,
         }
     }
 scan_done:
+    if (st == BRK_OK)
+        m->min_vis = rest;      /* failures below lower it again */
     if (n == 0) {
         free(ex);
         return st;
@@ -1635,8 +1655,10 @@ scan_done:
                     uint16_t qq;
                     qstate *q = loc_q(m, &ex[i], &r, &qq);
                     int64_t j = q ? flight_find(q, ex[i].off) : -1;
-                    if (j >= 0)
+                    if (j >= 0) {
                         q->fl[j].visible_at = now + FAIL_BACKOFF_MS;
+                        note_vis(m, q->fl[j].visible_at);
+                    }
                 }
             arm(G, g, now + FAIL_BACKOFF_MS);
         }
@@ -1813,6 +1835,7 @@ static brk_status take_from(brk_groups *G, group *g, member *m, uint32_t k,
         fl->gen = gen;
         fl->state = FL_OUT;
         fl->visible_at = rc->now + rc->invisible;
+        note_vis(m, fl->visible_at);
         m->inflight++;
         m->inflight_bytes += fl->bytes;
         rc->handed = true;
@@ -1908,6 +1931,7 @@ static brk_status take_from(brk_groups *G, group *g, member *m, uint32_t k,
             flight fl = { off, e->log_offset, gen, rc->now + rc->invisible,
                           count, e->size, FL_OUT };
             flight_push(q, &fl);
+            note_vis(m, fl.visible_at);
             m->inflight++;
             m->inflight_bytes += e->size;
             q->next = off + 1;
@@ -3005,6 +3029,7 @@ brk_status brk_group_change_invisibility(brk_groups *G, const char *group_name,
     st = locate(g, &r, &m, &l, &q, &i);
     if (st == BRK_OK) {
         q->fl[i].visible_at = now_ms(G) + invisible_ms;
+        note_vis(m, q->fl[i].visible_at);
         arm(G, g, q->fl[i].visible_at);
     }
     pthread_mutex_unlock(&g->mu);
