@@ -26,6 +26,11 @@
  *               Every offset in [committed, next) is either in fl or in sp;
  *               committed absorbs sp ranges as it reaches them.
  *
+ * A receive (or wait) names a topic: an unknown group is created
+ * (clustering, defaults, no filter) and a known group that does not
+ * consume the topic yet gets a subscription to it (no filter), as topics
+ * are created on first use.  Subscriptions are never removed.
+ *
  * "Settled" means acked, skipped by the tag filter, dead-lettered, or (non-
  * FIFO) copied into the retry topic.  A filter is a set of tags; consume-
  * queue entries whose tag_hash is not in the set are skipped without
@@ -35,19 +40,25 @@
  * STATE MACHINE OF A DELIVERED MESSAGE (per member)
  * =================================================
  *
- *       receive                      ack (receipt gen matches)
- *  NEW ---------> OUT (count c) --------------------------------> SETTLED
- *                  |  ^    \
- *     nack, or     |  |     \  nack/expiry with c >= max_deliveries:
- *     visible_at   |  |      \ copy into "__dlq.<group>" -----> SETTLED
- *     passed       |  |
- *   non-FIFO:      |  |  FIFO: receive once visible_at <= now (count c+1,
- *   copy into the  |  |  new gen)
- *   retry queue    v  |
- *   for level(c) -> SETTLED   FIFO: WAIT (visible_at = now + delay, still
- *   (the copy is a NEW        blocks its queue; the old receipt is stale)
- *   message of the retry
- *   queue whose first delivery has count c+1)
+ *          receive: count 1 (a retry copy: its "count" + 1), new gen
+ *   NEW -----------------------------------------------------> OUT(c)
+ *
+ *   OUT(c) --ack (receipt gen matches)---------------------> SETTLED
+ *   OUT(c) --change_invisibility--> OUT(c), new visible_at, same receipt
+ *   OUT(c) --nack, or visible_at passed:
+ *              c >= max_deliveries: dead letter appended --> SETTLED
+ *              non-FIFO: retry copy appended ------------> SETTLED
+ *                 (the copy is a NEW message of a retry queue, not
+ *                  delivered before failure time + delay)
+ *              FIFO: -----------------------------------> WAIT(c)
+ *                 (keeps blocking its queue until failure time + delay)
+ *   WAIT(c) --receive once due: count c+1, new gen--------> OUT(c+1)
+ *   OUT(c) --the append of the copy failed---------------> OUT(c), due
+ *                                                 again FAIL_BACKOFF_MS later
+ *
+ * delay = the nack's delay_ms rounded up to a level (at most 2 h), else
+ * brk_group_retry_delay_ms(c).  The failure time is now for a nack and
+ * visible_at for an expiry, however late the tick notices it.
  *
  * Expiry is found by brk_groups_tick (the background thread) at the
  * group's timer, and by a receive for the member, which handles its own
@@ -132,16 +143,25 @@
  *     u32  nmembers
  *     per member: u8 name length, name (length 0: the clustering member)
  *       per subscription:
- *         u16 nmain, nmain x u64 committed offset of the topic's queues
- *         u8  nretry (0 or 18), nretry x u64 committed of its retry queues
+ *         u16 nmain, nmain x QUEUE for the topic's queues 0..nmain-1
+ *         u8  nretry (0 or 18), nretry x QUEUE for its retry queues
+ *   QUEUE:
+ *     u64  committed offset
+ *     u32  nspans, nspans x { u64 lo, u64 hi }: offsets [lo, hi) above
+ *          committed that were settled out of order (ascending, disjoint,
+ *          lo > committed), so an ack past an older open message survives
+ *          a restart too
  * A missing file is an empty registry; a bad CRC or framing refuses open
  * (BRK_CORRUPT): starting over would redeliver every retained message.
+ * At open, next = committed and the receive steps over the saved spans.
  *
  * PERSISTENCE, RETENTION AND THE DUPLICATE BOUND
  * ==============================================
- * The file is rewritten whole when something changed: by the tick every
- * persist_interval_ms, at close, synchronously by brk_group_put and by
- * every ack/nack of a group with persist_every_ack.  After each save every
+ * Progress is memory first: an ack changes the qstate and marks the
+ * registry dirty (an atomic counter).  The file is rewritten whole when
+ * something changed: by the tick every persist_interval_ms, at close,
+ * synchronously by brk_group_put and by every ack/nack of a group with
+ * persist_every_ack.  After each save every
  * (member, subscription) moves its retention cursor
  * "grp:<group>:<topic>[:<member>]" to the lowest log offset of the entries
  * at its committed offsets (main and retry queues); a fully consumed queue
@@ -162,8 +182,22 @@
  *     come back;
  *   - dead letters replayed since the replay offset was last saved (it is
  *     saved at the end of each replay call).
- * Nothing acked-and-saved is redelivered and nothing is lost: a message is
- * settled in memory only after its copy (retry or dead letter) is stored.
+ * Nothing acked-and-saved is redelivered (committed plus the spans are
+ * saved) and nothing is lost: a message is settled in memory only after its
+ * copy (retry or dead letter) is stored.  An ack of a persist_every_ack
+ * group whose save fails returns the store's error (IO, FAILED, ...) with
+ * the ack applied in memory; whether the save reached the disk is unknown
+ * (the store is failed from then on), so after a crash that message may or
+ * may not come back - like any write whose outcome is unknown.
+ *
+ * LAG
+ * ===
+ * A row per main queue (max, committed, lag = max - committed, deliveries
+ * in flight or waiting (FIFO), store time of the message at committed),
+ * then a totals row per (subscription, member): sums of the rows, plus the
+ * deliveries in flight from the retry queues, plus, as lag, the messages
+ * waiting in the retry queues (they are not acked either; committed_offset
+ * of the totals row is max - lag), and the dead-letter topic's count.
  *
  * LONG POLLING
  * ============
@@ -174,28 +208,48 @@
  * mode); otherwise the topic is remembered with its highest pending log
  * offset and woken when `durable` passes it.  Retry and FIFO due times and
  * invisibility expiries are group timers (a second heap, one live entry per
- * group: group->armed_at); at a group timer the tick handles expiries,
- * wakes the waiters of every (member, subscription) that has work, and arms
- * the group's next due time.  A callback runs with no lock of this module
+ * group: armed[group idx], later entries of a group are redundant); at a
+ * group timer the tick handles expiries, wakes the waiters of every
+ * (member, subscription) that has work, and arms the group's next due
+ * time.  A callback runs with no lock of this module
  * held (taken out of the lists under wmu, called, then freed under wmu);
- * brk_group_wait_cancel on a running callback waits for it (wdone).  Idle
- * waiters cost no CPU: the background thread sleeps until the earliest
- * timer (with the system clock exactly; with another clock at most 200 ms,
- * since a test clock moves without telling anyone) or, with nothing timed,
- * until signalled.
+ * when the store runs the listener on a thread that holds a group lock
+ * (its own retry or dead-letter append, or a flush, may lead a group
+ * commit), the taken waiters are parked in a thread-local list and fired
+ * once that lock is dropped.  brk_group_wait_cancel on a running callback
+ * waits for it (wdone).  An append wakes every waiter of its topic (all
+ * members of a broadcast group must hear it; for clustering groups this is
+ * a herd when thousands wait on one topic: each receives, one wins).
+ * brk_group_wait registers before it looks for work, so an append between
+ * the look and the registration cannot be missed.  Idle waiters cost no
+ * CPU: the background thread sleeps until the earliest timer (with the
+ * system clock exactly; with another clock at most 200 ms, since a test
+ * clock moves without telling anyone) or, with nothing timed, until
+ * signalled.  brk_group_receive_wait parks such a waiter whose callback
+ * signals the caller's condition variable; the store clock decides its
+ * deadline and a CLOCK_MONOTONIC timeout of wait_ms bounds the sleep too.
  *
- * LOCKS (take in this order; store calls are made under the first three
- * but never under wmu)
+ * MEMORY
+ * ======
+ * Per delivery in flight a 48-byte flight; per (member, subscription,
+ * queue) a qstate (~64 bytes) plus its settled spans (16 bytes each, only
+ * while acks run ahead of an older open message); per waiter ~320 bytes
+ * and a 16-byte heap entry.  Nothing per message that is not in flight.
+ *
+ * LOCKS (take in this order; store calls are made under save_mu, replay_mu
+ * and g->mu, never under reg_mu or wmu)
  *   save_mu   one state save at a time; held across the state-file write
- *   g->mu     one group: its config, subscriptions, members, every qstate,
+ *   replay_mu per group, one dead-letter replay at a time; g->mu is taken
+ *             inside it only briefly (replay appends to user topics
+ *             without g->mu, so their listener calls fire at once)
+ *   g->mu     one group: its config, subscriptions, members, every qstate;
  *             held across record reads and the appends of retry copies and
- *             dead letters (those go to "__" topics, whose appends wake no
- *             waiter, so no callback runs under it)
- *   replay_mu per group, one dead-letter replay at a time (taken before
- *             g->mu, which replay drops while it appends to user topics)
+ *             dead letters (callbacks the listener takes meanwhile are
+ *             parked until it is dropped, see LONG POLLING)
  *   reg_mu    the group array and the set of retry-topic names; held briefly
  *   wmu       waiters, both heaps, the pending-visibility list, armed[],
  *             the background thread's sleep (cond) and wdone
+ * The background thread is joined outside every lock.
  */
 #define _GNU_SOURCE
 #include "broker/group.h"
@@ -276,7 +330,7 @@ typedef struct qstate {
     uint64_t next;
     flight *fl;                 /* sorted by off */
     uint32_t nfl, cfl;
-    span *sp;                   /* sorted, disjoint, not adjacent, > committed */
+    span *sp;                   /* sorted, disjoint, > committed */
     uint32_t nsp, csp;
     uint64_t head_off;          /* retry queues: head_due is for this offset */
     int64_t  head_due;          /* INT64_MIN: unknown */
