@@ -1587,7 +1587,7 @@ static brk_status fail_one(brk_groups *G, group *g, member *m, const floc *l,
     }
     brk_batch *b = NULL;
     brk_status st = brk_store_read_at(G->s, f->log_off, &b);
-    if (st == BRK_NOTFOUND) {          /* removed by retention: nothing to keep */
+    if (st == BRK_NOTFOUND) {       /* removed by retention: nothing to keep */
         *settle = true;
         return BRK_OK;
     }
@@ -2162,10 +2162,31 @@ static void wb_put(wbuf *w, const void *v, size_t n)
     w->len += n;
 }
 
-static void wb_u8(wbuf *w, uint8_t v) { wb_put(w, &v, 1); }
-static void wb_u16(wbuf *w, uint16_t v) { uint8_t b[2]; brk_st16(b, v); wb_put(w, b, 2); }
-static void wb_u32(wbuf *w, uint32_t v) { uint8_t b[4]; brk_st32(b, v); wb_put(w, b, 4); }
-static void wb_u64(wbuf *w, uint64_t v) { uint8_t b[8]; brk_st64(b, v); wb_put(w, b, 8); }
+static void wb_u8(wbuf *w, uint8_t v)
+{
+    wb_put(w, &v, 1);
+}
+
+static void wb_u16(wbuf *w, uint16_t v)
+{
+    uint8_t b[2];
+    brk_st16(b, v);
+    wb_put(w, b, 2);
+}
+
+static void wb_u32(wbuf *w, uint32_t v)
+{
+    uint8_t b[4];
+    brk_st32(b, v);
+    wb_put(w, b, 4);
+}
+
+static void wb_u64(wbuf *w, uint64_t v)
+{
+    uint8_t b[8];
+    brk_st64(b, v);
+    wb_put(w, b, 8);
+}
 
 /* A queue's progress: committed, then the settled spans above it. */
 static void wb_q(wbuf *w, const qstate *q)
@@ -2195,10 +2216,30 @@ static const uint8_t *rd_take(rdr *r, size_t n)
     return p;
 }
 
-static uint8_t rd_u8(rdr *r) { const uint8_t *p = rd_take(r, 1); return p ? p[0] : 0; }
-static uint16_t rd_u16(rdr *r) { const uint8_t *p = rd_take(r, 2); return p ? brk_ld16(p) : 0; }
-static uint32_t rd_u32(rdr *r) { const uint8_t *p = rd_take(r, 4); return p ? brk_ld32(p) : 0; }
-static uint64_t rd_u64(rdr *r) { const uint8_t *p = rd_take(r, 8); return p ? brk_ld64(p) : 0; }
+/* Readers return 0 past the end and mark the reader bad. */
+static uint8_t rd_u8(rdr *r)
+{
+    const uint8_t *p = rd_take(r, 1);
+    return p ? p[0] : 0;
+}
+
+static uint16_t rd_u16(rdr *r)
+{
+    const uint8_t *p = rd_take(r, 2);
+    return p ? brk_ld16(p) : 0;
+}
+
+static uint32_t rd_u32(rdr *r)
+{
+    const uint8_t *p = rd_take(r, 4);
+    return p ? brk_ld32(p) : 0;
+}
+
+static uint64_t rd_u64(rdr *r)
+{
+    const uint8_t *p = rd_take(r, 8);
+    return p ? brk_ld64(p) : 0;
+}
 
 /* Read a length-prefixed string into out[cap] (NUL-terminated). */
 static void rd_str(rdr *r, size_t n, char *out, size_t cap)
@@ -3359,9 +3400,9 @@ brk_status brk_group_lag(brk_groups *G, const char *group_name,
                 r->committed_offset = c;
                 r->lag = qmx - c;
                 r->inflight = q->nfl;
-                r->oldest_unacked_ms = c < qmx ? store_ms_at(G, g->subs[k].topic,
-                                                             (uint16_t)i, c)
-                                               : 0;
+                if (c < qmx)
+                    r->oldest_unacked_ms = store_ms_at(G, g->subs[k].topic,
+                                                       (uint16_t)i, c);
                 tot.max_offset += r->max_offset;
                 tot.committed_offset += r->committed_offset;
                 tot.lag += r->lag;
