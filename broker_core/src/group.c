@@ -2426,6 +2426,18 @@ static brk_status save_state(brk_groups *G, bool force)
     return save_state_ex(G, force, true);
 }
 
+/* Make sure every change counted up to `target` (a dirty_seq value read
+ * after the change) is on disk.  Callers that queue behind a save in
+ * progress usually find it covered theirs: one write serves them all, as a
+ * group commit does. */
+static brk_status save_covering(brk_groups *G, uint64_t target)
+{
+    pthread_mutex_lock(&G->save_mu);
+    bool done = atomic_load(&G->saved_seq) >= target;
+    pthread_mutex_unlock(&G->save_mu);
+    return done ? BRK_OK : save_state(G, false);
+}
+
 /* Load state.groups into an empty registry (open). */
 static brk_status load_state(brk_groups *G, char *errbuf, size_t errlen)
 {
@@ -3047,17 +3059,19 @@ brk_status brk_group_ack(brk_groups *G, const char *group_name,
     uint32_t i;
     st = locate(g, &r, &m, &l, &q, &i);
     bool wake = false, pae = false, bc = g->cfg.broadcast;
+    uint64_t target = 0;
     wake_ent we;
     if (st == BRK_OK) {
         bool was = at_bound(g, m);
         settle_flight(m, q, i);
         mark_dirty(G);
+        target = atomic_load(&G->dirty_seq);
         wake = wake_after(G, g, m, l.k, was, &we);
         pae = g->cfg.persist_every_ack;
     }
     pthread_mutex_unlock(&g->mu);
     if (st == BRK_OK && pae)
-        st = save_state(G, false);
+        st = save_covering(G, target);
     if (wake)
         wake_topic(G, we.topic, g->name, bc ? we.member : NULL);
     return st;
@@ -3083,6 +3097,7 @@ brk_status brk_group_nack(brk_groups *G, const char *group_name,
     uint32_t i;
     st = locate(g, &r, &m, &l, &q, &i);
     bool wake = false, pae = false, bc = g->cfg.broadcast;
+    uint64_t target = 0;
     wake_ent we;
     if (st == BRK_OK) {
         bool was = at_bound(g, m), settle = false;
@@ -3093,6 +3108,7 @@ brk_status brk_group_nack(brk_groups *G, const char *group_name,
             settle_loc(G, g, m, &l);
         if (st == BRK_OK) {
             mark_dirty(G);
+            target = atomic_load(&G->dirty_seq);
             wake = wake_after(G, g, m, l.k, was || g->cfg.fifo, &we);
             pae = g->cfg.persist_every_ack;
         }
@@ -3100,7 +3116,7 @@ brk_status brk_group_nack(brk_groups *G, const char *group_name,
     pthread_mutex_unlock(&g->mu);
     defer_end(G);
     if (st == BRK_OK && pae)
-        st = save_state(G, false);
+        st = save_covering(G, target);
     if (wake)
         wake_topic(G, we.topic, g->name, bc ? we.member : NULL);
     return st;
