@@ -379,6 +379,7 @@ brk_status brk_store_open(brk_store **out, const char *dir,
     pthread_mutex_init(&s->err_mu, NULL);
     atomic_init(&s->failed, false);
     atomic_init(&s->listener, NULL);
+    atomic_init(&s->listener_users, 0);
     atomic_init(&s->durable, 0);
     atomic_init(&s->checkpoints, 0);
     s->dir = strdup(dir);

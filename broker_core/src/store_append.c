@@ -36,6 +36,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <inttypes.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -80,6 +81,22 @@ static void dwait_wake(brk_store *s)
     s->ndwait = keep;
     if (next)
         pthread_cond_signal(&next->cv);
+}
+
+/* The listener pointer is used between listener_get and listener_put;
+ * brk_store_set_listener waits until no such use of the old one remains
+ * (both sides are sequentially consistent: either a user's increment comes
+ * first and the setter waits for it, or its load comes after the store and
+ * sees the new pointer). */
+static const brk_store_listener *listener_get(brk_store *s)
+{
+    atomic_fetch_add(&s->listener_users, 1);
+    return atomic_load(&s->listener);
+}
+
+static void listener_put(brk_store *s)
+{
+    atomic_fetch_sub(&s->listener_users, 1);
 }
 
 static brk_status wait_durable(brk_store *s, uint64_t target)
@@ -190,9 +207,12 @@ static brk_status wait_durable(brk_store *s, uint64_t target)
     pthread_mutex_unlock(&s->fmu);
     if (cv_ready)
         pthread_cond_destroy(&me.cv);
-    const brk_store_listener *l = atomic_load(&s->listener);
-    if (published && l && l->durable)
-        l->durable(l->ctx, published);
+    if (published) {
+        const brk_store_listener *l = listener_get(s);
+        if (l && l->durable)
+            l->durable(l->ctx, published);
+        listener_put(s);
+    }
     return ok ? BRK_OK : BRK_FAILED;
 }
 
@@ -568,15 +588,22 @@ brk_status brk_store_append(brk_store *s, const brk_append_req *req,
     free(buf);
     if (st == BRK_OK && ((!p.sync && req->sync) || p.wait_after))
         st = wait_durable(s, p.log_offset + p.len);
-    const brk_store_listener *l = atomic_load(&s->listener);
-    if (st == BRK_OK && l && l->appended)
-        l->appended(l->ctx, req->topic, res->queue, res->log_offset);
+    if (st == BRK_OK) {
+        const brk_store_listener *l = listener_get(s);
+        if (l && l->appended)
+            l->appended(l->ctx, req->topic, res->queue, res->log_offset);
+        listener_put(s);
+    }
     return st;   /* with p.sync, the writer made it durable before done */
 }
 
 void brk_store_set_listener(brk_store *s, const brk_store_listener *l)
 {
     atomic_store(&s->listener, l);
+    /* Callbacks of the previous listener may be running: wait them out, so
+     * its owner may free it on return.  They are short (see store.h). */
+    while (atomic_load(&s->listener_users) > 0)
+        sched_yield();
 }
 
 brk_status brk_store_flush(brk_store *s)

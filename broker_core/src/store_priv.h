@@ -165,6 +165,7 @@ struct brk_store {
 
     atomic_bool failed;       /* sticky error */
     _Atomic(const brk_store_listener *) listener;   /* may be NULL */
+    atomic_int listener_users; /* calls that may hold the listener pointer */
     atomic_uint_fast64_t checkpoints;
     uint64_t recovered_records;
     uint64_t truncated_bytes;

@@ -10,9 +10,11 @@
 #include <cmocka.h>
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "broker/store.h"
 #include "fake_clock.h"
@@ -281,6 +283,82 @@ static void listener_hears_appends_and_durable_advances(void **state)
     assert_int_equal(h.appended, 1);
 }
 
+typedef struct slow_listener {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool in_callback, release, removed;
+    brk_store *s;
+} slow_listener;
+
+static void slow_appended(void *ctx, const char *topic, uint16_t queue,
+                          uint64_t log_offset)
+{
+    (void)topic;
+    (void)queue;
+    (void)log_offset;
+    slow_listener *sl = ctx;
+    pthread_mutex_lock(&sl->mu);
+    sl->in_callback = true;
+    pthread_cond_broadcast(&sl->cv);
+    while (!sl->release)
+        pthread_cond_wait(&sl->cv, &sl->mu);
+    pthread_mutex_unlock(&sl->mu);
+}
+
+static void *append_once(void *arg)
+{
+    slow_listener *sl = arg;
+    brk_append_req r;
+    memset(&r, 0, sizeof r);
+    r.topic = "orders";
+    r.queue = -1;
+    r.body = (brk_bytes){ "x", 1 };
+    brk_append_res res;
+    (void)brk_store_append(sl->s, &r, &res);
+    return NULL;
+}
+
+static void *remove_listener(void *arg)
+{
+    slow_listener *sl = arg;
+    brk_store_set_listener(sl->s, NULL);
+    pthread_mutex_lock(&sl->mu);
+    sl->removed = true;
+    pthread_cond_broadcast(&sl->cv);
+    pthread_mutex_unlock(&sl->mu);
+    return NULL;
+}
+
+static void removing_the_listener_waits_for_a_callback_in_flight(void **state)
+{
+    fx *f = *state;
+    slow_listener sl;
+    memset(&sl, 0, sizeof sl);
+    pthread_mutex_init(&sl.mu, NULL);
+    pthread_cond_init(&sl.cv, NULL);
+    sl.s = f->s;
+    brk_store_listener l = { slow_appended, NULL, &sl };
+    brk_store_set_listener(f->s, &l);
+    pthread_t ta, tr;
+    assert_int_equal(pthread_create(&ta, NULL, append_once, &sl), 0);
+    pthread_mutex_lock(&sl.mu);
+    while (!sl.in_callback)
+        pthread_cond_wait(&sl.cv, &sl.mu);
+    pthread_mutex_unlock(&sl.mu);
+    assert_int_equal(pthread_create(&tr, NULL, remove_listener, &sl), 0);
+    usleep(50000);
+    pthread_mutex_lock(&sl.mu);
+    assert_false(sl.removed);           /* still inside the callback */
+    sl.release = true;
+    pthread_cond_broadcast(&sl.cv);
+    pthread_mutex_unlock(&sl.mu);
+    pthread_join(ta, NULL);
+    pthread_join(tr, NULL);
+    assert_true(sl.removed);
+    pthread_mutex_destroy(&sl.mu);
+    pthread_cond_destroy(&sl.cv);
+}
+
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
 
 int main(void)
@@ -298,6 +376,7 @@ int main(void)
         cmocka_unit_test(strip_sys_keeps_only_user_properties),
         T(accessors_report_clock_and_auto_create),
         T(listener_hears_appends_and_durable_advances),
+        T(removing_the_listener_waits_for_a_callback_in_flight),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -328,8 +328,9 @@ typedef struct brk_store_listener {
 } brk_store_listener;
 
 /* Install (or with NULL remove) the one listener.  The struct must stay
- * valid while installed; remove it only when no append or flush runs
- * concurrently (e.g. before brk_store_close). */
+ * valid while installed.  Returns once no callback of the previous listener
+ * is running or can start, so its owner may then free it.  Do not call it
+ * from inside a callback. */
 void brk_store_set_listener(brk_store *s, const brk_store_listener *l);
 
 /* ---- stats --------------------------------------------------------------- */
