@@ -167,7 +167,9 @@
  * at its committed offsets (main and retry queues); a fully consumed queue
  * counts as the durable end read before the save.  Cursors are registered
  * again at open, before the first retention run if the groups are opened
- * right after the store.
+ * right after the store.  Close leaves them registered (they die with the
+ * store; registering again returns the same one), so a store that stays
+ * open after brk_groups_close keeps what the groups have not consumed.
  *
  * After a restart consumption resumes at the saved committed offsets: in-
  * flight deliveries are simply delivered again (delivery counts start at 1
@@ -184,7 +186,9 @@
  *     saved at the end of each replay call).
  * Nothing acked-and-saved is redelivered (committed plus the spans are
  * saved) and nothing is lost: a message is settled in memory only after its
- * copy (retry or dead letter) is stored.  An ack of a persist_every_ack
+ * copy (retry or dead letter) is stored, and every save flushes the log
+ * (brk_store_flush) before it writes the file, so in ASYNC mode too no
+ * saved settle is without its copy after a power loss.  An ack of a persist_every_ack
  * group whose save fails returns the store's error (IO, FAILED, ...) with
  * the ack applied in memory; whether the save reached the disk is unknown
  * (the store is failed from then on), so after a crash that message may or
@@ -1003,6 +1007,9 @@ static void on_durable(void *ctx, uint64_t end)
 
 /* ---- registry --------------------------------------------------------------------- */
 
+/* Free m; with G, also unregister its retention cursors (a member that is
+ * gone for good).  At close G is NULL: the cursors stay registered, holding
+ * what the group has not consumed, for as long as the store is open. */
 static void member_free(brk_groups *G, member *m)
 {
     if (!m)
@@ -1603,7 +1610,7 @@ static brk_status fail_one(brk_groups *G, group *g, member *m, const floc *l,
         } else {
             int level = level_for(delay);
             st = retry_copy(G, g, m, l->k, rec, &o, count, level,
-                            base + brk_delay_level_ms(level), reason, defer);
+                            base + brk_delay_level_ms(level), rs, defer);
         }
     }
     brk_batch_free(b);
@@ -2405,9 +2412,15 @@ static brk_status save_state_ex(brk_groups *G, bool force, bool write)
     }
     free(gs);
     brk_status st = BRK_OK;
+    /* An original is settled only after its retry copy or dead letter was
+     * appended, but in ASYNC mode that append is not synced: make it
+     * durable before the file that says the original is done (a no-op when
+     * nothing is unsynced).  After the serialization, so it covers every
+     * copy whose settle the file records. */
     if (write)
-        st = w.fail ? BRK_NOMEM
-                    : brk_store_state_write(G->s, STATE_NAME, w.p, w.len);
+        st = w.fail ? BRK_NOMEM : brk_store_flush(G->s);
+    if (write && st == BRK_OK)
+        st = brk_store_state_write(G->s, STATE_NAME, w.p, w.len);
     free(w.p);
     if (st == BRK_OK) {
         if (write)
@@ -3587,7 +3600,7 @@ static void *bg_main(void *arg)
 static void groups_free(brk_groups *G)
 {
     for (uint32_t i = 0; i < G->ngroups; i++)
-        group_free(G, G->groups[i]);
+        group_free(NULL, G->groups[i]);  /* cursors stay: see member_free */
     free(G->groups);
     for (size_t i = 0; i < G->nrnames; i++)
         free(G->rnames[i]);

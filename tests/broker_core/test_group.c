@@ -866,6 +866,37 @@ static void max_deliveries_moves_the_message_to_the_dead_letters(void **state)
     assert_int_equal(tot.lag, 0);
 }
 
+static void reason_of_an_earlier_nack_survives_a_reasonless_nack_of_its_retry(void **state)
+{
+    fx *f = *state;
+    brk_group_config c;
+    brk_group_config_init(&c);
+    c.max_deliveries = 3;
+    put_ok(f, "dr", "one", NULL, &c);
+    produce(f, "one", "x");
+    got a = recv_one(f, "dr", "one", LONG_INV);
+    nack_ok(f, "dr", a.receipt, 0, "first reason");
+    advance(f, 10000);
+    got b = recv_one(f, "dr", "one", LONG_INV);      /* the retry copy */
+    assert_int_equal(b.delivery_count, 2);
+    nack_ok(f, "dr", b.receipt, 0, NULL);            /* a copy of the copy */
+    advance(f, 30000);
+    got d = recv_one(f, "dr", "one", LONG_INV);
+    assert_int_equal(d.delivery_count, 3);
+    nack_ok(f, "dr", d.receipt, 0, NULL);            /* dead-lettered */
+    expect_none(f, "dr", "one");
+
+    brk_batch *dl = NULL;
+    assert_int_equal(brk_group_dead_letters(f->g, "dr", 0, 10, &dl), BRK_OK);
+    assert_int_equal(dl->count, 1);
+    char v[256];
+    assert_true(dlq_header(&dl->recs[0], "outboxd-dlq-deliveries", v, sizeof v));
+    assert_string_equal(v, "3");
+    assert_true(dlq_header(&dl->recs[0], "outboxd-dlq-reason", v, sizeof v));
+    assert_string_equal(v, "first reason");
+    brk_batch_free(dl);
+}
+
 static void invisibility_running_out_at_max_deliveries_dead_letters_too(void **state)
 {
     fx *f = *state;
@@ -1456,6 +1487,35 @@ static void duplicates_after_a_crash_are_at_most_the_acks_since_last_persist(voi
     expect_none(f, "dup", "one");
 }
 
+static void async_nacked_message_survives_power_loss_after_a_save(void **state)
+{
+    fx *f = *state;
+    f->so.flush_mode = BRK_FLUSH_ASYNC;
+    f->go.persist_interval_ms = 100;
+    restart(f);
+    put_ok(f, "an", "one", NULL, NULL);
+    produce(f, "one", "precious");
+    assert_int_equal(brk_store_flush(f->s), BRK_OK);   /* durable */
+    got m = recv_one(f, "an", "one", LONG_INV);
+    nack_ok(f, "an", m.receipt, 0, "later");    /* retry copy, not synced */
+    advance(f, 200);                            /* state.groups saved */
+    crash_restart(f);
+    /* The original is settled in the saved state, so its retry copy must
+     * have survived too: it comes after the retry delay (10 s). */
+    size_t seen = 0;
+    for (int i = 0; i < 6; i++) {
+        got g[GOT_MAX];
+        size_t n = recv(f, "an", "one", 10, LONG_INV, g);
+        for (size_t j = 0; j < n; j++) {
+            assert_string_equal(g[j].body, "precious");
+            ack_ok(f, "an", g[j].receipt);
+        }
+        seen += n;
+        advance(f, 10000);
+    }
+    assert_true(seen >= 1);
+}
+
 static void group_configuration_survives_a_crash(void **state)
 {
     fx *f = *state;
@@ -1561,6 +1621,34 @@ static void retention_cursor_is_restored_after_a_restart(void **state)
     size_t n = recv(f, "ret2", "one", 200, LONG_INV, g);
     assert_int_equal(n, 150);
     assert_string_equal(g[0].body, "kept-across-restart-000-012345678");
+}
+
+static void cursor_holds_segments_while_groups_are_closed_and_store_open(void **state)
+{
+    fx *f = *state;
+    f->so.segment_bytes = 4096;
+    f->so.retention_ms = 1000;
+    restart(f);
+    put_ok(f, "ret3", "one", NULL, NULL);
+    char body[48];
+    for (int i = 0; i < 150; i++) {
+        snprintf(body, sizeof body, "kept-while-closed-%03d-0123456789", i);
+        produce(f, "one", body);
+    }
+    assert_int_equal(brk_groups_close(f->g), BRK_OK);
+    f->g = NULL;
+    /* The store stays open: retention must keep what the group has not
+     * consumed. */
+    brk_fake_clock_advance(&f->clk, 5000);
+    unsigned del = 99;
+    assert_int_equal(brk_store_retention_run(f->s, &del), BRK_OK);
+    assert_int_equal(del, 0);
+    assert_int_equal(brk_groups_open(&f->g, f->s, &f->go, f->err,
+                                     sizeof f->err), BRK_OK);
+    got g[GOT_MAX];
+    size_t n = recv(f, "ret3", "one", 200, LONG_INV, g);
+    assert_int_equal(n, 150);
+    assert_string_equal(g[0].body, "kept-while-closed-000-0123456789");
 }
 
 /* ==== long polling ========================================================= */
@@ -2170,6 +2258,7 @@ int main(void)
         T(receipt_stays_valid_after_change_invisibility),
         /* dead letters */
         T(max_deliveries_moves_the_message_to_the_dead_letters),
+        T(reason_of_an_earlier_nack_survives_a_reasonless_nack_of_its_retry),
         T(invisibility_running_out_at_max_deliveries_dead_letters_too),
         T(dead_letters_list_oldest_first_from_an_index),
         T(replay_appends_dead_letters_back_once_with_their_ids),
@@ -2194,10 +2283,12 @@ int main(void)
         T(persist_every_ack_keeps_acks_across_a_crash),
         T(persist_interval_keeps_acks_across_a_crash),
         T(duplicates_after_a_crash_are_at_most_the_acks_since_last_persist),
+        T(async_nacked_message_survives_power_loss_after_a_save),
         T(group_configuration_survives_a_crash),
         /* retention */
         T(group_cursor_holds_segments_until_consumed),
         T(retention_cursor_is_restored_after_a_restart),
+        T(cursor_holds_segments_while_groups_are_closed_and_store_open),
         /* long polling */
         T(waiter_fires_on_an_append_to_the_topic),
         T(waiter_fires_at_its_deadline_when_nothing_comes),
