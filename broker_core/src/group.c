@@ -232,6 +232,21 @@
  * signalled.  brk_group_receive_wait parks such a waiter whose callback
  * signals the caller's condition variable; the store clock decides its
  * deadline and a CLOCK_MONOTONIC timeout of wait_ms bounds the sleep too.
+ * has_work applies room() to the next entry, as the receive does, so a
+ * member at its byte bound sleeps; a receive or has_work refused by room()
+ * sets member.blocked, and the next ack or nack of that member then looks
+ * at every one of its subscriptions and wakes those with work.
+ *
+ * CLOSE
+ * =====
+ * Every public call counts itself in G->busy (call_enter/call_leave, under
+ * wmu) and refuses with BRK_CLOSED once G->closing is set;
+ * brk_group_wait checks the flag again where it registers.  Close sets it,
+ * joins the thread, removes the listener (which waits for calls in
+ * flight), fires every waiter (brk_group_receive_wait callers wake, see
+ * the flag and return BRK_CLOSED), waits until busy and nwaiters are 0,
+ * saves, and frees.  brk_group_wait_cancel counts itself even while
+ * closing: its caller frees the callback's context once it returns.
  *
  * MEMORY
  * ======
@@ -361,6 +376,9 @@ typedef struct member {
     uint32_t rr;                /* rotating start for receive */
     int64_t min_vis;            /* <= every FL_OUT visible_at (expiry scans
                                    are skipped before it) */
+    bool blocked;               /* a receive or has_work found a message that
+                                   did not fit room() since the last settle
+                                   that looked: the next settle wakes */
 } member;
 
 typedef struct subscr {
@@ -441,12 +459,46 @@ struct brk_groups {
     uint64_t durable_seen;
     int64_t wake_at;
     bool stop;
+    bool closing;                   /* close began: public calls refuse */
+    uint32_t busy;                  /* public calls in progress */
+    pthread_cond_t idle;            /* busy dropped to 0 while closing */
 
     pthread_t thr;
     bool has_thr;
 };
 
 /* ---- small helpers ---------------------------------------------------------------- */
+
+/* Every public call runs between call_enter and call_leave, so close can
+ * wait for the calls in progress before it frees anything.  false: close
+ * began, the call must return BRK_CLOSED.  `always` counts the call even
+ * then (brk_group_wait_cancel: its caller may free the callback's context
+ * once it returns, so it must keep working until close is done). */
+static bool call_enter(brk_groups *G, bool always)
+{
+    pthread_mutex_lock(&G->wmu);
+    bool ok = always || !G->closing;
+    if (ok)
+        G->busy++;
+    pthread_mutex_unlock(&G->wmu);
+    return ok;
+}
+
+static void call_leave(brk_groups *G)
+{
+    pthread_mutex_lock(&G->wmu);
+    if (--G->busy == 0 && G->closing)
+        pthread_cond_broadcast(&G->idle);
+    pthread_mutex_unlock(&G->wmu);
+}
+
+static bool is_closing(brk_groups *G)
+{
+    pthread_mutex_lock(&G->wmu);
+    bool c = G->closing;
+    pthread_mutex_unlock(&G->wmu);
+    return c;
+}
 
 static int64_t now_ms(brk_groups *G)
 {
@@ -2040,12 +2092,43 @@ static int64_t retry_head(brk_groups *G, member *m, uint32_t k, uint32_t ri,
     return due;
 }
 
-/* Whether a receive by m for subscription k would find something now.
+/* Whether a message of `bytes` fits m's in-flight bounds, as room() says;
+ * a refusal is remembered in m->blocked so that the next settle wakes the
+ * member's waiters. */
+static bool fits(const group *g, member *m, uint32_t bytes)
+{
+    if (room(g, m, bytes))
+        return true;
+    m->blocked = true;
+    return false;
+}
+
+/* Whether the entry at q->next of (topic, queue) fits m's bounds (true when
+ * it cannot be read: a receive will find out).  g->mu held. */
+static bool next_fits(brk_groups *G, const group *g, member *m,
+                      const char *topic, uint16_t queue, qstate *q)
+{
+    if (m->inflight == 0)
+        return fits(g, m, 0);
+    (void)q_skip_settled(q);
+    brk_cq_entry e;
+    size_t n = 0;
+    uint64_t first = q->next;
+    if (brk_store_read_entries(G->s, topic, queue, q->next, &e, 1, &n,
+                               &first) != BRK_OK || n == 0)
+        return true;
+    return fits(g, m, e.size);
+}
+
+/* Whether a receive by m for subscription k would find something now: a
+ * message that is ready and fits the in-flight bounds (the same room()
+ * test the receive applies, so that a waiter at the byte bound sleeps
+ * until a settle frees room instead of waking at once, again and again).
  * g->mu held. */
 static bool has_work(brk_groups *G, group *g, member *m, uint32_t k,
                      int64_t now)
 {
-    if (m->inflight >= g->cfg.max_inflight)
+    if (!fits(g, m, 0))
         return false;
     substate *ss;
     if (ss_ensure(G, g, m, k, &ss) != BRK_OK)
@@ -2053,17 +2136,21 @@ static bool has_work(brk_groups *G, group *g, member *m, uint32_t k,
     for (uint32_t qi = 0; qi < ss->nmq; qi++) {
         qstate *q = &ss->mq[qi];
         if (g->cfg.fifo && q->nfl > 0) {
-            if (q->fl[0].state == FL_WAIT && q->fl[0].visible_at <= now)
+            if (q->fl[0].state == FL_WAIT && q->fl[0].visible_at <= now
+                && fits(g, m, q->fl[0].bytes))
                 return true;
             continue;
         }
         uint64_t mn = 0, mx = 0;
         if (brk_store_queue_range(G->s, g->subs[k].topic, (uint16_t)qi, &mn,
-                                  &mx) == BRK_OK && q->next < mx)
+                                  &mx) == BRK_OK && q->next < mx
+            && next_fits(G, g, m, g->subs[k].topic, (uint16_t)qi, q))
             return true;
     }
     for (uint32_t ri = 0; !g->cfg.fifo && ri < ss->nrq; ri++)
-        if (retry_head(G, m, k, ri, &ss->rq[ri]) <= now)
+        if (retry_head(G, m, k, ri, &ss->rq[ri]) <= now
+            && next_fits(G, g, m, m->retry_topic,
+                         (uint16_t)(k * LEVELS + ri), &ss->rq[ri]))
             return true;
     return false;
 }
@@ -2100,12 +2187,46 @@ typedef struct wake_ent {
     char member[BRK_MEMBER_MAX + 1];
 } wake_ent;
 
+typedef struct wake_list {
+    wake_ent *v;
+    size_t n, cap;
+} wake_list;
+
+/* Remember to wake the waiters of (topic, member); false when out of
+ * memory. */
+static bool wake_add(wake_list *wl, const char *topic, const char *mem)
+{
+    if (wl->n == wl->cap) {
+        size_t nc = wl->cap ? wl->cap * 2 : 4;
+        wake_ent *nv = realloc(wl->v, nc * sizeof *nv);
+        if (!nv)
+            return false;
+        wl->v = nv;
+        wl->cap = nc;
+    }
+    snprintf(wl->v[wl->n].topic, sizeof wl->v[0].topic, "%s", topic);
+    snprintf(wl->v[wl->n].member, sizeof wl->v[0].member, "%s", mem);
+    wl->n++;
+    return true;
+}
+
+/* Wake what wl names (no lock held), and free it. */
+static void wake_run(brk_groups *G, wake_list *wl, const char *group_name,
+                     bool broadcast)
+{
+    for (size_t i = 0; i < wl->n; i++)
+        wake_topic(G, wl->v[i].topic, group_name,
+                   broadcast ? wl->v[i].member : NULL);
+    free(wl->v);
+    wl->v = NULL;
+    wl->n = wl->cap = 0;
+}
+
 /* A group timer fired: handle expiries, wake whoever has work, re-arm. */
 static brk_status process_group(brk_groups *G, group *g, int64_t now)
 {
     brk_status st = BRK_OK;
-    wake_ent *w = NULL;
-    size_t nw = 0, cw = 0;
+    wake_list wl = { 0 };
     defer_begin();
     pthread_mutex_lock(&g->mu);
     for (uint32_t mi = 0; mi < g->nmembers; mi++) {
@@ -2116,28 +2237,16 @@ static brk_status process_group(brk_groups *G, group *g, int64_t now)
     for (uint32_t mi = 0; mi < g->nmembers; mi++) {
         member *m = g->members[mi];
         for (uint32_t k = 0; k < g->nsubs; k++) {
-            if (!has_work(G, g, m, k, now))
-                continue;
-            if (nw == cw) {
-                size_t nc = cw ? cw * 2 : 4;
-                wake_ent *nwe = realloc(w, nc * sizeof *nwe);
-                if (!nwe)
-                    break;
-                w = nwe;
-                cw = nc;
-            }
-            snprintf(w[nw].topic, sizeof w[nw].topic, "%s", g->subs[k].topic);
-            snprintf(w[nw].member, sizeof w[nw].member, "%s", m->name);
-            nw++;
+            if (has_work(G, g, m, k, now)
+                && !wake_add(&wl, g->subs[k].topic, m->name))
+                break;
         }
     }
     arm(G, g, next_event(G, g, now));
     bool bc = g->cfg.broadcast;
     pthread_mutex_unlock(&g->mu);
     defer_end(G);
-    for (size_t i = 0; i < nw; i++)
-        wake_topic(G, w[i].topic, g->name, bc ? w[i].member : NULL);
-    free(w);
+    wake_run(G, &wl, g->name, bc);
     return st;
 }
 
@@ -2688,8 +2797,8 @@ static void arm_heads(brk_groups *G, group *g, member *m, uint32_t k,
     }
 }
 
-brk_status brk_group_receive(brk_groups *G, const brk_receive_req *req,
-                             brk_receive_batch **out)
+static brk_status receive_impl(brk_groups *G, const brk_receive_req *req,
+                               brk_receive_batch **out)
 {
     if (!out)
         return BRK_INVAL;
@@ -2727,6 +2836,8 @@ brk_status brk_group_receive(brk_groups *G, const brk_receive_req *req,
                 break;
         }
     }
+    if (rc.limited)
+        m->blocked = true;
     if (rc.handed)
         arm(G, g, now + rc.invisible);
     arm_heads(G, g, m, k, now);
@@ -2746,9 +2857,24 @@ brk_status brk_group_receive(brk_groups *G, const brk_receive_req *req,
     return BRK_OK;
 }
 
-brk_status brk_group_wait(brk_groups *G, const brk_receive_req *req,
-                          int64_t deadline_ms, brk_group_wake_fn fn,
-                          void *ctx, uint64_t *id)
+brk_status brk_group_receive(brk_groups *G, const brk_receive_req *req,
+                             brk_receive_batch **out)
+{
+    if (!G)
+        return receive_impl(G, req, out);
+    if (!call_enter(G, false)) {
+        if (out)
+            *out = NULL;
+        return BRK_CLOSED;
+    }
+    brk_status st = receive_impl(G, req, out);
+    call_leave(G);
+    return st;
+}
+
+static brk_status wait_impl(brk_groups *G, const brk_receive_req *req,
+                            int64_t deadline_ms, brk_group_wake_fn fn,
+                            void *ctx, uint64_t *id)
 {
     if (id)
         *id = 0;
@@ -2777,8 +2903,15 @@ brk_status brk_group_wait(brk_groups *G, const brk_receive_req *req,
         deadline_ms = now + BRK_WAIT_MAX_MS;
     w->deadline = deadline_ms;
 
-    /* Register first, then look: an append after the look finds us. */
+    /* Register first, then look: an append after the look finds us.  Not
+     * once close began: it has swept (or is about to sweep) the waiters
+     * and would never fire this one. */
     pthread_mutex_lock(&G->wmu);
+    if (G->closing) {
+        pthread_mutex_unlock(&G->wmu);
+        free(w);
+        return BRK_CLOSED;
+    }
     if (brk_timerheap_push(&G->wheap, deadline_ms, G->next_wid + 1) != BRK_OK) {
         pthread_mutex_unlock(&G->wmu);
         free(w);
@@ -2822,7 +2955,23 @@ brk_status brk_group_wait(brk_groups *G, const brk_receive_req *req,
     return BRK_OK;
 }
 
-bool brk_group_wait_cancel(brk_groups *G, uint64_t id)
+brk_status brk_group_wait(brk_groups *G, const brk_receive_req *req,
+                          int64_t deadline_ms, brk_group_wake_fn fn,
+                          void *ctx, uint64_t *id)
+{
+    if (!G)
+        return wait_impl(G, req, deadline_ms, fn, ctx, id);
+    if (!call_enter(G, false)) {
+        if (id)
+            *id = 0;
+        return BRK_CLOSED;
+    }
+    brk_status st = wait_impl(G, req, deadline_ms, fn, ctx, id);
+    call_leave(G);
+    return st;
+}
+
+static bool wait_cancel_impl(brk_groups *G, uint64_t id)
 {
     if (!G || id == 0)
         return false;
@@ -2844,6 +2993,16 @@ bool brk_group_wait_cancel(brk_groups *G, uint64_t id)
         }
         pthread_cond_wait(&G->wdone, &G->wmu);   /* its callback runs */
     }
+}
+
+bool brk_group_wait_cancel(brk_groups *G, uint64_t id)
+{
+    if (!G || id == 0)
+        return false;
+    (void)call_enter(G, true);
+    bool done = wait_cancel_impl(G, id);
+    call_leave(G);
+    return done;
 }
 
 typedef struct rw_sync {
@@ -2874,20 +3033,20 @@ static struct timespec mono_ts(int64_t ms)
     return ts;
 }
 
-brk_status brk_group_receive_wait(brk_groups *G, const brk_receive_req *req,
-                                  uint32_t wait_ms, brk_receive_batch **out)
+static brk_status receive_wait_impl(brk_groups *G, const brk_receive_req *req,
+                                    uint32_t wait_ms, brk_receive_batch **out)
 {
     if (!out)
         return BRK_INVAL;
     *out = NULL;
-    if (wait_ms > BRK_WAIT_MAX_MS)
+    if (!G || wait_ms > BRK_WAIT_MAX_MS)
         return BRK_INVAL;
     int64_t deadline = now_ms(G) + wait_ms;
     /* The store clock decides the deadline; the real one bounds the sleep
      * too, so a test clock that stands still cannot hang a caller. */
     int64_t real_end = mono_ms_real() + wait_ms;
     for (;;) {
-        brk_status st = brk_group_receive(G, req, out);
+        brk_status st = receive_impl(G, req, out);
         if (st == BRK_OK && (*out)->count > 0)
             return BRK_OK;
         if (st != BRK_OK && st != BRK_LIMIT)
@@ -2905,7 +3064,7 @@ brk_status brk_group_receive_wait(brk_groups *G, const brk_receive_req *req,
         pthread_condattr_destroy(&ca);
         sy.fired = false;
         uint64_t wid = 0;
-        st = brk_group_wait(G, req, deadline, rw_wake, &sy, &wid);
+        st = wait_impl(G, req, deadline, rw_wake, &sy, &wid);
         if (st == BRK_OK) {
             struct timespec ts = mono_ts(real_end);
             pthread_mutex_lock(&sy.mu);
@@ -2913,13 +3072,30 @@ brk_status brk_group_receive_wait(brk_groups *G, const brk_receive_req *req,
                 if (pthread_cond_timedwait(&sy.cv, &sy.mu, &ts) == ETIMEDOUT)
                     break;
             pthread_mutex_unlock(&sy.mu);
-            (void)brk_group_wait_cancel(G, wid);   /* waits for a running one */
+            (void)wait_cancel_impl(G, wid);   /* waits for a running one */
         }
         pthread_cond_destroy(&sy.cv);
         pthread_mutex_destroy(&sy.mu);
         if (st != BRK_OK)
             return st;
+        if (is_closing(G))              /* close woke us: do not retry */
+            return BRK_CLOSED;
     }
+}
+
+brk_status brk_group_receive_wait(brk_groups *G, const brk_receive_req *req,
+                                  uint32_t wait_ms, brk_receive_batch **out)
+{
+    if (!G)
+        return receive_wait_impl(G, req, wait_ms, out);
+    if (!call_enter(G, false)) {
+        if (out)
+            *out = NULL;
+        return BRK_CLOSED;
+    }
+    brk_status st = receive_wait_impl(G, req, wait_ms, out);
+    call_leave(G);
+    return st;
 }
 
 /* ---- public API: settling --------------------------------------------------------- */
@@ -3038,28 +3214,35 @@ static brk_status settle_begin(brk_groups *G, const char *group_name,
     return BRK_OK;
 }
 
+/* Whether m's waiters may be held back by the in-flight bounds: the same
+ * room() test a receive applies (for the smallest message), or a receive
+ * or has_work that found the next message too big. */
 static bool at_bound(const group *g, const member *m)
 {
-    return m->inflight >= g->cfg.max_inflight
-           || m->inflight_bytes >= g->cfg.max_inflight_bytes;
+    return m->blocked || !room(g, m, 1);
 }
 
-/* After a settle (g->mu held): whether waiters of (m, k) should be woken,
- * and for what. */
-static bool wake_after(brk_groups *G, group *g, member *m, uint32_t k,
-                       bool was_bound, wake_ent *we)
+/* After a settle of a delivery of m's subscription k (g->mu held): the
+ * waiters to wake.  A member that was at its bound may now have room for
+ * every one of its subscriptions, not only k; a FIFO settle unblocks k's
+ * queue. */
+static void wake_after(brk_groups *G, group *g, member *m, uint32_t k,
+                       bool was_bound, wake_list *wl)
 {
-    if (!g->cfg.fifo && !was_bound)
-        return false;
-    if (!has_work(G, g, m, k, now_ms(G)))
-        return false;
-    snprintf(we->topic, sizeof we->topic, "%s", g->subs[k].topic);
-    snprintf(we->member, sizeof we->member, "%s", m->name);
-    return true;
+    int64_t now = now_ms(G);
+    if (was_bound) {
+        m->blocked = false;         /* has_work sets it again if still so */
+        for (uint32_t j = 0; j < g->nsubs; j++)
+            if (has_work(G, g, m, j, now)
+                && !wake_add(wl, g->subs[j].topic, m->name))
+                return;
+    } else if (g->cfg.fifo && has_work(G, g, m, k, now)) {
+        (void)wake_add(wl, g->subs[k].topic, m->name);
+    }
 }
 
-brk_status brk_group_ack(brk_groups *G, const char *group_name,
-                         const char *receipt)
+static brk_status ack_impl(brk_groups *G, const char *group_name,
+                           const char *receipt)
 {
     group *g;
     rcpt r;
@@ -3071,28 +3254,39 @@ brk_status brk_group_ack(brk_groups *G, const char *group_name,
     qstate *q;
     uint32_t i;
     st = locate(g, &r, &m, &l, &q, &i);
-    bool wake = false, pae = false, bc = g->cfg.broadcast;
+    bool pae = false, bc = g->cfg.broadcast;
     uint64_t target = 0;
-    wake_ent we;
+    wake_list wl = { 0 };
     if (st == BRK_OK) {
         bool was = at_bound(g, m);
         settle_flight(m, q, i);
         mark_dirty(G);
         target = atomic_load(&G->dirty_seq);
-        wake = wake_after(G, g, m, l.k, was, &we);
+        wake_after(G, g, m, l.k, was, &wl);
         pae = g->cfg.persist_every_ack;
     }
     pthread_mutex_unlock(&g->mu);
     if (st == BRK_OK && pae)
         st = save_covering(G, target);
-    if (wake)
-        wake_topic(G, we.topic, g->name, bc ? we.member : NULL);
+    wake_run(G, &wl, g->name, bc);
     return st;
 }
 
-brk_status brk_group_nack(brk_groups *G, const char *group_name,
-                          const char *receipt, uint32_t delay_ms,
-                          const char *reason)
+brk_status brk_group_ack(brk_groups *G, const char *group_name,
+                         const char *receipt)
+{
+    if (!G)
+        return ack_impl(G, group_name, receipt);
+    if (!call_enter(G, false))
+        return BRK_CLOSED;
+    brk_status st = ack_impl(G, group_name, receipt);
+    call_leave(G);
+    return st;
+}
+
+static brk_status nack_impl(brk_groups *G, const char *group_name,
+                            const char *receipt, uint32_t delay_ms,
+                            const char *reason)
 {
     if (reason && strnlen(reason, REASON_MAX + 1) > REASON_MAX)
         return BRK_INVAL;
@@ -3109,9 +3303,9 @@ brk_status brk_group_nack(brk_groups *G, const char *group_name,
     qstate *q;
     uint32_t i;
     st = locate(g, &r, &m, &l, &q, &i);
-    bool wake = false, pae = false, bc = g->cfg.broadcast;
+    bool pae = false, bc = g->cfg.broadcast;
     uint64_t target = 0;
-    wake_ent we;
+    wake_list wl = { 0 };
     if (st == BRK_OK) {
         bool was = at_bound(g, m), settle = false;
         brk_bytes rs = { reason ? reason : "", reason ? strlen(reason) : 0 };
@@ -3122,7 +3316,7 @@ brk_status brk_group_nack(brk_groups *G, const char *group_name,
         if (st == BRK_OK) {
             mark_dirty(G);
             target = atomic_load(&G->dirty_seq);
-            wake = wake_after(G, g, m, l.k, was || g->cfg.fifo, &we);
+            wake_after(G, g, m, l.k, was, &wl);
             pae = g->cfg.persist_every_ack;
         }
     }
@@ -3130,14 +3324,27 @@ brk_status brk_group_nack(brk_groups *G, const char *group_name,
     defer_end(G);
     if (st == BRK_OK && pae)
         st = save_covering(G, target);
-    if (wake)
-        wake_topic(G, we.topic, g->name, bc ? we.member : NULL);
+    wake_run(G, &wl, g->name, bc);
     return st;
 }
 
-brk_status brk_group_change_invisibility(brk_groups *G, const char *group_name,
-                                         const char *receipt,
-                                         uint32_t invisible_ms)
+brk_status brk_group_nack(brk_groups *G, const char *group_name,
+                          const char *receipt, uint32_t delay_ms,
+                          const char *reason)
+{
+    if (!G)
+        return nack_impl(G, group_name, receipt, delay_ms, reason);
+    if (!call_enter(G, false))
+        return BRK_CLOSED;
+    brk_status st = nack_impl(G, group_name, receipt, delay_ms, reason);
+    call_leave(G);
+    return st;
+}
+
+static brk_status change_invisibility_impl(brk_groups *G,
+                                           const char *group_name,
+                                           const char *receipt,
+                                           uint32_t invisible_ms)
 {
     if (invisible_ms > INVISIBLE_MAX_MS)
         return BRK_INVAL;
@@ -3160,11 +3367,24 @@ brk_status brk_group_change_invisibility(brk_groups *G, const char *group_name,
     return st;
 }
 
+brk_status brk_group_change_invisibility(brk_groups *G, const char *group_name,
+                                         const char *receipt,
+                                         uint32_t invisible_ms)
+{
+    if (!G)
+        return change_invisibility_impl(G, group_name, receipt, invisible_ms);
+    if (!call_enter(G, false))
+        return BRK_CLOSED;
+    brk_status st = change_invisibility_impl(G, group_name, receipt, invisible_ms);
+    call_leave(G);
+    return st;
+}
+
 /* ---- public API: configuration ---------------------------------------------------- */
 
-brk_status brk_group_put(brk_groups *G, const char *name, const char *topic,
-                         const char *filter_text, const brk_group_config *cfg,
-                         bool *created)
+static brk_status put_impl(brk_groups *G, const char *name, const char *topic,
+                           const char *filter_text,
+                           const brk_group_config *cfg, bool *created)
 {
     if (created)
         *created = false;
@@ -3248,6 +3468,22 @@ brk_status brk_group_put(brk_groups *G, const char *name, const char *topic,
     return st;
 }
 
+brk_status brk_group_put(brk_groups *G, const char *name, const char *topic,
+                         const char *filter_text, const brk_group_config *cfg,
+                         bool *created)
+{
+    if (!G)
+        return put_impl(G, name, topic, filter_text, cfg, created);
+    if (!call_enter(G, false)) {
+        if (created)
+            *created = false;
+        return BRK_CLOSED;
+    }
+    brk_status st = put_impl(G, name, topic, filter_text, cfg, created);
+    call_leave(G);
+    return st;
+}
+
 /* ---- public API: dead letters ----------------------------------------------------- */
 
 static brk_status empty_batch(uint64_t from, brk_batch **out)
@@ -3260,8 +3496,9 @@ static brk_status empty_batch(uint64_t from, brk_batch **out)
     return BRK_OK;
 }
 
-brk_status brk_group_dead_letters(brk_groups *G, const char *group_name,
-                                  uint64_t from, size_t max, brk_batch **out)
+static brk_status dead_letters_impl(brk_groups *G, const char *group_name,
+                                    uint64_t from, size_t max,
+                                    brk_batch **out)
 {
     if (!out)
         return BRK_INVAL;
@@ -3281,8 +3518,23 @@ brk_status brk_group_dead_letters(brk_groups *G, const char *group_name,
     return st;
 }
 
-brk_status brk_group_replay_dead_letters(brk_groups *G, const char *group_name,
-                                         size_t max, size_t *replayed)
+brk_status brk_group_dead_letters(brk_groups *G, const char *group_name,
+                                  uint64_t from, size_t max, brk_batch **out)
+{
+    if (!G)
+        return dead_letters_impl(G, group_name, from, max, out);
+    if (!call_enter(G, false)) {
+        if (out)
+            *out = NULL;
+        return BRK_CLOSED;
+    }
+    brk_status st = dead_letters_impl(G, group_name, from, max, out);
+    call_leave(G);
+    return st;
+}
+
+static brk_status replay_impl(brk_groups *G, const char *group_name,
+                              size_t max, size_t *replayed)
 {
     if (replayed)
         *replayed = 0;
@@ -3351,6 +3603,21 @@ brk_status brk_group_replay_dead_letters(brk_groups *G, const char *group_name,
     return st;
 }
 
+brk_status brk_group_replay_dead_letters(brk_groups *G, const char *group_name,
+                                         size_t max, size_t *replayed)
+{
+    if (!G)
+        return replay_impl(G, group_name, max, replayed);
+    if (!call_enter(G, false)) {
+        if (replayed)
+            *replayed = 0;
+        return BRK_CLOSED;
+    }
+    brk_status st = replay_impl(G, group_name, max, replayed);
+    call_leave(G);
+    return st;
+}
+
 /* ---- public API: lag -------------------------------------------------------------- */
 
 static int64_t store_ms_at(brk_groups *G, const char *topic, uint16_t queue,
@@ -3370,8 +3637,8 @@ static int64_t store_ms_at(brk_groups *G, const char *topic, uint16_t queue,
     return ms;
 }
 
-brk_status brk_group_lag(brk_groups *G, const char *group_name,
-                         brk_group_lag_row **rows, size_t *count)
+static brk_status lag_impl(brk_groups *G, const char *group_name,
+                           brk_group_lag_row **rows, size_t *count)
 {
     if (!rows || !count)
         return BRK_INVAL;
@@ -3471,6 +3738,18 @@ brk_status brk_group_lag(brk_groups *G, const char *group_name,
     return BRK_OK;
 }
 
+brk_status brk_group_lag(brk_groups *G, const char *group_name,
+                         brk_group_lag_row **rows, size_t *count)
+{
+    if (!G)
+        return lag_impl(G, group_name, rows, count);
+    if (!call_enter(G, false))
+        return BRK_CLOSED;
+    brk_status st = lag_impl(G, group_name, rows, count);
+    call_leave(G);
+    return st;
+}
+
 /* ---- tick, background thread, open and close -------------------------------------- */
 
 static group *group_at(brk_groups *G, uint64_t idx)
@@ -3553,7 +3832,11 @@ brk_status brk_groups_tick(brk_groups *G)
 {
     if (!G)
         return BRK_INVAL;
-    return tick_once(G);
+    if (!call_enter(G, false))
+        return BRK_CLOSED;
+    brk_status st = tick_once(G);
+    call_leave(G);
+    return st;
 }
 
 static void *bg_main(void *arg)
@@ -3619,6 +3902,7 @@ static void groups_free(brk_groups *G)
     free(G->pend);
     pthread_cond_destroy(&G->cond);
     pthread_cond_destroy(&G->wdone);
+    pthread_cond_destroy(&G->idle);
     pthread_mutex_destroy(&G->wmu);
     pthread_mutex_destroy(&G->reg_mu);
     pthread_mutex_destroy(&G->save_mu);
@@ -3674,6 +3958,7 @@ brk_status brk_groups_open(brk_groups **out, brk_store *s,
     pthread_cond_init(&G->cond, &ca);
     pthread_condattr_destroy(&ca);
     pthread_cond_init(&G->wdone, NULL);
+    pthread_cond_init(&G->idle, NULL);
     brk_timerheap_init(&G->wheap);
     brk_timerheap_init(&G->gheap);
     atomic_init(&G->listener_active, 0);
@@ -3727,17 +4012,20 @@ brk_status brk_groups_close(brk_groups *G)
 {
     if (!G)
         return BRK_OK;
+    /* From here on public calls return BRK_CLOSED and no waiter registers
+     * (the flag is checked under wmu by both). */
     pthread_mutex_lock(&G->wmu);
+    G->closing = true;
     G->stop = true;
     pthread_cond_signal(&G->cond);
     pthread_mutex_unlock(&G->wmu);
     if (G->has_thr)
         pthread_join(G->thr, NULL);
-    brk_store_set_listener(G->s, NULL);
+    brk_store_set_listener(G->s, NULL);     /* waits for calls in flight */
     while (atomic_load(&G->listener_active) > 0)
         sched_yield();
-    brk_status st = save_state(G, true);
-    /* Every waiter's callback runs, as at a deadline. */
+    /* Every waiter's callback runs, as at a deadline: this also wakes the
+     * brk_group_receive_wait callers, which then return. */
     waiter *list = NULL;
     pthread_mutex_lock(&G->wmu);
     for (size_t b = 0; b < WBUCKETS; b++)
@@ -3745,10 +4033,15 @@ brk_status brk_groups_close(brk_groups *G)
             w_take(G, G->tb[b], &list);
     pthread_mutex_unlock(&G->wmu);
     w_fire(G, list);
+    /* The calls in progress finish (they may still settle, and fire the
+     * waiters they took), then nothing uses the registry any more. */
     pthread_mutex_lock(&G->wmu);
+    while (G->busy > 0)
+        pthread_cond_wait(&G->idle, &G->wmu);
     while (G->nwaiters > 0)
         pthread_cond_wait(&G->wdone, &G->wmu);
     pthread_mutex_unlock(&G->wmu);
+    brk_status st = save_state(G, true);
     groups_free(G);
     return st;
 }

@@ -1293,6 +1293,98 @@ static void max_inflight_bytes_bounds_the_batch(void **state)
     assert_true(recv(f, "fb", "one", 10, LONG_INV, g) >= 1);
 }
 
+static void waiter_at_the_byte_bound_sleeps_until_an_ack_frees_room(void **state)
+{
+    fx *f = *state;
+    brk_group_config c;
+    brk_group_config_init(&c);
+    c.max_inflight_bytes = 1000;        /* one 600-byte message at a time */
+    put_ok(f, "wb", "one", NULL, &c);
+    static char body[600];
+    memset(body, 'w', sizeof body);
+    produce_full(f, "one", -1, NULL, NULL, body, sizeof body, NULL, NULL);
+    produce_full(f, "one", -1, NULL, NULL, body, sizeof body, NULL, NULL);
+    got g[GOT_MAX];
+    assert_int_equal(recv(f, "wb", "one", 1, LONG_INV, g), 1);
+    size_t n;
+    assert_int_equal(recv_st(f, "wb", "one", NULL, 1, LONG_INV, g + 1, &n),
+                     BRK_LIMIT);
+    /* The next message does not fit: the waiter must not fire (a consumer
+     * would wake, find nothing, wait again, at 100% CPU)... */
+    waker w;
+    waker_init(&w);
+    brk_receive_req r = req_of("wb", "one", 1);
+    uint64_t id = 0;
+    assert_int_equal(brk_group_wait(f->g, &r, now_ms(f) + 20000, wake_cb, &w,
+                                    &id), BRK_OK);
+    assert_int_equal(wait_fired(f, &w, 1, 100), 0);
+    /* ...until the ack frees the bytes. */
+    ack_ok(f, "wb", g[0].receipt);
+    assert_int_equal(wait_fired(f, &w, 1, 5000), 1);
+    assert_int_equal(recv(f, "wb", "one", 1, LONG_INV, g), 1);
+    waker_destroy(&w);
+}
+
+static void receive_wait_at_the_byte_bound_does_not_spin(void **state)
+{
+    fx *f = *state;
+    brk_group_config c;
+    brk_group_config_init(&c);
+    c.max_inflight_bytes = 1000;
+    put_ok(f, "ws", "one", NULL, &c);
+    static char body[600];
+    memset(body, 's', sizeof body);
+    produce_full(f, "one", -1, NULL, NULL, body, sizeof body, NULL, NULL);
+    produce_full(f, "one", -1, NULL, NULL, body, sizeof body, NULL, NULL);
+    got g[GOT_MAX];
+    assert_int_equal(recv(f, "ws", "one", 1, LONG_INV, g), 1);
+    brk_receive_req r = req_of("ws", "one", 1);
+    brk_receive_batch *b = NULL;
+    struct timespec c0, c1;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
+    int64_t t0 = mono_ms();
+    brk_status st = brk_group_receive_wait(f->g, &r, 300, &b);
+    int64_t took = mono_ms() - t0;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
+    brk_receive_batch_free(b);
+    int64_t cpu = (int64_t)(c1.tv_sec - c0.tv_sec) * 1000
+                  + (c1.tv_nsec - c0.tv_nsec) / 1000000;
+    assert_true(st == BRK_OK || st == BRK_LIMIT);
+    assert_true(took >= 250);
+    if (cpu > took / 4)
+        fail_msg("receive_wait used %lld ms of CPU in %lld ms",
+                 (long long)cpu, (long long)took);
+}
+
+static void ack_at_the_bound_wakes_waiters_of_the_other_topic(void **state)
+{
+    fx *f = *state;
+    brk_group_config c;
+    brk_group_config_init(&c);
+    c.max_inflight = 1;
+    put_ok(f, "mt", "one", NULL, &c);
+    put_ok(f, "mt", "other", NULL, &c);
+    produce(f, "one", "a");
+    produce(f, "other", "b");
+    got a = recv_one(f, "mt", "one", LONG_INV);
+    got g[GOT_MAX];
+    size_t n;
+    assert_int_equal(recv_st(f, "mt", "other", NULL, 1, LONG_INV, g, &n),
+                     BRK_LIMIT);
+    waker w;
+    waker_init(&w);
+    brk_receive_req r = req_of("mt", "other", 1);
+    uint64_t id = 0;
+    assert_int_equal(brk_group_wait(f->g, &r, now_ms(f) + 20000, wake_cb, &w,
+                                    &id), BRK_OK);
+    assert_int_equal(wait_fired(f, &w, 1, 100), 0);
+    ack_ok(f, "mt", a.receipt);         /* frees room for "other" too */
+    assert_int_equal(wait_fired(f, &w, 1, 5000), 1);
+    got b = recv_one(f, "mt", "other", LONG_INV);
+    assert_string_equal(b.body, "b");
+    waker_destroy(&w);
+}
+
 /* ==== lag ================================================================= */
 
 static void lag_rows_report_per_queue_and_totals(void **state)
@@ -1847,6 +1939,45 @@ static void close_runs_every_pending_waiter(void **state)
     waker_destroy(&w);
 }
 
+typedef struct rw_call {
+    fx *f;
+    brk_status st;
+    size_t count;
+    atomic_bool done;
+} rw_call;
+
+static void *rw_call_main(void *arg)
+{
+    rw_call *c = arg;
+    brk_receive_req r = req_of("cw", "one", 10);
+    brk_receive_batch *b = NULL;
+    c->st = brk_group_receive_wait(c->f->g, &r, 20000, &b);
+    c->count = b ? b->count : 0;
+    brk_receive_batch_free(b);
+    atomic_store(&c->done, true);
+    return NULL;
+}
+
+static void close_while_receive_wait_blocks_returns_both(void **state)
+{
+    fx *f = *state;
+    put_ok(f, "cw", "one", NULL, NULL);
+    rw_call c = { .f = f, .st = BRK_AGAIN };
+    atomic_init(&c.done, false);
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, rw_call_main, &c), 0);
+    sleep_ms(200);                      /* it is waiting by now */
+    assert_false(atomic_load(&c.done));
+    int64_t t0 = mono_ms();
+    assert_int_equal(brk_groups_close(f->g), BRK_OK);
+    int64_t took = mono_ms() - t0;
+    pthread_join(th, NULL);
+    f->g = NULL;
+    assert_true(took < 5000);
+    assert_true(c.st == BRK_OK || c.st == BRK_CLOSED);
+    assert_int_equal(c.count, 0);
+}
+
 typedef struct late_producer {
     fx *f;
     int delay_ms;
@@ -2275,6 +2406,9 @@ int main(void)
         /* flow control */
         T(max_inflight_bounds_the_batch_and_then_says_limit),
         T(max_inflight_bytes_bounds_the_batch),
+        T(waiter_at_the_byte_bound_sleeps_until_an_ack_frees_room),
+        TR(receive_wait_at_the_byte_bound_does_not_spin),
+        T(ack_at_the_bound_wakes_waiters_of_the_other_topic),
         /* lag */
         T(lag_rows_report_per_queue_and_totals),
         T(lag_covers_every_subscribed_topic),
@@ -2298,6 +2432,7 @@ int main(void)
         T(waiter_in_sync_mode_fires_only_once_the_record_is_durable),
         T(thousand_waiters_all_fire_at_their_deadline),
         T(close_runs_every_pending_waiter),
+        TR(close_while_receive_wait_blocks_returns_both),
         T(receive_wait_returns_when_a_producer_thread_appends),
         T(receive_wait_returns_at_once_when_messages_are_ready),
         TR(receive_wait_gives_an_empty_batch_after_wait_ms),

@@ -90,10 +90,13 @@ brk_status brk_groups_open(brk_groups **out, brk_store *s,
                            size_t errlen);
 
 /* Persist progress, wake every waiter (its callback runs, as at a
- * deadline), stop the thread, free.  The groups' retention cursors stay
- * registered with the store, so a store that stays open keeps every
- * segment the groups have not consumed until they are opened again (or
- * the store closes). */
+ * deadline), stop the thread, free.  Calls in progress on other threads
+ * finish first (a blocked brk_group_receive_wait returns BRK_CLOSED at
+ * once); calls that begin while close runs return BRK_CLOSED; none may
+ * begin after it returned.  The groups' retention cursors stay registered
+ * with the store, so a store that stays open keeps every segment the
+ * groups have not consumed until they are opened again (or the store
+ * closes). */
 brk_status brk_groups_close(brk_groups *g);
 
 typedef struct brk_group_config {
