@@ -3,7 +3,7 @@
 #   make deps    install the Debian packages the project needs (scripts/deps.sh)
 #   make build   Release build in $(BUILD)
 #   make test    build, run every test, then the ASan/UBSan and TSan stages
-#   make crash   build, then the full crash explorations (store, transactions, delays)
+#   make crash   build, then the full crash explorations (store, transactions, delays, groups)
 #   make bench   build, then run every benchmark program
 #   make demo    build, then run examples/storage_demo and examples/txn_demo,
 #                each in its own temporary directory
@@ -47,12 +47,13 @@ test-asan: deps
 test-tsan: deps
 	bash scripts/test.sh tsan
 
-# The full crash explorations (make test runs 20000 store, 40000 transaction
-# and 3000 delay states; this 200000, 200000 and 50000).
+# The full crash explorations (make test runs 20000 store, 40000 transaction,
+# 3000 delay and 80000 group states; this 200000, 200000, 50000 and 400000).
 crash: build
 	BRK_CRASH_STATES=$${BRK_CRASH_STATES:-200000} $(BUILD)/tests/broker_core/test_crash
 	BRK_TXN_CRASH_STATES=$${BRK_TXN_CRASH_STATES:-200000} $(BUILD)/tests/broker_core/test_txn_crash
 	BRK_DELAY_CRASH_STATES=$${BRK_DELAY_CRASH_STATES:-50000} $(BUILD)/tests/broker_core/test_delay
+	BRK_GROUP_CRASH_STATES=$${BRK_GROUP_CRASH_STATES:-400000} $(BUILD)/tests/broker_core/test_group_crash
 
 # Each program runs from a fresh temporary directory (its working directory,
 # also $$TMPDIR) that is removed afterwards, and prints its own figures.
