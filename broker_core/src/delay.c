@@ -903,44 +903,6 @@ static brk_status compact(brk_delay *d, int64_t now)
 
 /* ---- state --------------------------------------------------------------------- */
 
-/* First queue offset in [lo, max) of `topic` queue 0 whose record starts at
- * or after `xoff` (max when none does). */
-static brk_status queue_search(brk_delay *d, const char *topic, uint64_t lo,
-                               uint64_t xoff, uint64_t *out)
-{
-    uint64_t min, max;
-    brk_status st = brk_store_queue_range(d->s, topic, 0, &min, &max);
-    if (st != BRK_OK)
-        return st;
-    if (lo < min)
-        lo = min;
-    uint64_t hi = max;
-    if (lo > hi)
-        lo = hi;
-    while (lo < hi) {
-        uint64_t mid = lo + (hi - lo) / 2;
-        brk_cq_entry e;
-        size_t n = 0;
-        uint64_t first = mid;
-        st = brk_store_read_entries(d->s, topic, 0, mid, &e, 1, &n, &first);
-        if (st != BRK_OK)
-            return st;
-        if (n == 0 || first != mid) {
-            /* Retention moved the queue start past mid meanwhile. */
-            lo = first;
-            if (n == 0)
-                break;
-            continue;
-        }
-        if (e.log_offset < xoff)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    *out = lo;
-    return BRK_OK;
-}
-
 /* Save state.delay if it changed (see STATE SAVE at the top).  `wait`:
  * block for a save in progress (close) instead of skipping. */
 static brk_status save_state(brk_delay *d, bool force, bool wait)
@@ -980,10 +942,11 @@ static brk_status save_state(brk_delay *d, bool force, bool wait)
         goto out;
     uint64_t dq, oq;
     bool down = !d->saved_valid || xd < d->saved_xd;
-    st = queue_search(d, BRK_DELAY_TOPIC, down ? 0 : d->saved_dq, xd, &dq);
+    st = brk_store_queue_seek(d->s, BRK_DELAY_TOPIC, 0,
+                              down ? 0 : d->saved_dq, xd, &dq);
     if (st == BRK_OK)
-        st = queue_search(d, BRK_DELAY_OP_TOPIC, down ? 0 : d->saved_oq, xd,
-                          &oq);
+        st = brk_store_queue_seek(d->s, BRK_DELAY_OP_TOPIC, 0,
+                                  down ? 0 : d->saved_oq, xd, &oq);
     if (st != BRK_OK)
         goto out;
     uint8_t buf[STATE_LEN];

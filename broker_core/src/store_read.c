@@ -270,3 +270,33 @@ brk_status brk_store_lookup(brk_store *s, const uint8_t id[BRK_UUID_LEN],
     free(segs);
     return st;
 }
+
+brk_status brk_store_queue_seek(brk_store *s, const char *topic,
+                                uint16_t queue, uint64_t from,
+                                uint64_t log_offset, uint64_t *out)
+{
+    uint64_t min, max;
+    brk_status st = brk_store_queue_range(s, topic, queue, &min, &max);
+    if (st != BRK_OK)
+        return st;
+    uint64_t lo = from < min ? min : from > max ? max : from, hi = max;
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2, first = mid;
+        brk_cq_entry e;
+        size_t n = 0;
+        st = brk_store_read_entries(s, topic, queue, mid, &e, 1, &n, &first);
+        if (st != BRK_OK)
+            return st;
+        if (n == 0 || first != mid) {
+            /* Retention moved the queue start past mid meanwhile. */
+            lo = n == 0 ? hi : first;
+            continue;
+        }
+        if (e.log_offset < log_offset)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    *out = lo;
+    return BRK_OK;
+}

@@ -1418,39 +1418,6 @@ static void dispatch_locked(brk_txn *t, int64_t now)
 
 /* ---- state, retention, sweeping, compaction ------------------------------ */
 
-/* First queue offset in __txn_op whose record lies at or after log offset
- * `off` (binary search over the consume queue, which is in log order). */
-static brk_status op_queue_at(brk_txn *t, const char *topic, uint64_t off,
-                              uint64_t *qoff)
-{
-    uint64_t lo, hi;
-    brk_status st = brk_store_queue_range(t->s, topic, 0, &lo, &hi);
-    if (st != BRK_OK)
-        return st;
-    while (lo < hi) {
-        uint64_t mid = lo + (hi - lo) / 2, first;
-        brk_cq_entry ce;
-        size_t n = 0;
-        st = brk_store_read_entries(t->s, topic, 0, mid, &ce, 1, &n, &first);
-        if (st != BRK_OK)
-            return st;
-        if (n == 0) {
-            lo = hi;
-            break;
-        }
-        if (first != mid) {              /* retention moved the start */
-            lo = first;
-            continue;
-        }
-        if (ce.log_offset < off)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    *qoff = lo;
-    return BRK_OK;
-}
-
 /* Save state.txn and move the retention cursor (not under mu). */
 static brk_status save_state(brk_txn *t, bool force)
 {
@@ -1486,9 +1453,11 @@ static brk_status save_state(brk_txn *t, bool force)
     if (min_half == UINT64_MAX)
         min_half = end;
     uint64_t half_q = 0, op_q = 0;
-    brk_status st = op_queue_at(t, BRK_TXN_HALF_TOPIC, min_half, &half_q);
+    brk_status st = brk_store_queue_seek(t->s, BRK_TXN_HALF_TOPIC, 0, 0,
+                                         min_half, &half_q);
     if (st == BRK_OK)
-        st = op_queue_at(t, BRK_TXN_OP_TOPIC, min_half, &op_q);
+        st = brk_store_queue_seek(t->s, BRK_TXN_OP_TOPIC, 0, 0, min_half,
+                                  &op_q);
     if (st != BRK_OK)
         return st;
     if (!force && half_q == t->saved[0] && op_q == t->saved[1]

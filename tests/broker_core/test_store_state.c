@@ -359,6 +359,44 @@ static void removing_the_listener_waits_for_a_callback_in_flight(void **state)
     pthread_cond_destroy(&sl.cv);
 }
 
+static void queue_seek_finds_the_first_entry_at_or_after_a_log_offset(void **state)
+{
+    fx *f = *state;
+    brk_append_res mine[10], other;
+    for (int i = 0; i < 10; i++) {
+        brk_append_req r;
+        memset(&r, 0, sizeof r);
+        r.topic = "mine";
+        r.queue = 0;
+        r.body = (brk_bytes){ "m", 1 };
+        assert_int_equal(brk_store_append(f->s, &r, &mine[i]), BRK_OK);
+        r.topic = "other";              /* interleaved: gaps in log offsets */
+        assert_int_equal(brk_store_append(f->s, &r, &other), BRK_OK);
+    }
+    uint64_t q;
+    for (int i = 0; i < 10; i++) {
+        assert_int_equal(brk_store_queue_seek(f->s, "mine", 0, 0,
+                                              mine[i].log_offset, &q), BRK_OK);
+        assert_int_equal(q, (uint64_t)i);
+        /* Just past a record: the next one. */
+        assert_int_equal(brk_store_queue_seek(f->s, "mine", 0, 0,
+                                              mine[i].log_offset + 1, &q),
+                         BRK_OK);
+        assert_int_equal(q, (uint64_t)i + 1);
+        /* A correct hint gives the same answer. */
+        assert_int_equal(brk_store_queue_seek(f->s, "mine", 0, (uint64_t)i,
+                                              mine[i].log_offset, &q), BRK_OK);
+        assert_int_equal(q, (uint64_t)i);
+    }
+    assert_int_equal(brk_store_queue_seek(f->s, "mine", 0, 0, 0, &q), BRK_OK);
+    assert_int_equal(q, 0);
+    assert_int_equal(brk_store_queue_seek(f->s, "mine", 0, 0, UINT64_MAX, &q),
+                     BRK_OK);
+    assert_int_equal(q, 10);
+    assert_int_equal(brk_store_queue_seek(f->s, "nosuch", 0, 0, 0, &q),
+                     BRK_NOTFOUND);
+}
+
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
 
 int main(void)
@@ -377,6 +415,7 @@ int main(void)
         T(accessors_report_clock_and_auto_create),
         T(listener_hears_appends_and_durable_advances),
         T(removing_the_listener_waits_for_a_callback_in_flight),
+        T(queue_seek_finds_the_first_entry_at_or_after_a_log_offset),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

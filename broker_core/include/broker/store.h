@@ -232,6 +232,16 @@ brk_status brk_store_read_entries(brk_store *s, const char *topic,
                                   brk_cq_entry *out, size_t max, size_t *n,
                                   uint64_t *first);
 
+/* The first queue offset at or above `from` whose record starts at or after
+ * log offset `log_offset`; the queue's max offset when none does.  Queues
+ * are in log order, so this is a binary search.  `from` is a hint the
+ * caller knows to be at or below the answer (0 when it knows nothing).
+ * Modules use it to turn "everything from this log offset on" into a place
+ * to start reading a queue. */
+brk_status brk_store_queue_seek(brk_store *s, const char *topic,
+                                uint16_t queue, uint64_t from,
+                                uint64_t log_offset, uint64_t *out);
+
 /* A batch of decoded messages.  Owned by the caller: free with
  * brk_batch_free.  recs[i] views point into the batch's own buffer. */
 typedef struct brk_batch {
