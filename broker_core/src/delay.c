@@ -297,6 +297,15 @@ void brk_delay_opts_init(brk_delay_opts *o)
     o->state_interval_ms = 1000;
 }
 
+/* a + b, saturating: "never" may be spelt INT64_MAX. */
+static int64_t sat_add(int64_t a, int64_t b)
+{
+    int64_t r;
+    if (__builtin_add_overflow(a, b, &r))
+        return b > 0 ? INT64_MAX : INT64_MIN;
+    return r;
+}
+
 static int64_t now_ms(brk_delay *d)
 {
     return d->clock->now_ms(d->clock->ctx);
@@ -830,7 +839,7 @@ static brk_status compact(brk_delay *d, int64_t now)
         brk_status st = off != NONE ? reserve_slot(d) : BRK_OK;
         pthread_mutex_unlock(&d->mu);
         if (off == NONE) {
-            d->compact_at = now + d->o.compact_after_ms;
+            d->compact_at = sat_add(now, d->o.compact_after_ms);
             return BRK_OK;
         }
         if (st != BRK_OK)
@@ -846,7 +855,7 @@ static brk_status compact(brk_delay *d, int64_t now)
             r = &b->recs[0];
             if (!parse_meta(r, &m))
                 st = BRK_CORRUPT;
-            else if (r->store_ms > now - d->o.compact_after_ms)
+            else if (sat_add(r->store_ms, d->o.compact_after_ms) > now)
                 young = true;
         }
         if (st == BRK_OK && !young) {
@@ -888,7 +897,7 @@ static brk_status compact(brk_delay *d, int64_t now)
         }
         pthread_mutex_unlock(&d->mu);
         if (young)
-            d->compact_at = r->store_ms + d->o.compact_after_ms;
+            d->compact_at = sat_add(r->store_ms, d->o.compact_after_ms);
         free(props);
         brk_batch_free(b);
         if (young)
@@ -1304,6 +1313,11 @@ static brk_status rebuild(brk_delay *d, char *errbuf, size_t errlen)
             }
             continue;
         }
+        /* A record we could not read any more (retention took its segment,
+         * which the cursor allows only once it was delivered or superseded)
+         * can never be delivered again: it is done, not a retry. */
+        if (!in_ring && !m[i].known)
+            continue;
         /* Named by an op, not delivered: deliver it again (same op). */
         if (!in_ring)
             ring_insert(d, m[i].off | RING_INFLIGHT);
@@ -1543,6 +1557,13 @@ brk_status brk_delay_send(brk_delay *d, const brk_append_req *req,
     size_t plen = 0;
     if ((st = props_merge(req->props, sys, 2, &props, &plen)) != BRK_OK)
         return st;
+    /* Leave room for the pair a compaction copy adds, or that copy could
+     * never be written and would hold every later compaction back. */
+    if (plen + 4 + (sizeof SYS_MOVED - 1) + 8 > BRK_PROPS_MAX
+        || (plen >= 2 && brk_ld16(props) == UINT16_MAX)) {
+        free(props);
+        return BRK_TOOBIG;
+    }
 
     send_slot me = { 0, NULL, NULL };
     pthread_mutex_lock(&d->mu);
