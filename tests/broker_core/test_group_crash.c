@@ -11,7 +11,7 @@
  * (receive + ack until nothing comes, moving the clock past every retry),
  * and check, per group:
  *   - both open (a crash is never "corruption");
- *   - every acknowledged append that the group had not acked before the
+ *   - every durable append that the group had not acked before the
  *     crash is delivered at least once in the drain: nothing is lost,
  *     whatever was in flight, nacked or waiting for a retry.  An ack that
  *     returned OK is acked; one that failed on I/O (the disk died under
@@ -26,6 +26,24 @@
  *     only while the disk was still alive afterwards;
  *   - every delivered message is one the workload appended;
  *   - after the drain and a clean restart, nothing is delivered again.
+ * Store modes: one workload in three (by a hash of its seed, so a replay
+ * of a seed uses the same mode) runs on an ASYNC store, where an append
+ * that returned OK is only in the page cache.  There an append counts as
+ * durable once a durable point covers it: the model reads
+ * brk_store_get_stats() after every operation, and only while the sim is
+ * still alive (after the crash point the store's own figures are no longer
+ * evidence), keeping the highest durable_offset seen; an append is durable
+ * when the log end right after it (its record's end: the workload appends
+ * from one thread, nothing else appends in between) is at or below that
+ * offset, or when a clean store close returned OK with the sim alive.
+ * Durable points: the module's saves (each flushes the log before it
+ * writes state.groups), the store's tick, clean restarts and an OP_FLUSH
+ * (brk_store_flush) that only ASYNC workloads contain.  In SYNC mode every
+ * append that returned OK is durable.  Every other check is the same in
+ * both modes: acks are persisted by state.groups, which is written synced
+ * (and after a log flush) in either mode, so "acked and persisted" means
+ * the same thing; a non-durable append is neither required nor forbidden
+ * after the crash (it may or may not have reached the disk).
  * Groups: "gi" (clustering, persisted every persist_interval_ms), "ge"
  * (clustering, persist_every_ack) and "gf" (FIFO, persist_every_ack), all
  * on one topic with two queues.
@@ -35,8 +53,9 @@
  * workload seed.  Replay one failing state exactly with
  * BRK_GROUP_CRASH_SEED=<workload seed> BRK_GROUP_CRASH_POINT=<crash point>;
  * the crash mode and any second crash during recovery derive from those
- * two.  A failure prints "mode m" (0 DROP_ALL, 1 KEEP_RANDOM, 2 TORN_LAST)
- * or, with a second crash during recovery, "mode 10*m1 + m2".  Setting
+ * two.  A failure prints the store mode (SYNC or ASYNC, which the seed
+ * decides) and "mode m" (0 DROP_ALL, 1 KEEP_RANDOM, 2 TORN_LAST) or, with
+ * a second crash during recovery, "mode 10*m1 + m2".  Setting
  * BRK_GROUP_CRASH_TRACE as well prints every operation, status, delivery
  * and receipt of the replayed state.
  */
@@ -75,7 +94,7 @@ static const bool EVERY_ACK[NGROUPS] = { false, true, true };
 static const bool FIFO[NGROUPS] = { false, false, true };
 
 enum { OP_PRODUCE, OP_RECEIVE, OP_ACK, OP_NACK, OP_TICK, OP_RESTART,
-       OP_RETENTION };
+       OP_RETENTION, OP_FLUSH };
 
 typedef struct op {
     int kind;
@@ -89,6 +108,7 @@ typedef struct op {
 
 typedef struct workload {
     uint64_t seed;
+    bool async;             /* ASYNC store (one workload in three) */
     size_t nops;
     op ops[MAX_OPS];
 } workload;
@@ -109,11 +129,24 @@ static uint64_t rng_next(uint64_t *x)
     return z ^ (z >> 31);
 }
 
+/* The store mode of a workload, from its seed alone (replays stay exact). */
+static bool seed_async(uint64_t seed)
+{
+    uint64_t h = seed ^ 0x5A17A5C0FFEEull;
+    return rng_next(&h) % 3 == 0;
+}
+
+static const char *mode_name(const workload *w)
+{
+    return w->async ? "ASYNC" : "SYNC";
+}
+
 static void make_workload(workload *w, uint64_t seed)
 {
     uint64_t r = seed;
     memset(w, 0, sizeof *w);
     w->seed = seed;
+    w->async = seed_async(seed);
     w->nops = 25 + rng_next(&r) % (MAX_OPS - 25);
     for (size_t i = 0; i < w->nops; i++) {
         op *o = &w->ops[i];
@@ -134,6 +167,10 @@ static void make_workload(workload *w, uint64_t seed)
             o->kind = OP_NACK;
             o->pick = (unsigned)rng_next(&r);
             o->delay_ms = delays[rng_next(&r) % 4];
+        } else if (w->async && d < 79) {
+            /* ASYNC workloads only (SYNC ones stay as they were): an
+             * explicit durable point. */
+            o->kind = OP_FLUSH;
         } else if (d < 93) {
             o->kind = OP_TICK;
             o->advance_ms = 50 + (int64_t)(rng_next(&r) % 700);
@@ -193,6 +230,8 @@ typedef struct run {
     const workload *w;
     int nmsgs;                  /* appends tried */
     bool appended[MAX_MSGS];    /* append returned OK */
+    uint64_t end[MAX_MSGS];     /* log end right after that append */
+    uint64_t durable_seen;      /* highest durable offset seen alive */
     gstate gs[NGROUPS];
     unsigned delivered[NGROUPS][MAX_MSGS];  /* in the verification drain */
     char err[256];
@@ -214,7 +253,7 @@ static void run_init(run *r, const workload *w, uint64_t sim_seed)
     r->so.io = brk_sim_io(r->sim);
     r->so.clock = &r->clk.clock;
     r->so.no_background = true;
-    r->so.flush_mode = BRK_FLUSH_SYNC;
+    r->so.flush_mode = w->async ? BRK_FLUSH_ASYNC : BRK_FLUSH_SYNC;
     r->so.segment_bytes = 4096;
     r->so.cq_entries_per_file = 16;
     r->so.retention_ms = 400;
@@ -224,6 +263,52 @@ static void run_init(run *r, const workload *w, uint64_t sim_seed)
     r->go.no_background = true;
     r->go.persist_interval_ms = PERSIST_MS;
     r->go.default_invisible_ms = 1000;
+}
+
+static void note_all_persisted(run *r);
+
+/* Note the store's durable offset, only while the sim is alive: after the
+ * crash point the store's figures are no evidence of what is on disk. */
+static void note_durable(run *r)
+{
+    if (!r->s || brk_sim_is_dead(r->sim))
+        return;
+    brk_store_stats ss;
+    brk_store_get_stats(r->s, &ss);
+    if (ss.durable_offset > r->durable_seen)
+        r->durable_seen = ss.durable_offset;
+}
+
+/* Whether append m is durable as far as the model knows. */
+static bool append_durable(const run *r, int m)
+{
+    if (!r->appended[m])
+        return false;
+    return !r->w->async || r->end[m] <= r->durable_seen;
+}
+
+/* A clean close in the workload: everything appended is durable once the
+ * store closed OK (it flushes) with the sim alive. */
+static void close_noting(run *r)
+{
+    brk_status st = BRK_OK;
+    if (r->g)
+        st = brk_groups_close(r->g);
+    r->g = NULL;
+    if (st == BRK_OK && !brk_sim_is_dead(r->sim))
+        note_all_persisted(r);
+    if (!r->s)
+        return;
+    brk_store_stats ss;
+    brk_store_get_stats(r->s, &ss);
+    note_durable(r);
+    brk_status st2 = brk_store_close(r->s);
+    r->s = NULL;
+    TRACE("  close: groups %s, store %s%s\n", brk_status_name(st),
+          brk_status_name(st2), brk_sim_is_dead(r->sim) ? " (dead)" : "");
+    if (st2 == BRK_OK && !brk_sim_is_dead(r->sim)
+        && ss.log_end > r->durable_seen)
+        r->durable_seen = ss.log_end;
 }
 
 static void close_both(run *r)
@@ -315,8 +400,9 @@ static void do_receive(run *r, const op *o)
                   b->msgs[i].queue, (unsigned long long)b->msgs[i].offset,
                   b->msgs[i].delivery_count, b->msgs[i].receipt);
             if (idx < 0)
-                fail_msg("workload seed %llu: received a message that is not "
-                         "the workload's", (unsigned long long)r->w->seed);
+                fail_msg("workload seed %llu (%s store): received a message "
+                         "that is not the workload's",
+                         (unsigned long long)r->w->seed, mode_name(r->w));
             if (gs->nheld < MAX_HELD) {
                 held *h = &gs->held[gs->nheld++];
                 snprintf(h->receipt, sizeof h->receipt, "%s", b->msgs[i].receipt);
@@ -351,11 +437,24 @@ static void run_workload(run *r)
                 q.body = (brk_bytes){ body, msg_body(w, idx, body, sizeof body) };
                 brk_append_res res;
                 brk_status st = brk_store_append(r->s, &q, &res);
-                if (st == BRK_OK)
+                if (st == BRK_OK) {
+                    brk_store_stats ss;
+                    brk_store_get_stats(r->s, &ss);
                     r->appended[idx] = true;
-                TRACE("op %zu: append m%03d: %s (queue %u offset %llu)\n", i,
-                      idx, brk_status_name(st), st == BRK_OK ? res.queue : 0,
-                      st == BRK_OK ? (unsigned long long)res.queue_offset : 0);
+                    r->end[idx] = ss.log_end;
+                    if (!w->async && !brk_sim_is_dead(r->sim)
+                        && ss.durable_offset < ss.log_end)
+                        fail_msg("workload seed %llu (SYNC store): append returned OK "
+                                 "before it was durable",
+                                 (unsigned long long)w->seed);
+                }
+                TRACE("op %zu: append m%03d: %s (queue %u offset %llu, log "
+                      "%llu..%llu)\n", i, idx, brk_status_name(st),
+                      st == BRK_OK ? res.queue : 0,
+                      st == BRK_OK ? (unsigned long long)res.queue_offset : 0,
+                      st == BRK_OK ? (unsigned long long)res.log_offset : 0,
+                      st == BRK_OK ? (unsigned long long)r->end[idx] : 0);
+                note_durable(r);
             }
             break;
         case OP_RECEIVE:
@@ -416,37 +515,44 @@ static void run_workload(run *r)
             break;
         }
         case OP_RESTART: {
-            brk_status st = brk_groups_close(r->g);
-            r->g = NULL;
-            if (st == BRK_OK && !brk_sim_is_dead(r->sim))
-                note_all_persisted(r);
-            TRACE("op %zu: restart: groups close %s%s\n", i,
-                  brk_status_name(st), brk_sim_is_dead(r->sim) ? " (dead)" : "");
-            brk_store_close(r->s);
-            r->s = NULL;
+            TRACE("op %zu: restart\n", i);
+            close_noting(r);
             for (int gi = 0; gi < NGROUPS; gi++)
                 r->gs[gi].nheld = 0;
             if (open_both(r) != BRK_OK)
                 return;
             break;
         }
+        case OP_FLUSH: {
+            brk_status st = brk_store_flush(r->s);
+            TRACE("op %zu: flush: %s%s\n", i, brk_status_name(st),
+                  brk_sim_is_dead(r->sim) ? " (dead)" : "");
+            break;
         }
+        }
+        note_durable(r);
+        TRACE("  durable %llu, %llu I/O operations%s\n",
+              (unsigned long long)r->durable_seen,
+              (unsigned long long)brk_sim_ops(r->sim),
+              brk_sim_is_dead(r->sim) ? " (dead)" : "");
     }
-    close_both(r);
+    close_noting(r);
 }
 
 #define CHECK(cond, ...)                                                     \
     do {                                                                     \
         if (!(cond)) {                                                       \
-            print_error("workload seed %llu crash point %llu mode %d: ",     \
-                        (unsigned long long)w->seed,                         \
-                        (unsigned long long)k, mode);                        \
+            print_error("workload seed %llu (%s store) crash point %llu "    \
+                        "mode %d: ", (unsigned long long)w->seed,            \
+                        mode_name(w), (unsigned long long)k, mode);          \
             fail_msg(__VA_ARGS__);                                           \
         }                                                                    \
     } while (0)
 
 static uint64_t g_checked_msgs, g_redelivered, g_dups, g_dup_bound;
 static uint64_t g_persisted_checked;   /* acked + persisted: must not come back */
+static uint64_t g_async_states;        /* crash states on an ASYNC store */
+static uint64_t g_not_durable;         /* ASYNC appends OK but not yet durable */
 static uint64_t g_last_ops;     /* mutating I/O of the last workload run */
 
 /* Receive + ack everything group gi has, moving the clock past every retry
@@ -531,10 +637,18 @@ static void verify(run *r, const workload *w, uint64_t k, int mode)
                 bound++;
             if (!r->appended[m])
                 continue;
+            if (!append_durable(r, m)) {
+                /* ASYNC, not covered by a durable point before the crash:
+                 * it may or may not be in the log now; if it is, it is
+                 * delivered like any other (the drain counts it). */
+                g_not_durable++;
+                continue;
+            }
             g_checked_msgs++;
             if (!gs->acked[m]) {
-                CHECK(d >= 1, "group %s: m%03d (appended, never acked) was not "
-                      "delivered after the crash", GROUPS[gi], m);
+                CHECK(d >= 1, "group %s: m%03d (appended%s, never acked) was "
+                      "not delivered after the crash", GROUPS[gi], m,
+                      w->async ? " and durable" : "");
                 g_redelivered++;
             } else if (gs->persisted[m]) {
                 g_persisted_checked++;
@@ -585,6 +699,7 @@ static bool run_crash_state(run *r, const workload *w, uint64_t k)
     uint64_t again_after = rng_next(&ss) % 40;
     int again_mode = (int)(rng_next(&ss) % 3);
     run_init(r, w, w->seed + (k == UINT64_MAX ? 0 : k));
+    g_async_states += w->async && k != UINT64_MAX;
     if (k != UINT64_MAX)
         brk_sim_set_crash_after(r->sim, k);
     run_workload(r);
@@ -594,8 +709,9 @@ static bool run_crash_state(run *r, const workload *w, uint64_t k)
     } else if (brk_sim_crash(r->sim, mode) != BRK_OK) {
         fail_msg("sim crash");
     }
-    TRACE("crash (mode %d) after %llu operations\n", mode,
-          (unsigned long long)k);
+    TRACE("crash (%s store, mode %d) after %llu operations; durable %llu\n",
+          mode_name(w), mode, (unsigned long long)k,
+          (unsigned long long)r->durable_seen);
     if (again) {
         TRACE("recovery crashes after %llu more (mode %d)\n",
               (unsigned long long)again_after, again_mode);
@@ -646,17 +762,21 @@ static void crash_at_every_operation_loses_no_message_and_bounds_duplicates(void
     }
     print_message("group crash exploration: %llu crash states over %llu "
                   "workloads (%llu I/O operations each on average; %llu with "
-                  "a second crash during recovery); %llu (group, message) "
-                  "pairs checked, %llu unacked ones redelivered, %llu acked "
-                  "and persisted ones not redelivered, %llu duplicates of "
-                  "acked ones against a bound of %llu\n",
+                  "a second crash during recovery; %llu on an ASYNC store); "
+                  "%llu (group, message) pairs checked, %llu unacked ones "
+                  "redelivered, %llu acked and persisted ones not "
+                  "redelivered, %llu duplicates of acked ones against a "
+                  "bound of %llu; %llu ASYNC appends not yet durable at the "
+                  "crash (not checked)\n",
                   (unsigned long long)states, (unsigned long long)workloads,
                   (unsigned long long)(workloads ? ops_total / workloads : 0),
                   (unsigned long long)recovery_crashes,
+                  (unsigned long long)g_async_states,
                   (unsigned long long)g_checked_msgs,
                   (unsigned long long)g_redelivered,
                   (unsigned long long)g_persisted_checked,
-                  (unsigned long long)g_dups, (unsigned long long)g_dup_bound);
+                  (unsigned long long)g_dups, (unsigned long long)g_dup_bound,
+                  (unsigned long long)g_not_durable);
     assert_true(states >= budget);
 }
 

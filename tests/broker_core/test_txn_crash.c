@@ -28,6 +28,24 @@
  *     message lands once, and everything holds across a clean restart.
  * Some states also crash again while recovering, before the final reopen.
  *
+ * Store modes: one workload in three (by a hash of its seed, so a replay
+ * of a seed uses the same mode) runs on an ASYNC store, where a record
+ * that was appended is only in the page cache.  There "acknowledged" needs
+ * a durable point too: after every operation the model notes the log end
+ * (every record the operation wrote lies below it: one caller thread, and
+ * ticks are quiesced) and, only while the sim is still alive, the store's
+ * durable_offset; a prepare, verdict, stuck flag or check count counts as
+ * acknowledged-and-durable when the log end noted with it is at or below
+ * the highest durable offset seen (or a clean close returned OK with the
+ * sim alive).  Durable points: state saves in ticks (they flush the log),
+ * clean restarts and OP_FLUSH (brk_store_flush, ASYNC workloads only).  In
+ * SYNC mode every acknowledgement is durable.  The checks above then apply
+ * to the durable ones; of the others, a prepare may be lost, and a verdict
+ * may be lost (the transaction is pending again) but still never reversed,
+ * in either mode.  Every check on what the recovered state is (message
+ * exactly once per committed transaction, expiry messages, schedules, the
+ * recovered module working) is the same in both modes.
+ *
  * Workers: one checker thread, and every tick is followed by
  * brk_txn_quiesce, so a workload performs the same I/O in the same order on
  * every run and crash point k means the same thing each time.
@@ -38,7 +56,8 @@
  * BRK_TXN_CRASH_SEED=<workload seed> BRK_TXN_CRASH_POINT=<crash point>: the
  * crash mode and any second crash derive from those two.  A failure prints
  * "mode m" (m = 0 DROP_ALL, 1 KEEP_RANDOM, 2 TORN_LAST) or, with a second
- * crash during recovery, "mode 10*m1 + m2".
+ * crash during recovery, "mode 10*m1 + m2"; the store mode (SYNC or
+ * ASYNC, which the seed decides) is printed with it.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -72,7 +91,8 @@
 #define DEFAULT_STATES 40000
 #endif
 
-enum { OP_PREPARE, OP_COMMIT, OP_ROLLBACK, OP_TICK, OP_RESTART, OP_CKPT };
+enum { OP_PREPARE, OP_COMMIT, OP_ROLLBACK, OP_TICK, OP_RESTART, OP_CKPT,
+       OP_FLUSH };
 
 /* Policies, by transaction index. */
 enum { POL_ROLLBACK, POL_EXPIRY, POL_HOLD, POL_SLOW, POL_COUNT_ };
@@ -85,6 +105,7 @@ typedef struct op {
 
 typedef struct workload {
     uint64_t seed;
+    bool async;             /* ASYNC store (one workload in three) */
     uint64_t segment_bytes;
     size_t nops;
     int ntx;                /* distinct transactions */
@@ -99,11 +120,24 @@ static uint64_t rng_next(uint64_t *x)
     return z ^ (z >> 31);
 }
 
+/* The store mode of a workload, from its seed alone (replays stay exact). */
+static bool seed_async(uint64_t seed)
+{
+    uint64_t h = seed ^ 0x5A17A5C0FFEEull;
+    return rng_next(&h) % 3 == 0;
+}
+
+static const char *mode_name(const workload *w)
+{
+    return w->async ? "ASYNC" : "SYNC";
+}
+
 static void make_workload(workload *w, uint64_t seed)
 {
     uint64_t r = seed;
     memset(w, 0, sizeof *w);
     w->seed = seed;
+    w->async = seed_async(seed);
     w->segment_bytes = rng_next(&r) % 2 ? 4096 : 8192;
     w->nops = 30 + rng_next(&r) % (MAX_OPS - 30);
     for (size_t i = 0; i < w->nops; i++) {
@@ -120,6 +154,10 @@ static void make_workload(workload *w, uint64_t seed)
         } else if (d < 60) {
             o->kind = OP_ROLLBACK;
             o->tx = (int)(rng_next(&r) % (uint64_t)w->ntx);
+        } else if (w->async && d < 66) {
+            /* ASYNC workloads only (SYNC ones stay as they were): an
+             * explicit durable point. */
+            o->kind = OP_FLUSH;
         } else if (d < 90) {
             o->kind = OP_TICK;
             o->advance_ms = 20 + (int64_t)(rng_next(&r) % 200);
@@ -187,14 +225,21 @@ static size_t tx_body(const workload *w, int tx, uint8_t *buf)
     return len;
 }
 
-/* What the workload was told. */
+#define CHECKS_TRACKED 8
+
+/* What the workload was told, each with the log end noted when it was
+ * told (durable once the durable offset seen reaches it; see the top). */
 typedef struct txrec {
     bool prepared;          /* a prepare returned OK */
+    uint64_t prepared_end;
     uint8_t msg_id[BRK_UUID_LEN];
     int acked;              /* 0, or the terminal brk_txn_state acknowledged */
+    uint64_t acked_end;
     bool stuck_seen;        /* observed stuck ... */
+    uint64_t stuck_end;
     bool verdict_since;     /* ... and a client verdict was tried since */
     uint32_t checks_seen;   /* highest check count observed while pending */
+    uint64_t checks_end[CHECKS_TRACKED]; /* [c]: when >= c checks were seen */
 } txrec;
 
 typedef struct run {
@@ -209,6 +254,8 @@ typedef struct run {
     pthread_mutex_t mu;     /* calls[] (the checker runs on a worker) */
     unsigned calls[MAX_TX];
     txrec tx[MAX_TX];
+    uint64_t log_end;       /* noted after the current operation */
+    uint64_t durable_seen;  /* highest durable offset seen alive */
     char err[256];
 } run;
 
@@ -244,7 +291,7 @@ static void run_init(run *r, const workload *w, uint64_t sim_seed)
     r->so.io = brk_sim_io(r->sim);
     r->so.clock = &r->clk.clock;
     r->so.no_background = true;
-    r->so.flush_mode = BRK_FLUSH_SYNC;
+    r->so.flush_mode = w->async ? BRK_FLUSH_ASYNC : BRK_FLUSH_SYNC;
     r->so.segment_bytes = w->segment_bytes;
     r->so.cq_entries_per_file = 16;
     r->so.default_queues = 2;
@@ -301,11 +348,49 @@ static void close_both(run *r)
     r->s = NULL;
 }
 
-static void note_terminal(txrec *x, brk_txn_state st)
+/* Note the log end, and the durable offset only while the sim is alive:
+ * after the crash point the store's figures are no evidence of what is on
+ * disk. */
+static void note_end(run *r)
+{
+    if (!r->s)
+        return;
+    brk_store_stats ss;
+    brk_store_get_stats(r->s, &ss);
+    r->log_end = ss.log_end;
+    if (!brk_sim_is_dead(r->sim) && ss.durable_offset > r->durable_seen)
+        r->durable_seen = ss.durable_offset;
+}
+
+/* A clean close in the workload: everything is durable once the store
+ * closed OK (it flushes) with the sim alive. */
+static void close_noting(run *r)
+{
+    if (r->t)
+        brk_txn_close(r->t);
+    r->t = NULL;
+    if (!r->s)
+        return;
+    note_end(r);
+    brk_status st = brk_store_close(r->s);
+    r->s = NULL;
+    if (st == BRK_OK && !brk_sim_is_dead(r->sim) && r->log_end > r->durable_seen)
+        r->durable_seen = r->log_end;
+}
+
+/* Whether something told with log end `end` is durable. */
+static bool durable(const run *r, uint64_t end)
+{
+    return !r->w->async || end <= r->durable_seen;
+}
+
+static void note_terminal(run *r, txrec *x, brk_txn_state st)
 {
     if (st == BRK_TXN_COMMITTED || st == BRK_TXN_ROLLED_BACK)
-        if (x->acked == 0)
+        if (x->acked == 0) {
             x->acked = (int)st;
+            x->acked_end = r->log_end;
+        }
 }
 
 /* After a tick: what brk_txn_get shows of every acknowledged prepare. */
@@ -321,14 +406,18 @@ static void observe(run *r)
         if (brk_txn_get(r->t, id, &i) != BRK_OK)
             continue;
         if (i.state == BRK_TXN_PREPARED) {
+            for (uint32_t c = x->checks_seen + 1;
+                 c <= i.checks && c < CHECKS_TRACKED; c++)
+                x->checks_end[c] = r->log_end;
             if (i.checks > x->checks_seen)
                 x->checks_seen = i.checks;
             if (i.stuck && !x->stuck_seen) {
                 x->stuck_seen = true;
+                x->stuck_end = r->log_end;
                 x->verdict_since = false;
             }
         } else {
-            note_terminal(x, i.state);
+            note_terminal(r, x, i.state);
         }
     }
 }
@@ -362,11 +451,15 @@ static void run_workload(run *r)
             memset(&res, 0, sizeof res);
             if (brk_txn_prepare(r->t, &q, &res) == BRK_OK) {
                 if (x->prepared && memcmp(x->msg_id, res.msg_id, BRK_UUID_LEN) != 0)
-                    fail_msg("workload seed %llu: prepare replay of %s gave "
-                             "another message id", (unsigned long long)w->seed, id);
+                    fail_msg("workload seed %llu (%s store): prepare replay of "
+                             "%s gave another message id",
+                             (unsigned long long)w->seed, mode_name(w), id);
+                note_end(r);
+                if (!x->prepared)
+                    x->prepared_end = r->log_end;
                 x->prepared = true;
                 memcpy(x->msg_id, res.msg_id, BRK_UUID_LEN);
-                note_terminal(x, res.state);
+                note_terminal(r, x, res.state);
             }
             break;
         }
@@ -379,37 +472,43 @@ static void run_workload(run *r)
             x->verdict_since = true;
             brk_status st = c ? brk_txn_commit(r->t, id, &res)
                               : brk_txn_rollback(r->t, id, &res);
+            note_end(r);
             if (st == BRK_OK)
-                note_terminal(x, c ? BRK_TXN_COMMITTED : BRK_TXN_ROLLED_BACK);
+                note_terminal(r, x, c ? BRK_TXN_COMMITTED : BRK_TXN_ROLLED_BACK);
             else if (st == BRK_CONFLICT)
-                note_terminal(x, res.state);
+                note_terminal(r, x, res.state);
             break;
         }
         case OP_TICK:
             brk_fake_clock_advance(&r->clk, o->advance_ms);
             (void)brk_txn_tick(r->t);
             brk_txn_quiesce(r->t);
+            note_end(r);
             observe(r);
             break;
         case OP_CKPT:
             (void)brk_store_checkpoint(r->s);
             break;
+        case OP_FLUSH:
+            (void)brk_store_flush(r->s);
+            break;
         case OP_RESTART:
-            close_both(r);
+            close_noting(r);
             if (open_both(r) != BRK_OK)
                 return;
             break;
         }
+        note_end(r);
     }
-    close_both(r);
+    close_noting(r);
 }
 
 #define CHECK(cond, ...)                                                     \
     do {                                                                     \
         if (!(cond)) {                                                       \
-            print_error("workload seed %llu crash point %llu mode %d: ",     \
-                        (unsigned long long)w->seed,                         \
-                        (unsigned long long)k, mode);                        \
+            print_error("workload seed %llu (%s store) crash point %llu "    \
+                        "mode %d: ", (unsigned long long)w->seed,            \
+                        mode_name(w), (unsigned long long)k, mode);          \
             fail_msg(__VA_ARGS__);                                           \
         }                                                                    \
     } while (0)
@@ -479,6 +578,7 @@ static size_t count_txid(const found *f, const char *txid)
 }
 
 static uint64_t g_tx_checked, g_acked_checked, g_committed_checked;
+static uint64_t g_async_states, g_not_durable;
 
 /* The invariants on an open store + module; `after_fix` is the second
  * pass (everything pending was committed by the verifier). */
@@ -500,8 +600,13 @@ static void check_state(run *r, const workload *w, uint64_t k, int mode,
         tx_name(tx, id, sizeof id);
         brk_txn_info i;
         st = brk_txn_get(r->t, id, &i);
+        bool prep_durable = x->prepared && durable(r, x->prepared_end);
         if (st == BRK_NOTFOUND) {
-            CHECK(!x->prepared, "acknowledged prepare of %s is lost", id);
+            /* ASYNC: a prepare not yet durable may be lost (a verdict after
+             * it is later in the log, so not durable either). */
+            CHECK(!prep_durable, "acknowledged%s prepare of %s is lost",
+                  w->async ? " and durable" : "", id);
+            g_not_durable += x->prepared && !after_fix;
             CHECK(count_txid(&exps, id) == 0, "expiry message for unknown %s", id);
             continue;
         }
@@ -510,16 +615,35 @@ static void check_state(run *r, const workload *w, uint64_t k, int mode,
         if (x->prepared)
             CHECK(memcmp(i.msg_id, x->msg_id, BRK_UUID_LEN) == 0,
                   "%s has another message id after recovery", id);
-        if (x->acked) {
+        if (x->acked && durable(r, x->acked_end)) {
             g_acked_checked++;
-            CHECK((int)i.state == x->acked, "acknowledged %s of %s is now %s",
+            CHECK((int)i.state == x->acked, "acknowledged%s %s of %s is now %s",
+                  w->async ? " and durable" : "",
+                  brk_txn_state_name((brk_txn_state)x->acked), id,
+                  brk_txn_state_name(i.state));
+        } else if (x->acked) {
+            /* ASYNC, the verdict not yet durable: its op record may be
+             * lost, leaving the transaction pending; never the opposite
+             * verdict (nothing after it in the log can decide otherwise). */
+            g_not_durable += !after_fix;
+            CHECK((int)i.state == x->acked || i.state == BRK_TXN_PREPARED,
+                  "acknowledged (not yet durable) %s of %s is now %s",
                   brk_txn_state_name((brk_txn_state)x->acked), id,
                   brk_txn_state_name(i.state));
         }
-        if (!after_fix && x->stuck_seen && !x->verdict_since)
+        if (!after_fix && x->stuck_seen && !x->verdict_since
+            && durable(r, x->stuck_end))
             CHECK(i.state == BRK_TXN_PREPARED && i.stuck,
                   "%s was stuck and is now %s%s", id,
                   brk_txn_state_name(i.state), i.stuck ? " (stuck)" : "");
+        /* Check counts: the highest count seen whose op record is durable
+         * (in SYNC mode, the highest seen). */
+        uint32_t checks_min = 0;
+        for (uint32_t c = 1; c <= x->checks_seen && c < CHECKS_TRACKED; c++)
+            if (durable(r, x->checks_end[c]))
+                checks_min = c;
+        if (!w->async)
+            checks_min = x->checks_seen;
         size_t n = count_id(&msgs, i.msg_id);
         switch (i.state) {
         case BRK_TXN_COMMITTED:
@@ -533,8 +657,8 @@ static void check_state(run *r, const workload *w, uint64_t k, int mode,
         case BRK_TXN_PREPARED:
             CHECK(!after_fix, "%s still pending after the verifier committed it", id);
             CHECK(n == 0, "pending %s has its message %zu times", id, n);
-            CHECK(i.checks >= x->checks_seen, "%s had %u checks, now %u", id,
-                  x->checks_seen, i.checks);
+            CHECK(i.checks >= checks_min, "%s had %u checks (%u durable), "
+                  "now %u", id, x->checks_seen, checks_min, i.checks);
             CHECK(i.stuck || i.next_check_ms > 0,
                   "pending %s has no check scheduled", id);
             break;
@@ -575,7 +699,11 @@ static void verify(run *r, const workload *w, uint64_t k, int mode)
         st = brk_txn_commit(r->t, id, &res);
         CHECK(st == BRK_OK, "commit of pending %s after recovery: %s", id,
               brk_status_name(st));
-        note_terminal(&r->tx[tx], BRK_TXN_COMMITTED);
+        /* The verifier's verdict, acknowledged now (it replaces an ASYNC
+         * verdict the crash lost; in SYNC mode there is none to replace).
+         * No crash follows: it counts as durable. */
+        r->tx[tx].acked = BRK_TXN_COMMITTED;
+        r->tx[tx].acked_end = 0;
     }
     check_state(r, w, k, mode, true);
     /* And all of it survives a clean restart. */
@@ -608,6 +736,7 @@ static bool run_crash_state(run *r, const workload *w, uint64_t k)
     uint64_t again_after = rng_next(&ss) % 40;
     int again_mode = (int)(rng_next(&ss) % 3);
     run_init(r, w, w->seed + k);
+    g_async_states += w->async;
     brk_sim_set_crash_after(r->sim, k);
     run_workload(r);
     if (brk_sim_crash(r->sim, mode) != BRK_OK)
@@ -665,15 +794,18 @@ static void crash_at_every_operation_keeps_acknowledged_transactions(void **stat
     }
     print_message("txn crash exploration: %llu crash states over %llu workloads "
                   "(%llu I/O operations each on average; %llu with a second "
-                  "crash during recovery); %llu transactions checked, %llu "
-                  "acknowledged outcomes verified, %llu committed messages "
-                  "counted\n",
+                  "crash during recovery; %llu on an ASYNC store); %llu "
+                  "transactions checked, %llu acknowledged outcomes "
+                  "verified, %llu committed messages counted; %llu ASYNC "
+                  "prepares or verdicts not yet durable at the crash\n",
                   (unsigned long long)states, (unsigned long long)workloads,
                   (unsigned long long)(workloads ? ops_total / workloads : 0),
                   (unsigned long long)recovery_crashes,
+                  (unsigned long long)g_async_states,
                   (unsigned long long)g_tx_checked,
                   (unsigned long long)g_acked_checked,
-                  (unsigned long long)g_committed_checked);
+                  (unsigned long long)g_committed_checked,
+                  (unsigned long long)g_not_durable);
     assert_true(states >= budget);
 }
 
