@@ -5,8 +5,8 @@
 #   make test    build, run every test, then the ASan/UBSan and TSan stages
 #   make crash   build, then the full crash explorations (store, transactions, delays, groups)
 #   make bench   build, then run every benchmark program
-#   make demo    build, then run examples/storage_demo and examples/txn_demo,
-#                each in its own temporary directory
+#   make demo    build, then run examples/storage_demo, examples/txn_demo and
+#                examples/group_demo, each in its own temporary directory
 #   make clean   remove every build tree
 #
 # Variables: BUILD (build), BUILD_ASAN (build-asan), BUILD_TSAN (build-tsan), JOBS (2).
@@ -68,9 +68,9 @@ bench: build
 	    rm -rf "$$dir"; \
 	done < "$$list"
 
-# Each demo (storage_demo, then txn_demo) gets its own fresh temporary
-# directory as its only argument; both must pass.
-DEMOS := storage_demo txn_demo
+# Each demo (storage_demo, then txn_demo, then group_demo) gets its own fresh
+# temporary directory as its only argument; all must pass.
+DEMOS := storage_demo txn_demo group_demo
 
 demo: build
 	@set -euo pipefail; \
