@@ -161,7 +161,7 @@
  *            sleep, signalled when a send arms an earlier timer or at close
  */
 #define _GNU_SOURCE
-#include "broker/delay.h"
+#include "delay_priv.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -173,105 +173,6 @@
 #include <time.h>
 
 #include "le.h"
-#include "timerheap.h"
-
-#define STATE_NAME     "delay"
-#define STATE_MAGIC    0x31594C44u          /* "DLY1" */
-#define STATE_VERSION  1u
-#define STATE_LEN      40u
-
-#define OP_VERSION     1u
-#define OP_KIND_FIRE   1u
-#define OP_HDR         8u
-#define OP_MAX_N       65536u
-
-#define SYS_TOPIC      "\x1ftopic"
-#define SYS_DUE        "\x1f" "due"
-#define SYS_MOVED      "\x1fmoved"
-
-#define RING_DEAD      (UINT64_C(1) << 63)  /* fired or superseded */
-#define RING_INFLIGHT  (UINT64_C(1) << 62)  /* taken by a fire, or in the
-                                               retry list: no timer armed */
-#define RING_OFF       (RING_INFLIGHT - 1)
-
-#define NONE           UINT64_MAX
-
-#define BACKOFF_MIN_MS 100
-#define BACKOFF_MAX_MS 30000
-#define SLEEP_MAX_MS   200                   /* background thread's longest
-                                                nap (fake clocks move) */
-
-/* A message whose fire did not complete: its op failed (first_op NONE) or
- * its delivery did.  Its ring slot is INFLIGHT; it has no timer. */
-typedef struct retry_ent {
-    uint64_t off;           /* the delayed record */
-    uint64_t first_op;      /* oldest op that named it, NONE if none did */
-    int64_t  due_ms;
-    int64_t  next_ms;       /* next attempt */
-    uint32_t attempts;
-} retry_ent;
-
-/* A send between taking its floor and arming its timer (on its stack). */
-typedef struct send_slot {
-    uint64_t floor;
-    struct send_slot *prev, *next;
-} send_slot;
-
-/* One message of a fire batch. */
-typedef struct fire_item {
-    uint64_t off;
-    uint64_t first_op;
-    int64_t  due_ms;
-    uint32_t attempts;
-} fire_item;
-
-struct brk_delay {
-    brk_store *s;
-    const brk_clock *clock;
-    brk_delay_opts o;
-    uint32_t cursor;                /* retention cursor "delay" */
-
-    pthread_mutex_t save_mu;
-    pthread_mutex_t fire_mu;
-    pthread_mutex_t mu;
-    pthread_cond_t cond;            /* CLOCK_MONOTONIC */
-
-    /* --- mu ------------------------------------------------------------- */
-    brk_timerheap heap;             /* (due, log offset) of armed timers */
-    size_t stale;                   /* heap entries whose slot is gone */
-    uint64_t *ring;                 /* pending log offsets, ascending, with
-                                       RING_* flags; v[rhead, rhead+rlen) */
-    size_t rhead, rlen, rcap;
-    size_t rdead;                   /* DEAD slots inside the window */
-    size_t live;                    /* pending = slots not DEAD */
-    retry_ent *retry;
-    size_t nretry, retry_cap;
-    send_slot *sends;               /* sends in flight */
-    size_t reserved;                /* heap/ring slots promised to sends and
-                                       compaction copies in flight */
-    uint64_t hi_water;              /* start of the newest completed append */
-    int64_t wake_at;                /* background thread sleeps until this
-                                       (INT64_MIN while it is awake) */
-    int64_t hold_until;             /* firing paused after an op failure
-                                       (written under fire_mu and mu) */
-    uint32_t hold_fails;
-    bool stop;
-    uint64_t scheduled_total, fired_total, errors_total, compacted_total;
-
-    /* --- fire_mu -------------------------------------------------------- */
-    fire_item *batch;               /* fire_batch items */
-    uint8_t *opbuf;                 /* op body for fire_batch items */
-    int64_t compact_at;             /* next time the oldest pending may be
-                                       old enough to copy */
-
-    /* --- save_mu -------------------------------------------------------- */
-    bool saved_valid;
-    uint64_t saved_xd, saved_eff, saved_dq, saved_oq;
-    int64_t next_save_ms;
-
-    pthread_t thr;
-    bool has_thr;
-};
 
 /* ---- levels and options ------------------------------------------------------ */
 
@@ -298,7 +199,7 @@ void brk_delay_opts_init(brk_delay_opts *o)
 }
 
 /* a + b, saturating: "never" may be spelt INT64_MAX. */
-static int64_t sat_add(int64_t a, int64_t b)
+int64_t dly_sat_add(int64_t a, int64_t b)
 {
     int64_t r;
     if (__builtin_add_overflow(a, b, &r))
@@ -306,15 +207,15 @@ static int64_t sat_add(int64_t a, int64_t b)
     return r;
 }
 
-static int64_t now_ms(brk_delay *d)
+int64_t dly_now_ms(brk_delay *d)
 {
     return d->clock->now_ms(d->clock->ctx);
 }
 
-static void set_err(char *errbuf, size_t errlen, const char *fmt, ...)
+void dly_set_err(char *errbuf, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
-static void set_err(char *errbuf, size_t errlen, const char *fmt, ...)
+void dly_set_err(char *errbuf, size_t errlen, const char *fmt, ...)
 {
     if (!errbuf || errlen == 0)
         return;
@@ -324,7 +225,7 @@ static void set_err(char *errbuf, size_t errlen, const char *fmt, ...)
     va_end(ap);
 }
 
-static int64_t backoff_ms(uint32_t attempts)
+int64_t dly_backoff_ms(uint32_t attempts)
 {
     int64_t b = BACKOFF_MIN_MS;
     for (uint32_t i = 1; i < attempts && b < BACKOFF_MAX_MS; i++)
@@ -335,7 +236,7 @@ static int64_t backoff_ms(uint32_t attempts)
 /* ---- the ring: pending log offsets in log order (mu held) -------------------- */
 
 /* Index of the slot holding `off`, or SIZE_MAX. */
-static size_t ring_find(const brk_delay *d, uint64_t off)
+size_t dly_ring_find(const brk_delay *d, uint64_t off)
 {
     size_t lo = d->rhead, hi = d->rhead + d->rlen;
     while (lo < hi) {
@@ -354,7 +255,7 @@ static size_t ring_find(const brk_delay *d, uint64_t off)
 /* Whether a timer for `off` is armed: its slot exists, not dead or taken. */
 static bool ring_armed(const brk_delay *d, uint64_t off)
 {
-    size_t i = ring_find(d, off);
+    size_t i = dly_ring_find(d, off);
     return i != SIZE_MAX && !(d->ring[i] & (RING_DEAD | RING_INFLIGHT));
 }
 
@@ -389,7 +290,7 @@ static void ring_tidy(brk_delay *d)
     }
 }
 
-static void ring_kill(brk_delay *d, size_t i)
+void dly_ring_kill(brk_delay *d, size_t i)
 {
     if (d->ring[i] & RING_DEAD)
         return;
@@ -401,7 +302,7 @@ static void ring_kill(brk_delay *d, size_t i)
 
 /* Insert in order (appends nearly always land at the end).  Needs a free
  * slot, which make_room promised: never allocates. */
-static void ring_insert(brk_delay *d, uint64_t v)
+void dly_ring_insert(brk_delay *d, uint64_t v)
 {
     if (d->rhead + d->rlen == d->rcap) {
         memmove(d->ring, d->ring + d->rhead, d->rlen * sizeof *d->ring);
@@ -422,7 +323,7 @@ static void ring_insert(brk_delay *d, uint64_t v)
 }
 
 /* Lowest pending log offset, NONE when nothing is pending. */
-static uint64_t ring_low(const brk_delay *d)
+uint64_t dly_ring_low(const brk_delay *d)
 {
     for (size_t i = d->rhead; i < d->rhead + d->rlen; i++)
         if (!(d->ring[i] & RING_DEAD))
@@ -460,7 +361,7 @@ static brk_status make_room(brk_delay *d)
 }
 
 /* Promise one heap/ring slot to a caller about to append (mu held). */
-static brk_status reserve_slot(brk_delay *d)
+brk_status dly_reserve_slot(brk_delay *d)
 {
     d->reserved++;
     brk_status st = make_room(d);
@@ -470,9 +371,9 @@ static brk_status reserve_slot(brk_delay *d)
 }
 
 /* Arm a timer in a promised slot (mu held). */
-static void arm(brk_delay *d, uint64_t off, int64_t due_ms)
+void dly_arm(brk_delay *d, uint64_t off, int64_t due_ms)
 {
-    ring_insert(d, off);
+    dly_ring_insert(d, off);
     (void)brk_timerheap_push(&d->heap, due_ms, off);   /* room promised */
     d->reserved--;
 }
@@ -483,7 +384,7 @@ static bool keep_armed(const brk_timer *t, void *ctx)
 }
 
 /* Drop stale timers in one pass when they are over half the heap. */
-static void heap_tidy(brk_delay *d)
+void dly_heap_tidy(brk_delay *d)
 {
     if (d->stale >= 1024 && d->stale * 2 > d->heap.n) {
         brk_timerheap_filter(&d->heap, keep_armed, d);
@@ -506,7 +407,7 @@ static bool heap_top(brk_delay *d, brk_timer *t)
     return false;
 }
 
-static void note_append(brk_delay *d, uint64_t log_offset)
+void dly_note_append(brk_delay *d, uint64_t log_offset)
 {
     if (log_offset > d->hi_water)
         d->hi_water = log_offset;
@@ -514,16 +415,10 @@ static void note_append(brk_delay *d, uint64_t log_offset)
 
 /* ---- records: system properties and op bodies -------------------------------- */
 
-typedef struct dmeta {
-    char topic[BRK_TOPIC_MAX + 1];
-    int64_t due_ms;
-    bool moved;
-    uint64_t moved_from;
-} dmeta;
 
 /* Read the system pairs of a delayed record; false when it is not a
  * record of __delay or they are not all there or malformed. */
-static bool parse_meta(const brk_record *r, dmeta *m)
+bool dly_parse_meta(const brk_record *r, dmeta *m)
 {
     brk_bytes v;
     memset(m, 0, sizeof *m);
@@ -549,7 +444,7 @@ static bool parse_meta(const brk_record *r, dmeta *m)
 
 /* A new props block: the pairs of `base` whose keys are not among sys[],
  * then sys[].  *out is malloc'ed (NULL with *len 0 for an empty block). */
-static brk_status props_merge(brk_bytes base, const brk_prop *sys, size_t nsys,
+brk_status dly_props_merge(brk_bytes base, const brk_prop *sys, size_t nsys,
                               uint8_t **out, size_t *len)
 {
     *out = NULL;
@@ -599,7 +494,7 @@ static brk_status props_merge(brk_bytes base, const brk_prop *sys, size_t nsys,
     return BRK_OK;
 }
 
-static size_t op_encode(uint8_t *buf, const fire_item *items, size_t n)
+size_t dly_op_encode(uint8_t *buf, const fire_item *items, size_t n)
 {
     buf[0] = OP_VERSION;
     buf[1] = OP_KIND_FIRE;
@@ -611,7 +506,7 @@ static size_t op_encode(uint8_t *buf, const fire_item *items, size_t n)
 }
 
 /* Number of offsets in a fire op body, 0 when it is not one. */
-static size_t op_count(const brk_record *r)
+size_t dly_op_count(const brk_record *r)
 {
     const uint8_t *p = r->body.ptr;
     if (r->type != BRK_REC_OP || r->body.len < OP_HDR || p[0] != OP_VERSION
@@ -623,712 +518,9 @@ static size_t op_count(const brk_record *r)
     return n;
 }
 
-static uint64_t op_at(const brk_record *r, size_t i)
+uint64_t dly_op_at(const brk_record *r, size_t i)
 {
     return brk_ld64((const uint8_t *)r->body.ptr + OP_HDR + 8 * i);
-}
-
-/* ---- delivery ------------------------------------------------------------------ */
-
-/* Append the delayed record at `off` to its target topic.  `defer`: do
- * not wait for the fdatasync in SYNC mode (brk_append_req.defer_sync). */
-static brk_status deliver(brk_delay *d, uint64_t off, bool defer,
-                          brk_append_res *res)
-{
-    brk_batch *b = NULL;
-    brk_status st = brk_store_read_at(d->s, off, &b);
-    if (st != BRK_OK)
-        return st;
-    const brk_record *r = &b->recs[0];
-    dmeta m;
-    if (!parse_meta(r, &m)) {
-        brk_batch_free(b);
-        return BRK_CORRUPT;
-    }
-    uint8_t stack[256];
-    uint8_t *props = r->props.len <= sizeof stack ? stack : malloc(r->props.len);
-    size_t plen = 0;
-    if (!props) {
-        brk_batch_free(b);
-        return BRK_NOMEM;
-    }
-    st = brk_props_strip_sys(r->props, props, r->props.len, &plen);
-    if (st == BRK_OK) {
-        brk_append_req q;
-        memset(&q, 0, sizeof q);
-        q.topic = m.topic;
-        q.queue = -1;
-        q.key = r->key;
-        q.tag = r->tag;
-        q.props = (brk_bytes){ props, plen };
-        q.body = r->body;
-        q.flags = r->flags;
-        q.type = BRK_REC_MSG;
-        q.msg_id = r->msg_id;
-        q.born_ms = r->born_ms;
-        q.defer_sync = defer;
-        st = brk_store_append(d->s, &q, res);
-    }
-    if (props != stack)
-        free(props);
-    brk_batch_free(b);
-    return st;
-}
-
-/* Put an item back as pending-without-timer (mu held; room reserved). */
-static void to_retry(brk_delay *d, const fire_item *it, int64_t now)
-{
-    retry_ent *e = &d->retry[d->nretry++];
-    e->off = it->off;
-    e->first_op = it->first_op;
-    e->due_ms = it->due_ms;
-    e->attempts = it->attempts + 1;
-    e->next_ms = now + backoff_ms(e->attempts);
-}
-
-/* Fire items[0..n): one op, then the deliveries.  fire_mu held; the items'
- * slots are INFLIGHT and the retry list has room for all of them.
- *
- * In SYNC mode the op and every delivery but the last are appended with
- * defer_sync, and the last one's fdatasync covers the whole batch (one
- * group commit per batch instead of one per message).  Safe because the log
- * is durable as a prefix: a delivery that survives a crash has its op
- * before it.  If the last append fails, an explicit flush takes its place,
- * so deliveries never wait for the next batch to become visible. */
-static brk_status fire_items(brk_delay *d, fire_item *items, size_t n,
-                             int64_t now, unsigned *fired)
-{
-    size_t blen = op_encode(d->opbuf, items, n);
-    brk_append_req q;
-    memset(&q, 0, sizeof q);
-    q.topic = BRK_DELAY_OP_TOPIC;
-    q.queue = 0;
-    q.type = BRK_REC_OP;
-    q.body = (brk_bytes){ d->opbuf, blen };
-    q.allow_internal = true;
-    q.defer_sync = true;
-    brk_append_res res;
-    brk_status st = brk_store_append(d->s, &q, &res);
-    if (st != BRK_OK) {
-        pthread_mutex_lock(&d->mu);
-        d->errors_total++;
-        for (size_t i = 0; i < n; i++)
-            to_retry(d, &items[i], now);
-        d->hold_fails++;
-        d->hold_until = now + backoff_ms(d->hold_fails);
-        pthread_mutex_unlock(&d->mu);
-        return st;
-    }
-    uint64_t op = res.log_offset;
-    pthread_mutex_lock(&d->mu);
-    d->hold_fails = 0;
-    note_append(d, op);
-    pthread_mutex_unlock(&d->mu);
-
-    brk_status first = BRK_OK;
-    bool unsynced = true;       /* the op, so far */
-    for (size_t i = 0; i < n; i++) {
-        fire_item *it = &items[i];
-        bool defer = i + 1 < n;
-        if (it->first_op == NONE || op < it->first_op)
-            it->first_op = op;
-        st = deliver(d, it->off, defer, &res);
-        if (st == BRK_OK)
-            unsynced = defer;
-        pthread_mutex_lock(&d->mu);
-        if (st == BRK_OK) {
-            note_append(d, res.log_offset);
-            size_t k = ring_find(d, it->off);
-            if (k != SIZE_MAX)
-                ring_kill(d, k);
-            d->fired_total++;
-            if (fired)
-                (*fired)++;
-        } else {
-            d->errors_total++;
-            to_retry(d, it, now);
-            if (first == BRK_OK)
-                first = st;
-        }
-        pthread_mutex_unlock(&d->mu);
-    }
-    if (unsynced && (st = brk_store_flush(d->s)) != BRK_OK && first == BRK_OK)
-        first = st;
-    return first;
-}
-
-/* Take up to fire_batch due items (retry list first, then timers), marking
- * them INFLIGHT.  mu held.  Returns how many; 0 also when the retry list
- * cannot be grown to hold a failed batch. */
-static size_t take_due(brk_delay *d, int64_t now)
-{
-    size_t cap = d->o.fire_batch, n = 0;
-    if (d->nretry + cap > d->retry_cap) {
-        size_t want = d->retry_cap + d->retry_cap / 2;
-        if (want < d->nretry + cap)
-            want = d->nretry + cap;
-        retry_ent *r = realloc(d->retry, want * sizeof *r);
-        if (!r)
-            return 0;
-        d->retry = r;
-        d->retry_cap = want;
-    }
-    for (size_t i = 0; i < d->nretry && n < cap;) {
-        retry_ent *e = &d->retry[i];
-        if (e->next_ms > now) {
-            i++;
-            continue;
-        }
-        d->batch[n++] = (fire_item){ e->off, e->first_op, e->due_ms,
-                                     e->attempts };
-        d->retry[i] = d->retry[--d->nretry];
-    }
-    if (now < d->hold_until)
-        return n;   /* ops are failing: only retries, which then fail fast */
-    brk_timer t;
-    while (n < cap && brk_timerheap_peek(&d->heap, &t) && t.due_ms <= now) {
-        brk_timerheap_pop(&d->heap, &t);
-        size_t k = ring_find(d, t.ref);
-        if (k == SIZE_MAX || (d->ring[k] & (RING_DEAD | RING_INFLIGHT))) {
-            if (d->stale > 0)
-                d->stale--;
-            continue;
-        }
-        d->ring[k] |= RING_INFLIGHT;
-        d->batch[n++] = (fire_item){ t.ref, NONE, t.due_ms, 0 };
-    }
-    return n;
-}
-
-/* Fire everything due by `now`.  fire_mu held. */
-static brk_status fire_due(brk_delay *d, int64_t now, unsigned *fired)
-{
-    brk_status first = BRK_OK;
-    for (;;) {
-        pthread_mutex_lock(&d->mu);
-        size_t n = take_due(d, now);
-        heap_tidy(d);
-        pthread_mutex_unlock(&d->mu);
-        if (n == 0)
-            break;
-        brk_status st = fire_items(d, d->batch, n, now, fired);
-        if (st != BRK_OK && first == BRK_OK)
-            first = st;
-        if (st != BRK_OK && now < d->hold_until)
-            break;   /* the op failed: wait out the backoff */
-    }
-    return first;
-}
-
-/* ---- compaction ---------------------------------------------------------------- */
-
-/* Copy pending records stored more than compact_after_ms ago to the end of
- * __delay.  fire_mu held. */
-static brk_status compact(brk_delay *d, int64_t now)
-{
-    if (d->o.compact_after_ms <= 0 || now < d->compact_at)
-        return BRK_OK;
-    for (uint32_t copies = 0; copies < d->o.fire_batch; copies++) {
-        uint64_t off = NONE;
-        pthread_mutex_lock(&d->mu);
-        for (size_t i = d->rhead; i < d->rhead + d->rlen; i++)
-            if (!(d->ring[i] & (RING_DEAD | RING_INFLIGHT))) {
-                off = d->ring[i] & RING_OFF;
-                break;
-            }
-        brk_status st = off != NONE ? reserve_slot(d) : BRK_OK;
-        pthread_mutex_unlock(&d->mu);
-        if (off == NONE) {
-            d->compact_at = sat_add(now, d->o.compact_after_ms);
-            return BRK_OK;
-        }
-        if (st != BRK_OK)
-            return st;
-        brk_batch *b = NULL;
-        const brk_record *r = NULL;
-        dmeta m;
-        uint8_t *props = NULL;
-        size_t plen = 0;
-        bool young = false;
-        st = brk_store_read_at(d->s, off, &b);
-        if (st == BRK_OK) {
-            r = &b->recs[0];
-            if (!parse_meta(r, &m))
-                st = BRK_CORRUPT;
-            else if (sat_add(r->store_ms, d->o.compact_after_ms) > now)
-                young = true;
-        }
-        if (st == BRK_OK && !young) {
-            uint8_t v[8];
-            brk_st64(v, off);
-            brk_prop moved = { { SYS_MOVED, sizeof SYS_MOVED - 1 }, { v, 8 } };
-            st = props_merge(r->props, &moved, 1, &props, &plen);
-        }
-        brk_append_res res;
-        if (st == BRK_OK && !young) {
-            brk_append_req q;
-            memset(&q, 0, sizeof q);
-            q.topic = BRK_DELAY_TOPIC;
-            q.queue = 0;
-            q.key = r->key;
-            q.tag = r->tag;
-            q.props = (brk_bytes){ props, plen };
-            q.body = r->body;
-            q.flags = r->flags;
-            q.type = BRK_REC_MSG;
-            q.msg_id = r->msg_id;
-            q.born_ms = r->born_ms;
-            q.allow_internal = true;
-            st = brk_store_append(d->s, &q, &res);
-        }
-        pthread_mutex_lock(&d->mu);
-        if (st == BRK_OK && !young) {
-            note_append(d, res.log_offset);
-            size_t k = ring_find(d, off);
-            if (k != SIZE_MAX)
-                ring_kill(d, k);
-            arm(d, res.log_offset, m.due_ms);
-            d->stale++;          /* the original's timer */
-            d->compacted_total++;
-        } else {
-            d->reserved--;
-            if (st != BRK_OK)
-                d->errors_total++;
-        }
-        pthread_mutex_unlock(&d->mu);
-        if (young)
-            d->compact_at = sat_add(r->store_ms, d->o.compact_after_ms);
-        free(props);
-        brk_batch_free(b);
-        if (young)
-            return BRK_OK;
-        if (st != BRK_OK) {
-            d->compact_at = now + BACKOFF_MAX_MS;
-            return st;
-        }
-    }
-    return BRK_OK;
-}
-
-/* ---- state --------------------------------------------------------------------- */
-
-/* Save state.delay if it changed (see STATE SAVE at the top).  `wait`:
- * block for a save in progress (close) instead of skipping. */
-static brk_status save_state(brk_delay *d, bool force, bool wait)
-{
-    if (wait)
-        pthread_mutex_lock(&d->save_mu);
-    else if (pthread_mutex_trylock(&d->save_mu) != 0)
-        return BRK_OK;
-    int64_t now = now_ms(d);
-    if (!force && now < d->next_save_ms) {
-        pthread_mutex_unlock(&d->save_mu);
-        return BRK_OK;
-    }
-    d->next_save_ms = now + d->o.state_interval_ms;
-
-    pthread_mutex_lock(&d->fire_mu);
-    pthread_mutex_lock(&d->mu);
-    uint64_t xd = ring_low(d);
-    if (d->hi_water < xd)
-        xd = d->hi_water;
-    for (send_slot *p = d->sends; p; p = p->next)
-        if (p->floor < xd)
-            xd = p->floor;
-    uint64_t eff = d->hi_water;
-    for (size_t i = 0; i < d->nretry; i++)
-        if (d->retry[i].first_op < eff)
-            eff = d->retry[i].first_op;
-    pthread_mutex_unlock(&d->mu);
-    pthread_mutex_unlock(&d->fire_mu);
-
-    brk_status st = BRK_OK;
-    if (d->saved_valid && xd == d->saved_xd && eff == d->saved_eff)
-        goto out;
-    /* Everything counted as done below xd and effect_from is in the log;
-     * make it durable before the state file says so. */
-    if ((st = brk_store_flush(d->s)) != BRK_OK)
-        goto out;
-    uint64_t dq, oq;
-    bool down = !d->saved_valid || xd < d->saved_xd;
-    st = brk_store_queue_seek(d->s, BRK_DELAY_TOPIC, 0,
-                              down ? 0 : d->saved_dq, xd, &dq);
-    if (st == BRK_OK)
-        st = brk_store_queue_seek(d->s, BRK_DELAY_OP_TOPIC, 0,
-                                  down ? 0 : d->saved_oq, xd, &oq);
-    if (st != BRK_OK)
-        goto out;
-    uint8_t buf[STATE_LEN];
-    brk_st32(buf, STATE_MAGIC);
-    brk_st32(buf + 4, STATE_VERSION);
-    brk_st64(buf + 8, dq);
-    brk_st64(buf + 16, xd);
-    brk_st64(buf + 24, oq);
-    brk_st64(buf + 32, eff);
-    if ((st = brk_store_state_write(d->s, STATE_NAME, buf, sizeof buf))
-        != BRK_OK)
-        goto out;
-    d->saved_valid = true;
-    d->saved_xd = xd;
-    d->saved_eff = eff;
-    d->saved_dq = dq;
-    d->saved_oq = oq;
-    st = brk_store_cursor_set(d->s, d->cursor, xd < eff ? xd : eff);
-out:
-    pthread_mutex_unlock(&d->save_mu);
-    return st;
-}
-
-/* ---- rebuild at open ------------------------------------------------------------ */
-
-/* A delayed record seen while rebuilding. */
-typedef struct cand {
-    uint64_t off;       /* with RING_DEAD / RING_INFLIGHT */
-    int64_t due_ms;
-} cand;
-
-typedef struct cands {
-    cand *v;
-    size_t n, cap, dead;
-} cands;
-
-/* A record named by an op at or after effect_from. */
-typedef struct maybe {
-    uint64_t off;
-    uint64_t op;
-    int64_t due_ms;
-    bool known;         /* due_ms, id, topic read */
-    bool found;         /* its delivery is in the log */
-    uint8_t id[BRK_UUID_LEN];
-    char topic[BRK_TOPIC_MAX + 1];
-} maybe;
-
-static size_t cand_find(const cands *c, uint64_t off)
-{
-    size_t lo = 0, hi = c->n;
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        uint64_t v = c->v[mid].off & RING_OFF;
-        if (v < off)
-            lo = mid + 1;
-        else if (v > off)
-            hi = mid;
-        else
-            return mid;
-    }
-    return SIZE_MAX;
-}
-
-static void cand_kill(cands *c, size_t i)
-{
-    if (!(c->v[i].off & RING_DEAD)) {
-        c->v[i].off = (c->v[i].off & RING_OFF) | RING_DEAD;
-        c->dead++;
-    }
-}
-
-static void cand_tidy(cands *c)
-{
-    if (c->dead < 4096 || c->dead * 2 < c->n)
-        return;
-    size_t n = 0;
-    for (size_t i = 0; i < c->n; i++)
-        if (!(c->v[i].off & RING_DEAD))
-            c->v[n++] = c->v[i];
-    c->n = n;
-    c->dead = 0;
-}
-
-static brk_status cand_push(cands *c, uint64_t off, int64_t due)
-{
-    if (c->n == c->cap) {
-        size_t want = c->cap ? c->cap + c->cap / 2 : 1024;
-        cand *v = realloc(c->v, want * sizeof *v);
-        if (!v)
-            return BRK_NOMEM;
-        c->v = v;
-        c->cap = want;
-    }
-    /* Records come in log order; keep the array sorted anyway. */
-    size_t i = c->n++;
-    while (i > 0 && (c->v[i - 1].off & RING_OFF) > off) {
-        c->v[i] = c->v[i - 1];
-        i--;
-    }
-    c->v[i] = (cand){ off, due };
-    return BRK_OK;
-}
-
-/* Reads one queue (0) of an internal topic in batches. */
-typedef struct qreader {
-    const char *topic;
-    uint64_t next;
-    brk_batch *b;
-    size_t i;
-    bool end;
-} qreader;
-
-static brk_status qr_peek(brk_delay *d, qreader *q, const brk_record **out)
-{
-    *out = NULL;
-    while (!q->end && (!q->b || q->i == q->b->count)) {
-        if (q->b) {
-            q->next = q->b->next_offset;
-            brk_batch_free(q->b);
-            q->b = NULL;
-        }
-        brk_status st = brk_store_read(d->s, q->topic, 0, q->next, 4096, &q->b);
-        if (st == BRK_RANGE || st == BRK_NOTFOUND) {
-            q->end = true;
-            break;
-        }
-        if (st != BRK_OK)
-            return st;
-        q->i = 0;
-        if (q->b->count == 0)
-            q->end = true;
-    }
-    if (!q->end)
-        *out = &q->b->recs[q->i];
-    return BRK_OK;
-}
-
-static int maybe_by_off(const void *a, const void *b)
-{
-    const maybe *x = a, *y = b;
-    return x->off < y->off ? -1 : x->off > y->off;
-}
-
-static int maybe_by_id(const void *a, const void *b)
-{
-    const maybe *x = a, *y = b;
-    return memcmp(x->id, y->id, BRK_UUID_LEN);
-}
-
-/* Scan the log from `from` for deliveries of the maybes (sorted by id). */
-static brk_status scan_deliveries(brk_delay *d, uint64_t from, maybe *m,
-                                  size_t nm)
-{
-    brk_store_stats ss;
-    brk_store_get_stats(d->s, &ss);
-    if (from < ss.log_start)
-        from = ss.log_start;
-    uint64_t off = from;
-    for (;;) {
-        brk_batch *b = NULL;
-        brk_status st = brk_store_read_at(d->s, off, &b);
-        if (st == BRK_NOTFOUND)
-            return BRK_OK;          /* the visible end of the log */
-        if (st != BRK_OK)
-            return st;
-        const brk_record *r = &b->recs[0];
-        size_t len = brk_record_size(r);
-        bool internal = r->topic.len >= 2
-                        && memcmp(r->topic.ptr, "__", 2) == 0;
-        if (!internal && r->type == BRK_REC_MSG) {
-            maybe key;
-            memcpy(key.id, r->msg_id, BRK_UUID_LEN);
-            maybe *hit = bsearch(&key, m, nm, sizeof *m, maybe_by_id);
-            /* Equal ids sit next to each other: check them all. */
-            if (hit) {
-                while (hit > m && memcmp(hit[-1].id, key.id, BRK_UUID_LEN) == 0)
-                    hit--;
-                for (; hit < m + nm
-                       && memcmp(hit->id, key.id, BRK_UUID_LEN) == 0; hit++)
-                    if (strlen(hit->topic) == r->topic.len
-                        && memcmp(hit->topic, r->topic.ptr, r->topic.len) == 0)
-                        hit->found = true;
-            }
-        }
-        brk_batch_free(b);
-        if (len == 0)
-            return BRK_CORRUPT;
-        off += len;
-    }
-}
-
-static brk_status rebuild(brk_delay *d, char *errbuf, size_t errlen)
-{
-    uint64_t dq = 0, oq = 0, eff = 0, xd = 0;
-    void *sbuf = NULL;
-    size_t slen = 0;
-    brk_status st = brk_store_state_read(d->s, STATE_NAME, &sbuf, &slen);
-    if (st == BRK_OK && slen == STATE_LEN && brk_ld32(sbuf) == STATE_MAGIC
-        && brk_ld32((uint8_t *)sbuf + 4) == STATE_VERSION) {
-        const uint8_t *p = sbuf;
-        dq = brk_ld64(p + 8);
-        xd = brk_ld64(p + 16);
-        oq = brk_ld64(p + 24);
-        eff = brk_ld64(p + 32);
-        d->saved_valid = true;
-        d->saved_dq = dq;
-        d->saved_xd = xd;
-        d->saved_oq = oq;
-        d->saved_eff = eff;
-    } else if (st != BRK_OK && st != BRK_NOTFOUND && st != BRK_CORRUPT) {
-        set_err(errbuf, errlen, "reading state.delay: %s", brk_strerror(st));
-        return st;
-    }
-    /* Anything else (missing, damaged, unknown version): from 0. */
-    free(sbuf);
-
-    cands c = { 0 };
-    maybe *m = NULL;
-    size_t nm = 0, mcap = 0;
-    qreader rd = { BRK_DELAY_TOPIC, dq, NULL, 0, false };
-    qreader ro = { BRK_DELAY_OP_TOPIC, oq, NULL, 0, false };
-    st = BRK_OK;
-    /* Walk both queues in log order: an op always follows the records it
-     * names and a copy the record it replaces, so one pass resolves all. */
-    while (st == BRK_OK) {
-        const brk_record *r1, *r2;
-        if ((st = qr_peek(d, &rd, &r1)) != BRK_OK
-            || (st = qr_peek(d, &ro, &r2)) != BRK_OK)
-            break;
-        if (!r1 && !r2)
-            break;
-        if (r1 && (!r2 || r1->log_offset < r2->log_offset)) {
-            dmeta mt;
-            rd.i++;
-            if (!parse_meta(r1, &mt)) {
-                d->errors_total++;
-                continue;
-            }
-            if ((st = cand_push(&c, r1->log_offset, mt.due_ms)) != BRK_OK)
-                break;
-            if (mt.moved) {
-                size_t k = cand_find(&c, mt.moved_from);
-                if (k != SIZE_MAX)
-                    cand_kill(&c, k);
-            }
-        } else {
-            size_t n = op_count(r2);
-            ro.i++;
-            if (n == 0) {
-                d->errors_total++;
-                continue;
-            }
-            for (size_t i = 0; i < n && st == BRK_OK; i++) {
-                uint64_t off = op_at(r2, i);
-                size_t k = cand_find(&c, off);
-                if (r2->log_offset < eff) {
-                    if (k != SIZE_MAX)
-                        cand_kill(&c, k);
-                    continue;
-                }
-                if (k != SIZE_MAX && !(c.v[k].off & RING_DEAD))
-                    c.v[k].off |= RING_INFLIGHT;
-                if (nm == mcap) {
-                    size_t want = mcap ? mcap * 2 : 64;
-                    maybe *nmv = realloc(m, want * sizeof *nmv);
-                    if (!nmv) {
-                        st = BRK_NOMEM;
-                        break;
-                    }
-                    m = nmv;
-                    mcap = want;
-                }
-                memset(&m[nm], 0, sizeof m[nm]);
-                m[nm].off = off;
-                m[nm].op = r2->log_offset;
-                nm++;
-            }
-        }
-        cand_tidy(&c);
-    }
-    brk_batch_free(rd.b);
-    brk_batch_free(ro.b);
-    if (st != BRK_OK) {
-        set_err(errbuf, errlen, "rebuilding delay timers: %s: %s",
-                brk_strerror(st), brk_store_errstr(d->s));
-        goto out;
-    }
-
-    /* Records named by ops at or after effect_from: delivered or not? */
-    if (nm > 0) {
-        qsort(m, nm, sizeof *m, maybe_by_off);
-        size_t k = 0;
-        for (size_t i = 0; i < nm; i++)     /* one per record, oldest op */
-            if (k == 0 || m[k - 1].off != m[i].off)
-                m[k++] = m[i];
-        nm = k;
-        uint64_t from = NONE;
-        for (size_t i = 0; i < nm; i++) {
-            brk_batch *b = NULL;
-            dmeta mt;
-            if (m[i].op < from)
-                from = m[i].op;
-            if (brk_store_read_at(d->s, m[i].off, &b) == BRK_OK
-                && parse_meta(&b->recs[0], &mt)) {
-                m[i].known = true;
-                m[i].due_ms = mt.due_ms;
-                memcpy(m[i].id, b->recs[0].msg_id, BRK_UUID_LEN);
-                memcpy(m[i].topic, mt.topic, sizeof mt.topic);
-            }
-            brk_batch_free(b);
-        }
-        qsort(m, nm, sizeof *m, maybe_by_id);
-        if ((st = scan_deliveries(d, from, m, nm)) != BRK_OK) {
-            set_err(errbuf, errlen, "scanning for delayed deliveries: %s: %s",
-                    brk_strerror(st), brk_store_errstr(d->s));
-            goto out;
-        }
-    }
-
-    /* Build the ring and the heap from what is pending. */
-    size_t live = 0, extra = 0;
-    for (size_t i = 0; i < c.n; i++)
-        live += !(c.v[i].off & RING_DEAD);
-    for (size_t i = 0; i < nm; i++)
-        extra += !m[i].found;
-    size_t want = live + extra + 1024;
-    d->ring = malloc(want * sizeof *d->ring);
-    d->retry_cap = extra + d->o.fire_batch;
-    d->retry = malloc(d->retry_cap * sizeof *d->retry);
-    if (!d->ring || !d->retry
-        || brk_timerheap_reserve(&d->heap, live + 1024) != BRK_OK) {
-        st = BRK_NOMEM;
-        set_err(errbuf, errlen, "out of memory for %zu delay timers", live);
-        goto out;
-    }
-    d->rcap = want;
-    for (size_t i = 0; i < c.n; i++) {
-        uint64_t v = c.v[i].off;
-        if (v & RING_DEAD)
-            continue;
-        d->ring[d->rlen++] = v;
-        d->live++;
-        if (!(v & RING_INFLIGHT))
-            (void)brk_timerheap_push(&d->heap, c.v[i].due_ms, v);
-    }
-    int64_t now = now_ms(d);
-    for (size_t i = 0; i < nm; i++) {
-        size_t k = cand_find(&c, m[i].off);
-        bool in_ring = k != SIZE_MAX && !(c.v[k].off & RING_DEAD);
-        if (m[i].found) {
-            if (in_ring) {
-                size_t j = ring_find(d, m[i].off);
-                if (j != SIZE_MAX)
-                    ring_kill(d, j);
-            }
-            continue;
-        }
-        /* A record we could not read any more (retention took its segment,
-         * which the cursor allows only once it was delivered or superseded)
-         * can never be delivered again: it is done, not a retry. */
-        if (!in_ring && !m[i].known)
-            continue;
-        /* Named by an op, not delivered: deliver it again (same op). */
-        if (!in_ring)
-            ring_insert(d, m[i].off | RING_INFLIGHT);
-        d->retry[d->nretry++] = (retry_ent){
-            m[i].off, m[i].op, in_ring ? c.v[k].due_ms : m[i].due_ms, now, 0 };
-    }
-    st = BRK_OK;
-out:
-    free(c.v);
-    free(m);
-    return st;
 }
 
 /* ---- background thread ----------------------------------------------------------- */
@@ -1343,7 +535,7 @@ static void *bg_main(void *arg)
         pthread_mutex_lock(&d->mu);
         if (d->stop)
             break;
-        int64_t now = now_ms(d);
+        int64_t now = dly_now_ms(d);
         int64_t next = now + SLEEP_MAX_MS;
         brk_timer t;
         if (heap_top(d, &t) && t.due_ms < next)
@@ -1394,7 +586,7 @@ brk_status brk_delay_open(brk_delay **out, brk_store *s,
         return BRK_INVAL;
     *out = NULL;
     if (!s) {
-        set_err(errbuf, errlen, "no store");
+        dly_set_err(errbuf, errlen, "no store");
         return BRK_INVAL;
     }
     brk_delay_opts o;
@@ -1415,7 +607,7 @@ brk_status brk_delay_open(brk_delay **out, brk_store *s,
     for (int i = 0; i < 2; i++) {
         brk_status st = brk_topic_create(s, topics[i], 1);
         if (st != BRK_OK && st != BRK_EXISTS) {
-            set_err(errbuf, errlen, "creating topic %s: %s: %s", topics[i],
+            dly_set_err(errbuf, errlen, "creating topic %s: %s: %s", topics[i],
                     brk_strerror(st), brk_store_errstr(s));
             return st;
         }
@@ -1423,7 +615,7 @@ brk_status brk_delay_open(brk_delay **out, brk_store *s,
 
     brk_delay *d = calloc(1, sizeof *d);
     if (!d) {
-        set_err(errbuf, errlen, "out of memory");
+        dly_set_err(errbuf, errlen, "out of memory");
         return BRK_NOMEM;
     }
     d->s = s;
@@ -1444,34 +636,34 @@ brk_status brk_delay_open(brk_delay **out, brk_store *s,
     d->batch = malloc(o.fire_batch * sizeof *d->batch);
     d->opbuf = malloc(OP_HDR + 8 * (size_t)o.fire_batch);
     if (!d->batch || !d->opbuf) {
-        set_err(errbuf, errlen, "out of memory");
+        dly_set_err(errbuf, errlen, "out of memory");
         st = BRK_NOMEM;
         goto fail;
     }
     /* Every later append lands above the durable end. */
     if ((st = brk_store_flush(s)) != BRK_OK) {
-        set_err(errbuf, errlen, "flushing the store: %s", brk_strerror(st));
+        dly_set_err(errbuf, errlen, "flushing the store: %s", brk_strerror(st));
         goto fail;
     }
     brk_store_stats ss;
     brk_store_get_stats(s, &ss);
     d->hi_water = ss.durable_offset;
     if ((st = brk_store_cursor_register(s, "delay", &d->cursor)) != BRK_OK) {
-        set_err(errbuf, errlen, "registering the retention cursor: %s",
+        dly_set_err(errbuf, errlen, "registering the retention cursor: %s",
                 brk_strerror(st));
         goto fail;
     }
-    if ((st = rebuild(d, errbuf, errlen)) != BRK_OK)
+    if ((st = dly_rebuild(d, errbuf, errlen)) != BRK_OK)
         goto fail_cursor;
     if (d->saved_valid)
         (void)brk_store_cursor_set(s, d->cursor, d->saved_xd < d->saved_eff
                                                      ? d->saved_xd
                                                      : d->saved_eff);
-    d->next_save_ms = now_ms(d) + o.state_interval_ms;
+    d->next_save_ms = dly_now_ms(d) + o.state_interval_ms;
     if (!o.no_background) {
         int rc = pthread_create(&d->thr, NULL, bg_main, d);
         if (rc != 0) {
-            set_err(errbuf, errlen, "starting the delay thread: %s",
+            dly_set_err(errbuf, errlen, "starting the delay thread: %s",
                     strerror(rc));
             st = BRK_NOMEM;
             goto fail_cursor;
@@ -1498,7 +690,7 @@ brk_status brk_delay_close(brk_delay *d)
     pthread_mutex_unlock(&d->mu);
     if (d->has_thr)
         pthread_join(d->thr, NULL);
-    brk_status st = save_state(d, true, true);
+    brk_status st = dly_save_state(d, true, true);
     brk_store_cursor_unregister(d->s, d->cursor);
     delay_free(d);
     return st;
@@ -1527,7 +719,7 @@ brk_status brk_delay_send(brk_delay *d, const brk_append_req *req,
     if (st != BRK_OK && st != BRK_NOTFOUND)
         return st;
 
-    int64_t now = now_ms(d);
+    int64_t now = dly_now_ms(d);
     brk_append_res ar;
     if (deliver_at_ms <= now) {
         brk_append_req q = *req;
@@ -1555,7 +747,7 @@ brk_status brk_delay_send(brk_delay *d, const brk_append_req *req,
     };
     uint8_t *props = NULL;
     size_t plen = 0;
-    if ((st = props_merge(req->props, sys, 2, &props, &plen)) != BRK_OK)
+    if ((st = dly_props_merge(req->props, sys, 2, &props, &plen)) != BRK_OK)
         return st;
     /* Leave room for the pair a compaction copy adds, or that copy could
      * never be written and would hold every later compaction back. */
@@ -1567,7 +759,7 @@ brk_status brk_delay_send(brk_delay *d, const brk_append_req *req,
 
     send_slot me = { 0, NULL, NULL };
     pthread_mutex_lock(&d->mu);
-    st = reserve_slot(d);
+    st = dly_reserve_slot(d);
     if (st == BRK_OK) {
         me.floor = d->hi_water;
         me.next = d->sends;
@@ -1606,8 +798,8 @@ brk_status brk_delay_send(brk_delay *d, const brk_append_req *req,
     if (me.next)
         me.next->prev = me.prev;
     if (st == BRK_OK) {
-        note_append(d, ar.log_offset);
-        arm(d, ar.log_offset, deliver_at_ms);
+        dly_note_append(d, ar.log_offset);
+        dly_arm(d, ar.log_offset, deliver_at_ms);
         d->scheduled_total++;
         if (deliver_at_ms < d->wake_at)   /* the thread sleeps past it */
             pthread_cond_signal(&d->cond);
@@ -1631,12 +823,12 @@ brk_status brk_delay_tick(brk_delay *d, unsigned *fired)
         *fired = 0;
     if (!d)
         return BRK_INVAL;
-    int64_t now = now_ms(d);
+    int64_t now = dly_now_ms(d);
     pthread_mutex_lock(&d->fire_mu);
-    brk_status st = fire_due(d, now, fired);
-    brk_status st2 = compact(d, now);
+    brk_status st = dly_fire_due(d, now, fired);
+    brk_status st2 = dly_compact(d, now);
     pthread_mutex_unlock(&d->fire_mu);
-    brk_status st3 = save_state(d, false, false);
+    brk_status st3 = dly_save_state(d, false, false);
     if (st == BRK_OK)
         st = st2;
     if (st == BRK_OK)
