@@ -52,6 +52,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_util.h"
 #include "broker/delay.h"
 #include "broker/store.h"
 
@@ -68,13 +69,6 @@ static int64_t wall_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-static uint64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 static void sleep_until_wall_us(int64_t t)
 {
     for (;;) {
@@ -85,20 +79,6 @@ static void sleep_until_wall_us(int64_t t)
         struct timespec ts = { (time_t)(d / 1000000), (long)(d % 1000000) * 1000 };
         nanosleep(&ts, NULL);
     }
-}
-
-static int rm_entry(const char *path, const struct stat *sb, int flag,
-                    struct FTW *ftw)
-{
-    (void)sb; (void)flag; (void)ftw;
-    if (remove(path) != 0)
-        fprintf(stderr, "delay_bench: removing %s: %s\n", path, strerror(errno));
-    return 0;
-}
-
-static void rm_rf(const char *path)
-{
-    nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
 }
 
 static int cmp_i64(const void *a, const void *b)
@@ -171,9 +151,9 @@ static void *producer_main(void *arg)
         /* Due: lead ms after the slot, in whole ms as the API takes it. */
         int64_t due = (slot_us + 999) / 1000 + r->lead_ms;
         memcpy(body, &due, sizeof due);
-        uint64_t t0 = mono_ns();
+        uint64_t t0 = bench_now_ns();
         brk_status st = brk_delay_send(r->d, &q, due, &res);
-        uint64_t t1 = mono_ns();
+        uint64_t t1 = bench_now_ns();
         if (t1 - t0 > p->send_ns_max)
             p->send_ns_max = t1 - t0;
         if (st != BRK_OK)
@@ -225,7 +205,7 @@ static int lateness_case(const char *base, brk_flush_mode mode, double rate,
     char dir[4096];
     snprintf(dir, sizeof dir, "%s/delay_bench.%ld.%s", base, (long)getpid(),
              mode == BRK_FLUSH_SYNC ? "sync" : "async");
-    rm_rf(dir);
+    bench_rm_rf(dir, "delay_bench");
     brk_store_opts so;
     brk_store_opts_init(&so);
     so.flush_mode = mode;
@@ -323,7 +303,7 @@ static int lateness_case(const char *base, brk_flush_mode mode, double rate,
     free(r.seen_late);
     brk_delay_close(r.d);
     brk_store_close(r.s);
-    rm_rf(dir);
+    bench_rm_rf(dir, "delay_bench");
     return 0;
 }
 
@@ -333,7 +313,7 @@ static int memory_case(const char *base, uint64_t count)
 {
     char dir[4096];
     snprintf(dir, sizeof dir, "%s/delay_bench.%ld.mem", base, (long)getpid());
-    rm_rf(dir);
+    bench_rm_rf(dir, "delay_bench");
     brk_store_opts so;
     brk_store_opts_init(&so);
     so.no_background = true;
@@ -364,7 +344,7 @@ static int memory_case(const char *base, uint64_t count)
     brk_delay_res res;
     uint64_t x = 88172645463325252ull;
     double lo = 1e9, hi = 0;
-    uint64_t t0 = mono_ns();
+    uint64_t t0 = bench_now_ns();
     printf("  pending  sched bytes  bytes/pending\n");
     for (uint64_t i = 1; i <= count; i++) {
         x ^= x << 13; x ^= x >> 7; x ^= x << 17;
@@ -383,7 +363,7 @@ static int memory_case(const char *base, uint64_t count)
                    ds.memory_bytes, per);
         }
     }
-    double send_s = (double)(mono_ns() - t0) / 1e9;
+    double send_s = (double)(bench_now_ns() - t0) / 1e9;
     brk_store_stats ss;
     brk_store_get_stats(s, &ss);
     brk_delay_stats ds;
@@ -396,12 +376,12 @@ static int memory_case(const char *base, uint64_t count)
     brk_delay_close(d);
     brk_store_checkpoint(s);
     long rss0 = rss_kib();
-    t0 = mono_ns();
+    t0 = bench_now_ns();
     if (brk_delay_open(&d, s, &dopt, err, sizeof err) != BRK_OK) {
         fprintf(stderr, "delay_bench: delay reopen: %s\n", err);
         return 1;
     }
-    double rebuild_s = (double)(mono_ns() - t0) / 1e9;
+    double rebuild_s = (double)(bench_now_ns() - t0) / 1e9;
     long rss1 = rss_kib();
     brk_delay_get_stats(d, &ds);
     printf("rebuild at open: %" PRIu64 " timers in %.2f s (%.0f/s), %.1f bytes "
@@ -415,7 +395,7 @@ static int memory_case(const char *base, uint64_t count)
                ? "met" : "MISSED");
     brk_delay_close(d);
     brk_store_close(s);
-    rm_rf(dir);
+    bench_rm_rf(dir, "delay_bench");
     return 0;
 }
 

@@ -52,6 +52,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_util.h"
 #include "broker/group.h"
 #include "broker/store.h"
 
@@ -67,14 +68,7 @@
 #define IDLE_SECS   5
 #define P99_GOAL_MS 5.0
 
-/* ---- time and histogram (as in store_bench.c) ------------------------------ */
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
+/* ---- time (the rest is in bench_util.h) ---------------------------------- */
 
 static void sleep_until_ns(uint64_t t)
 {
@@ -85,73 +79,7 @@ static void sleep_until_ns(uint64_t t)
 
 static void sleep_s(double s)
 {
-    sleep_until_ns(now_ns() + (uint64_t)(s * 1e9));
-}
-
-#define HIST_N 1024
-
-static unsigned hist_index(uint64_t v)
-{
-    if (v < 16)
-        return (unsigned)v;
-    unsigned e = 63u - (unsigned)__builtin_clzll(v);
-    unsigned sub = (unsigned)(v >> (e - 4)) & 15u;
-    unsigned i = (e - 3) * 16 + sub;
-    return i < HIST_N ? i : HIST_N - 1;
-}
-
-static double hist_value(unsigned i)
-{
-    if (i < 16)
-        return i;
-    unsigned e = i / 16 + 3, sub = i % 16;
-    double lo = (double)((16u + sub) * (1ull << (e - 4)));
-    return lo + (double)(1ull << (e - 4)) / 2.0;
-}
-
-static double hist_quantile(const uint64_t *h, double q)
-{
-    uint64_t total = 0;
-    for (unsigned i = 0; i < HIST_N; i++)
-        total += h[i];
-    if (total == 0)
-        return 0;
-    uint64_t want = (uint64_t)ceil(q * (double)total), seen = 0;
-    if (want == 0)
-        want = 1;
-    for (unsigned i = 0; i < HIST_N; i++) {
-        seen += h[i];
-        if (seen >= want)
-            return hist_value(i);
-    }
-    return hist_value(HIST_N - 1);
-}
-
-/* ---- files ---------------------------------------------------------------------- */
-
-static int rm_entry(const char *path, const struct stat *sb, int flag,
-                    struct FTW *ftw)
-{
-    (void)sb; (void)flag; (void)ftw;
-    remove(path);
-    return 0;
-}
-
-static void rm_rf(const char *path)
-{
-    nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
-}
-
-static const char *fs_name(long type)
-{
-    switch ((unsigned long)type) {
-    case 0xEF53: return "ext2/3/4";
-    case 0x58465342: return "xfs";
-    case 0x9123683E: return "btrfs";
-    case 0x01021994: return "tmpfs (fdatasync is a no-op!)";
-    case 0x794C7630: return "overlayfs";
-    default: return "unknown";
-    }
+    sleep_until_ns(bench_now_ns() + (uint64_t)(s * 1e9));
 }
 
 /* ---- a store + groups instance ---------------------------------------------------- */
@@ -168,7 +96,7 @@ static int env_open(env *e, const char *base, const char *tag,
     memset(e, 0, sizeof *e);
     snprintf(e->dir, sizeof e->dir, "%s/group_bench.%ld.%s", base,
              (long)getpid(), tag);
-    rm_rf(e->dir);
+    bench_rm_rf(e->dir, NULL);
     brk_store_opts o;
     brk_store_opts_init(&o);
     o.flush_mode = mode;
@@ -199,7 +127,7 @@ static int env_open(env *e, const char *base, const char *tag,
         if (e->g)
             brk_groups_close(e->g);
         brk_store_close(e->s);
-        rm_rf(e->dir);
+        bench_rm_rf(e->dir, NULL);
         return -1;
     }
     return 0;
@@ -213,7 +141,7 @@ static void env_close(env *e)
     st = brk_store_close(e->s);
     if (st != BRK_OK)
         fprintf(stderr, "group_bench: store close: %s\n", brk_status_name(st));
-    rm_rf(e->dir);
+    bench_rm_rf(e->dir, NULL);
 }
 
 /* ---- produce -> receive -> ack ------------------------------------------------------ */
@@ -241,7 +169,7 @@ typedef struct consumer {
     uint64_t received_total;
     uint64_t errors;
     brk_status first_err;
-    uint64_t hist[HIST_N];      /* latency ns, messages received in the window */
+    uint64_t hist[BENCH_HIST_N];      /* latency ns, messages received in the window */
 } consumer;
 
 static void *producer_main(void *arg)
@@ -258,15 +186,15 @@ static void *producer_main(void *arg)
     brk_append_res res;
     uint64_t interval = sh->rate_per_producer > 0
                         ? (uint64_t)(1e9 / sh->rate_per_producer) : 0;
-    uint64_t next = now_ns();
+    uint64_t next = bench_now_ns();
     while (!atomic_load_explicit(&sh->stop_producers, memory_order_relaxed)) {
         if (interval) {
             next += interval;
-            uint64_t t = now_ns();
+            uint64_t t = bench_now_ns();
             if (next > t)
                 sleep_until_ns(next);
         }
-        uint64_t stamp = now_ns();
+        uint64_t stamp = bench_now_ns();
         memcpy(body, &stamp, sizeof stamp);
         brk_status st = brk_store_append(sh->e->s, &req, &res);
         if (st != BRK_OK) {
@@ -295,7 +223,7 @@ static void *consumer_main(void *arg)
     while (!atomic_load_explicit(&sh->stop_consumers, memory_order_relaxed)) {
         brk_receive_batch *b = NULL;
         brk_status st = brk_group_receive_wait(sh->e->g, &req, WAIT_MS, &b);
-        uint64_t t = now_ns();
+        uint64_t t = bench_now_ns();
         if (st != BRK_OK && st != BRK_LIMIT) {
             if (c->errors++ == 0)
                 c->first_err = st;
@@ -311,7 +239,7 @@ static void *consumer_main(void *arg)
             if (m->rec.body.len >= sizeof stamp)
                 memcpy(&stamp, m->rec.body.ptr, sizeof stamp);
             if (in && stamp && t >= stamp)
-                c->hist[hist_index(t - stamp)]++;
+                c->hist[bench_hist_index(t - stamp)]++;
         }
         for (size_t i = 0; i < n; i++) {
             st = brk_group_ack(sh->e->g, GROUP, b->msgs[i].receipt);
@@ -373,10 +301,10 @@ static int run_flow(const char *base, brk_flush_mode mode, double rate_total,
     }
     sleep_s(0.5);                       /* warm up */
     atomic_store(&sh.measuring, true);
-    uint64_t t0 = now_ns();
+    uint64_t t0 = bench_now_ns();
     sleep_s(seconds);
     atomic_store(&sh.measuring, false);
-    uint64_t t1 = now_ns();
+    uint64_t t1 = bench_now_ns();
     atomic_store(&sh.stop_producers, true);
     for (int i = 0; i < PRODUCERS; i++)
         pthread_join(p[i].th, NULL);
@@ -386,7 +314,7 @@ static int run_flow(const char *base, brk_flush_mode mode, double rate_total,
     for (int i = 0; i < CONSUMERS; i++)
         pthread_join(c[i].th, NULL);
 
-    static uint64_t hist[HIST_N];
+    static uint64_t hist[BENCH_HIST_N];
     memset(hist, 0, sizeof hist);
     uint64_t produced = 0, acked = 0;
     brk_status first = BRK_OK;
@@ -401,7 +329,7 @@ static int run_flow(const char *base, brk_flush_mode mode, double rate_total,
         out->errors += c[i].errors;
         if (c[i].errors && first == BRK_OK)
             first = c[i].first_err;
-        for (unsigned j = 0; j < HIST_N; j++)
+        for (unsigned j = 0; j < BENCH_HIST_N; j++)
             hist[j] += c[i].hist[j];
     }
     if (out->errors)
@@ -410,9 +338,9 @@ static int run_flow(const char *base, brk_flush_mode mode, double rate_total,
     out->secs = (double)(t1 - t0) / 1e9;
     out->produced_s = (double)produced / out->secs;
     out->acked_s = (double)acked / out->secs;
-    out->p50_ms = hist_quantile(hist, 0.50) / 1e6;
-    out->p99_ms = hist_quantile(hist, 0.99) / 1e6;
-    out->max_ms = hist_quantile(hist, 1.0) / 1e6;
+    out->p50_ms = bench_hist_quantile(hist, 0.50) / 1e6;
+    out->p99_ms = bench_hist_quantile(hist, 0.99) / 1e6;
+    out->max_ms = bench_hist_quantile(hist, 1.0) / 1e6;
     free(p);
     free(c);
     env_close(&e);
@@ -526,20 +454,12 @@ int main(int argc, char **argv)
         fprintf(stderr, "group_bench: statfs %s: %s\n", base, strerror(errno));
         return 1;
     }
-    struct utsname un;
-    uname(&un);
-    char cwd[4096];
-    const char *shown = base;
-    if (strcmp(base, ".") == 0 && getcwd(cwd, sizeof cwd))
-        shown = cwd;
     printf("group_bench: %d producers, %d consumers (receive_wait max %d, "
            "wait %d ms), %d-byte bodies, topic \"%s\" (%d queues), one "
            "clustering group, %.1f s per window\n", PRODUCERS, CONSUMERS,
            RECV_MAX, WAIT_MS, BODY_LEN, TOPIC, QUEUES, seconds);
-    printf("machine:     nproc %ld, %s %s %s\n", sysconf(_SC_NPROCESSORS_ONLN),
-           un.sysname, un.release, un.machine);
-    printf("filesystem:  %s  f_type 0x%lx (%s)\n\n", shown,
-           (unsigned long)sf.f_type, fs_name((long)sf.f_type));
+    bench_print_machine(base, &sf, 13, false, false);
+    printf("\n");
     printf("%-5s %-11s %10s %10s %9s %9s %9s %s\n", "mode", "load",
            "produced/s", "acked/s", "p50 ms", "p99 ms", "max ms", "goal");
     fflush(stdout);

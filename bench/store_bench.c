@@ -50,6 +50,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_util.h"
 #include "broker/store.h"
 
 #define BODY_LEN      1024
@@ -58,105 +59,7 @@
 #define GOAL_RATIO    0.8
 #define TOPIC         "bench"
 
-/* ---- time and randomness ---------------------------------------------------- */
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-static uint64_t xorshift(uint64_t *st)
-{
-    uint64_t x = *st;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    return *st = x;
-}
-
-static void fill_random(uint8_t *p, size_t n, uint64_t *st)
-{
-    for (size_t i = 0; i < n; i += 8) {
-        uint64_t v = xorshift(st);
-        memcpy(p + i, &v, n - i < 8 ? n - i : 8);
-    }
-}
-
-/* ---- log-linear latency histogram -------------------------------------------- */
-/* Values below 16 ns get their own bucket; above, each power of two is split
- * into 16 buckets, so a bucket is at most 1/16 of its value wide. */
-
-#define HIST_N 1024
-
-static unsigned hist_index(uint64_t v)
-{
-    if (v < 16)
-        return (unsigned)v;
-    unsigned e = 63u - (unsigned)__builtin_clzll(v);     /* >= 4 */
-    unsigned sub = (unsigned)(v >> (e - 4)) & 15u;
-    return (e - 3) * 16 + sub;
-}
-
-/* Midpoint of bucket i, in ns. */
-static double hist_value(unsigned i)
-{
-    if (i < 16)
-        return i;
-    unsigned e = i / 16 + 3, sub = i % 16;
-    double lo = (double)((16u + sub) * (1ull << (e - 4)));
-    return lo + (double)(1ull << (e - 4)) / 2.0;
-}
-
-static double hist_quantile(const uint64_t *h, double q)
-{
-    uint64_t total = 0;
-    for (unsigned i = 0; i < HIST_N; i++)
-        total += h[i];
-    if (total == 0)
-        return 0;
-    uint64_t want = (uint64_t)ceil(q * (double)total), seen = 0;
-    if (want == 0)
-        want = 1;
-    for (unsigned i = 0; i < HIST_N; i++) {
-        seen += h[i];
-        if (seen >= want)
-            return hist_value(i);
-    }
-    return hist_value(HIST_N - 1);
-}
-
-/* ---- files ---------------------------------------------------------------------- */
-
-static int rm_entry(const char *path, const struct stat *sb, int flag,
-                    struct FTW *ftw)
-{
-    (void)sb; (void)flag; (void)ftw;
-    if (remove(path) != 0)
-        fprintf(stderr, "store_bench: removing %s: %s\n", path, strerror(errno));
-    return 0;
-}
-
-static void rm_rf(const char *path)
-{
-    nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
-}
-
-static const char *fs_name(long type)
-{
-    switch ((unsigned long)type) {
-    case 0xEF53: return "ext2/3/4";
-    case 0x58465342: return "xfs";
-    case 0x9123683E: return "btrfs";
-    case 0x01021994: return "tmpfs (fdatasync is a no-op!)";
-    case 0x794C7630: return "overlayfs";
-    case 0x2FC12FC1: return "zfs";
-    case 0x6969: return "nfs";
-    case 0xF2F52010: return "f2fs";
-    default: return "unknown";
-    }
-}
+/* Time, randomness, the latency histogram and files: bench_util.h. */
 
 /* ---- the store cases -------------------------------------------------------------- */
 
@@ -169,7 +72,7 @@ typedef struct worker {
     uint64_t appends;
     uint64_t errors;
     brk_status first_err;
-    uint64_t hist[HIST_N];
+    uint64_t hist[BENCH_HIST_N];
     uint8_t pool[RAND_POOL];
 } worker;
 
@@ -179,7 +82,7 @@ static void *worker_main(void *arg)
     char keys[NKEYS][8];
     for (int k = 0; k < NKEYS; k++)
         snprintf(keys[k], sizeof keys[k], "k%04d", k);
-    fill_random(w->pool, sizeof w->pool, &w->rng);
+    bench_fill_random(w->pool, sizeof w->pool, &w->rng);
 
     brk_append_req req;
     memset(&req, 0, sizeof req);
@@ -189,15 +92,15 @@ static void *worker_main(void *arg)
 
     pthread_barrier_wait(w->start);
     while (!atomic_load_explicit(w->stop, memory_order_relaxed)) {
-        uint64_t r = xorshift(&w->rng);
+        uint64_t r = bench_xorshift(&w->rng);
         unsigned k = (unsigned)(r % NKEYS);
         req.key.ptr = keys[k];
         req.key.len = 5;
         req.body.ptr = w->pool + (r >> 20) % (RAND_POOL - BODY_LEN);
         req.body.len = BODY_LEN;
-        uint64_t t0 = now_ns();
+        uint64_t t0 = bench_now_ns();
         brk_status st = brk_store_append(w->s, &req, &res);
-        uint64_t t1 = now_ns();
+        uint64_t t1 = bench_now_ns();
         if (st != BRK_OK) {
             if (w->errors++ == 0)
                 w->first_err = st;
@@ -205,7 +108,7 @@ static void *worker_main(void *arg)
                 break;
             continue;
         }
-        w->hist[hist_index(t1 - t0)]++;
+        w->hist[bench_hist_index(t1 - t0)]++;
         w->appends++;
     }
     return NULL;
@@ -227,7 +130,7 @@ static int run_case(const char *base, brk_flush_mode mode, int threads,
     char dir[4096];
     snprintf(dir, sizeof dir, "%s/store_bench.%ld.%s.%d", base, (long)getpid(),
              mode == BRK_FLUSH_SYNC ? "sync" : "async", threads);
-    rm_rf(dir);
+    bench_rm_rf(dir, "store_bench");
 
     brk_store_opts o;
     brk_store_opts_init(&o);
@@ -246,14 +149,14 @@ static int run_case(const char *base, brk_flush_mode mode, int threads,
     if (st != BRK_OK) {
         fprintf(stderr, "store_bench: topic create: %s\n", brk_status_name(st));
         brk_store_close(s);
-        rm_rf(dir);
+        bench_rm_rf(dir, "store_bench");
         return -1;
     }
 
     worker *w = calloc((size_t)threads, sizeof *w);
     if (!w) {
         brk_store_close(s);
-        rm_rf(dir);
+        bench_rm_rf(dir, "store_bench");
         return -1;
     }
     pthread_barrier_t start;
@@ -264,7 +167,7 @@ static int run_case(const char *base, brk_flush_mode mode, int threads,
         w[i].s = s;
         w[i].start = &start;
         w[i].stop = &stop;
-        w[i].rng = 0x9E3779B97F4A7C15ull * (uint64_t)(i + 1) ^ now_ns();
+        w[i].rng = 0x9E3779B97F4A7C15ull * (uint64_t)(i + 1) ^ bench_now_ns();
         if (w[i].rng == 0)
             w[i].rng = 1;
         if (pthread_create(&w[i].th, NULL, worker_main, &w[i]) != 0) {
@@ -276,7 +179,7 @@ static int run_case(const char *base, brk_flush_mode mode, int threads,
     brk_store_stats a, b;
     brk_store_get_stats(s, &a);
     pthread_barrier_wait(&start);
-    uint64_t t0 = now_ns();
+    uint64_t t0 = bench_now_ns();
     struct timespec nap = { (time_t)seconds,
                             (long)((seconds - (double)(time_t)seconds) * 1e9) };
     while (nanosleep(&nap, &nap) != 0 && errno == EINTR)
@@ -284,10 +187,10 @@ static int run_case(const char *base, brk_flush_mode mode, int threads,
     atomic_store(&stop, true);
     for (int i = 0; i < threads; i++)
         pthread_join(w[i].th, NULL);
-    uint64_t t1 = now_ns();
+    uint64_t t1 = bench_now_ns();
     brk_store_get_stats(s, &b);
 
-    static uint64_t hist[HIST_N];
+    static uint64_t hist[BENCH_HIST_N];
     memset(hist, 0, sizeof hist);
     brk_status first_err = BRK_OK;
     for (int i = 0; i < threads; i++) {
@@ -295,7 +198,7 @@ static int run_case(const char *base, brk_flush_mode mode, int threads,
         out->errors += w[i].errors;
         if (w[i].errors && first_err == BRK_OK)
             first_err = w[i].first_err;
-        for (unsigned j = 0; j < HIST_N; j++)
+        for (unsigned j = 0; j < BENCH_HIST_N; j++)
             hist[j] += w[i].hist[j];
     }
     if (out->errors)
@@ -310,9 +213,9 @@ static int run_case(const char *base, brk_flush_mode mode, int threads,
     out->rec_bytes = recs ? (double)bytes / (double)recs : 0;
     out->msgs_s = (double)out->appends / out->secs;
     out->mb_s = (double)bytes / out->secs / 1e6;
-    out->p50_us = hist_quantile(hist, 0.50) / 1e3;
-    out->p99_us = hist_quantile(hist, 0.99) / 1e3;
-    out->max_us = hist_quantile(hist, 1.0) / 1e3;
+    out->p50_us = bench_hist_quantile(hist, 0.50) / 1e3;
+    out->p99_us = bench_hist_quantile(hist, 0.99) / 1e3;
+    out->max_us = bench_hist_quantile(hist, 1.0) / 1e3;
     out->fsync_us = fs ? (double)(b.fsync_ns_total - a.fsync_ns_total) / (double)fs / 1e3 : 0;
     out->fsyncs_s = (double)fs / out->secs;
     out->recs_per_fsync = fs ? (double)fr / (double)fs : 0;
@@ -322,7 +225,7 @@ static int run_case(const char *base, brk_flush_mode mode, int threads,
         fprintf(stderr, "store_bench: close: %s\n", brk_status_name(st));
     pthread_barrier_destroy(&start);
     free(w);
-    rm_rf(dir);
+    bench_rm_rf(dir, "store_bench");
     return out->appends ? 0 : -1;
 }
 
@@ -339,12 +242,12 @@ static double raw_loop(const char *base, size_t rec, unsigned batch,
     uint8_t *buf = malloc(rec * nbuf);
     if (!buf)
         return -1;
-    uint64_t rng = now_ns() | 1;
-    fill_random(buf, rec * nbuf, &rng);
+    uint64_t rng = bench_now_ns() | 1;
+    bench_fill_random(buf, rec * nbuf, &rng);
 
     char dir[4096];
     snprintf(dir, sizeof dir, "%s/store_bench.%ld.raw", base, (long)getpid());
-    rm_rf(dir);
+    bench_rm_rf(dir, "store_bench");
     if (mkdir(dir, 0755) != 0) {
         fprintf(stderr, "store_bench: mkdir %s: %s\n", dir, strerror(errno));
         free(buf);
@@ -353,7 +256,7 @@ static double raw_loop(const char *base, size_t rec, unsigned batch,
     int fd = -1, files = 0;
     uint64_t off = seg, n = 0;
     double rate = -1;
-    uint64_t t0 = now_ns(), deadline = t0 + (uint64_t)(seconds * 1e9), t1;
+    uint64_t t0 = bench_now_ns(), deadline = t0 + (uint64_t)(seconds * 1e9), t1;
     for (;;) {
         if (off + rec > seg) {
             if (fd >= 0)
@@ -380,7 +283,7 @@ static double raw_loop(const char *base, size_t rec, unsigned batch,
             }
         }
         /* Check the clock only at batch ends (SYNC) or every 64 records. */
-        if ((batch ? n % batch : n % 64) == 0 && (t1 = now_ns()) >= deadline) {
+        if ((batch ? n % batch : n % 64) == 0 && (t1 = bench_now_ns()) >= deadline) {
             rate = (double)n / ((double)(t1 - t0) / 1e9);
             break;
         }
@@ -388,7 +291,7 @@ static double raw_loop(const char *base, size_t rec, unsigned batch,
 out:
     if (fd >= 0)
         close(fd);
-    rm_rf(dir);
+    bench_rm_rf(dir, "store_bench");
     free(buf);
     return rate;
 }
@@ -449,22 +352,13 @@ int main(int argc, char **argv)
         fprintf(stderr, "store_bench: statfs %s: %s\n", base, strerror(errno));
         return 1;
     }
-    struct utsname un;
-    uname(&un);
-    char cwd[4096];
-    const char *shown = base;
-    if (strcmp(base, ".") == 0 && getcwd(cwd, sizeof cwd))
-        shown = cwd;
     brk_store_opts defaults;
     brk_store_opts_init(&defaults);
 
     printf("store_bench: %d-byte bodies, %d keys, topic \"%s\" (%u queues), "
            "%.1f s per measurement\n", BODY_LEN, NKEYS, TOPIC,
            (unsigned)defaults.default_queues, seconds);
-    printf("machine:     nproc %ld, %s %s %s\n", sysconf(_SC_NPROCESSORS_ONLN),
-           un.sysname, un.release, un.machine);
-    printf("filesystem:  %s  f_type 0x%lx (%s), block %ld\n", shown,
-           (unsigned long)sf.f_type, fs_name((long)sf.f_type), (long)sf.f_bsize);
+    bench_print_machine(base, &sf, 13, true, true);
     printf("ratio = store msgs/s / raw msgs/s; raw is measured right after each "
            "case, same dir.\n\n");
     printf("%-5s %4s %9s %7s %8s %8s %8s %8s %9s %7s | %-13s %9s %6s %s\n",

@@ -54,6 +54,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_util.h"
 #include "broker/store.h"
 #include "broker/txn.h"
 
@@ -62,14 +63,7 @@
 #define TOPIC        "bench"
 #define MEM_GOAL     128.0
 
-/* ---- time, randomness, histogram (as in store_bench.c) -------------------- */
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
+/* ---- time (the rest is in bench_util.h) ------------------------------------ */
 
 static void sleep_ms(double ms)
 {
@@ -77,92 +71,6 @@ static void sleep_ms(double ms)
                             (long)(fmod(ms, 1000.0) * 1e6) };
     while (nanosleep(&nap, &nap) != 0 && errno == EINTR)
         ;
-}
-
-static uint64_t xorshift(uint64_t *st)
-{
-    uint64_t x = *st;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    return *st = x;
-}
-
-static void fill_random(uint8_t *p, size_t n, uint64_t *st)
-{
-    for (size_t i = 0; i < n; i += 8) {
-        uint64_t v = xorshift(st);
-        memcpy(p + i, &v, n - i < 8 ? n - i : 8);
-    }
-}
-
-#define HIST_N 1024
-
-static unsigned hist_index(uint64_t v)
-{
-    if (v < 16)
-        return (unsigned)v;
-    unsigned e = 63u - (unsigned)__builtin_clzll(v);
-    unsigned sub = (unsigned)(v >> (e - 4)) & 15u;
-    return (e - 3) * 16 + sub;
-}
-
-static double hist_value(unsigned i)
-{
-    if (i < 16)
-        return i;
-    unsigned e = i / 16 + 3, sub = i % 16;
-    double lo = (double)((16u + sub) * (1ull << (e - 4)));
-    return lo + (double)(1ull << (e - 4)) / 2.0;
-}
-
-static double hist_quantile(const uint64_t *h, double q)
-{
-    uint64_t total = 0;
-    for (unsigned i = 0; i < HIST_N; i++)
-        total += h[i];
-    if (total == 0)
-        return 0;
-    uint64_t want = (uint64_t)ceil(q * (double)total), seen = 0;
-    if (want == 0)
-        want = 1;
-    for (unsigned i = 0; i < HIST_N; i++) {
-        seen += h[i];
-        if (seen >= want)
-            return hist_value(i);
-    }
-    return hist_value(HIST_N - 1);
-}
-
-/* ---- files ----------------------------------------------------------------- */
-
-static int rm_entry(const char *path, const struct stat *sb, int flag,
-                    struct FTW *ftw)
-{
-    (void)sb; (void)flag; (void)ftw;
-    if (remove(path) != 0)
-        fprintf(stderr, "txn_bench: removing %s: %s\n", path, strerror(errno));
-    return 0;
-}
-
-static void rm_rf(const char *path)
-{
-    nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
-}
-
-static const char *fs_name(long type)
-{
-    switch ((unsigned long)type) {
-    case 0xEF53: return "ext2/3/4";
-    case 0x58465342: return "xfs";
-    case 0x9123683E: return "btrfs";
-    case 0x01021994: return "tmpfs (fdatasync is a no-op!)";
-    case 0x794C7630: return "overlayfs";
-    case 0x2FC12FC1: return "zfs";
-    case 0x6969: return "nfs";
-    case 0xF2F52010: return "f2fs";
-    default: return "unknown";
-    }
 }
 
 /* ---- a store + txn on a fresh directory -------------------------------------- */
@@ -179,7 +87,7 @@ static int env_open(bench_env *e, const char *base, const char *tag,
     memset(e, 0, sizeof *e);
     snprintf(e->dir, sizeof e->dir, "%s/txn_bench.%ld.%s", base, (long)getpid(),
              tag);
-    rm_rf(e->dir);
+    bench_rm_rf(e->dir, "txn_bench");
     brk_store_opts o;
     brk_store_opts_init(&o);
     o.flush_mode = BRK_FLUSH_SYNC;
@@ -198,7 +106,7 @@ static int env_open(bench_env *e, const char *base, const char *tag,
     if (st != BRK_OK) {
         fprintf(stderr, "txn_bench: txn open: %s (%s)\n", brk_status_name(st), err);
         brk_store_close(e->s);
-        rm_rf(e->dir);
+        bench_rm_rf(e->dir, "txn_bench");
         return -1;
     }
     return 0;
@@ -212,7 +120,7 @@ static void env_close(bench_env *e)
     st = brk_store_close(e->s);
     if (st != BRK_OK)
         fprintf(stderr, "txn_bench: store close: %s\n", brk_status_name(st));
-    rm_rf(e->dir);
+    bench_rm_rf(e->dir, "txn_bench");
 }
 
 /* ---- case 1: prepare + commit pairs ------------------------------------------ */
@@ -225,14 +133,14 @@ typedef struct pair_worker {
     uint64_t rng;
     uint64_t pairs, errors;
     brk_status first_err;
-    uint64_t hist[HIST_N];
+    uint64_t hist[BENCH_HIST_N];
     uint8_t body[BODY_LEN];
 } pair_worker;
 
 static void *pair_main(void *arg)
 {
     pair_worker *w = arg;
-    fill_random(w->body, sizeof w->body, &w->rng);
+    bench_fill_random(w->body, sizeof w->body, &w->rng);
     brk_txn_prepare_req req;
     memset(&req, 0, sizeof req);
     req.topic = TOPIC;
@@ -242,14 +150,14 @@ static void *pair_main(void *arg)
     brk_txn_result res, cres;
     pthread_barrier_wait(w->start);
     while (!atomic_load_explicit(w->stop, memory_order_relaxed)) {
-        snprintf(key, sizeof key, "k%04u", (unsigned)(xorshift(&w->rng) % NKEYS));
+        snprintf(key, sizeof key, "k%04u", (unsigned)(bench_xorshift(&w->rng) % NKEYS));
         req.key.ptr = key;
         req.key.len = 5;
-        uint64_t t0 = now_ns();
+        uint64_t t0 = bench_now_ns();
         brk_status st = brk_txn_prepare(w->t, &req, &res);
         if (st == BRK_OK)
             st = brk_txn_commit(w->t, res.txid, &cres);
-        uint64_t t1 = now_ns();
+        uint64_t t1 = bench_now_ns();
         if (st != BRK_OK) {
             if (w->errors++ == 0)
                 w->first_err = st;
@@ -257,7 +165,7 @@ static void *pair_main(void *arg)
                 break;
             continue;
         }
-        w->hist[hist_index(t1 - t0)]++;
+        w->hist[bench_hist_index(t1 - t0)]++;
         w->pairs++;
     }
     return NULL;
@@ -283,7 +191,7 @@ static int run_pairs(const char *base, int threads, double seconds)
         w[i].t = e.t;
         w[i].start = &start;
         w[i].stop = &stop;
-        w[i].rng = (0x9E3779B97F4A7C15ull * (uint64_t)(i + 1)) ^ now_ns();
+        w[i].rng = (0x9E3779B97F4A7C15ull * (uint64_t)(i + 1)) ^ bench_now_ns();
         if (w[i].rng == 0)
             w[i].rng = 1;
         if (pthread_create(&w[i].th, NULL, pair_main, &w[i]) != 0) {
@@ -294,15 +202,15 @@ static int run_pairs(const char *base, int threads, double seconds)
     brk_store_stats a, b;
     brk_store_get_stats(e.s, &a);
     pthread_barrier_wait(&start);
-    uint64_t t0 = now_ns();
+    uint64_t t0 = bench_now_ns();
     sleep_ms(seconds * 1000);
     atomic_store(&stop, true);
     for (int i = 0; i < threads; i++)
         pthread_join(w[i].th, NULL);
-    uint64_t t1 = now_ns();
+    uint64_t t1 = bench_now_ns();
     brk_store_get_stats(e.s, &b);
 
-    static uint64_t hist[HIST_N];
+    static uint64_t hist[BENCH_HIST_N];
     memset(hist, 0, sizeof hist);
     uint64_t pairs = 0, errors = 0;
     brk_status first_err = BRK_OK;
@@ -311,7 +219,7 @@ static int run_pairs(const char *base, int threads, double seconds)
         errors += w[i].errors;
         if (w[i].errors && first_err == BRK_OK)
             first_err = w[i].first_err;
-        for (unsigned j = 0; j < HIST_N; j++)
+        for (unsigned j = 0; j < BENCH_HIST_N; j++)
             hist[j] += w[i].hist[j];
     }
     if (errors)
@@ -324,8 +232,8 @@ static int run_pairs(const char *base, int threads, double seconds)
     printf("pairs  %3d threads  %9.0f pairs/s  p50 %8.1f us  p99 %8.1f us  "
            "max %8.0f us | %7.0f fsync/s  %5.1f rec/fsync  (%" PRIu64 " pairs "
            "in %.1f s, %" PRIu64 " records)\n",
-           threads, (double)pairs / secs, hist_quantile(hist, 0.50) / 1e3,
-           hist_quantile(hist, 0.99) / 1e3, hist_quantile(hist, 1.0) / 1e3,
+           threads, (double)pairs / secs, bench_hist_quantile(hist, 0.50) / 1e3,
+           bench_hist_quantile(hist, 0.99) / 1e3, bench_hist_quantile(hist, 1.0) / 1e3,
            (double)fs / secs, fs ? (double)fr / (double)fs : 0.0, pairs, secs,
            b.appends - a.appends);
     printf("       txn stats after: committed %" PRIu64 ", pending %" PRIu64
@@ -369,7 +277,7 @@ static void *prep_main(void *arg)
     prep_worker *w = arg;
     uint8_t body[BODY_LEN];
     uint64_t rng = w->from * 2654435761u + 1;
-    fill_random(body, sizeof body, &rng);
+    bench_fill_random(body, sizeof body, &rng);
     char txid[32], key[8];
     brk_txn_prepare_req req;
     memset(&req, 0, sizeof req);
@@ -412,7 +320,7 @@ static int run_storm(const char *base, int threads, uint64_t count,
         env_close(&e);
         return -1;
     }
-    uint64_t t0 = now_ns();
+    uint64_t t0 = bench_now_ns();
     for (int i = 0; i < threads; i++) {
         w[i].t = e.t;
         w[i].from = count * (uint64_t)i / (uint64_t)threads;
@@ -430,7 +338,7 @@ static int run_storm(const char *base, int threads, uint64_t count,
         if (w[i].errors && first_err == BRK_OK)
             first_err = w[i].first_err;
     }
-    uint64_t t1 = now_ns();
+    uint64_t t1 = bench_now_ns();
     free(w);
     if (errors)
         fprintf(stderr, "txn_bench: %" PRIu64 " prepares failed, first: %s\n",
@@ -453,7 +361,7 @@ static int run_storm(const char *base, int threads, uint64_t count,
     uint64_t pending0 = ts.pending, commits0 = ts.checks_commit_total;
     brk_store_stats sa;
     brk_store_get_stats(e.s, &sa);
-    uint64_t g0 = now_ns();
+    uint64_t g0 = bench_now_ns();
     atomic_store(&sm.go, true);
     uint64_t deadline = g0 + 600ull * 1000000000u;
     do {
@@ -461,8 +369,8 @@ static int run_storm(const char *base, int threads, uint64_t count,
          * module's lock, and polling it every millisecond halves the rate. */
         sleep_ms(20);
         brk_txn_get_stats(e.t, &ts);
-    } while (ts.pending > 0 && now_ns() < deadline);
-    uint64_t g1 = now_ns();
+    } while (ts.pending > 0 && bench_now_ns() < deadline);
+    uint64_t g1 = bench_now_ns();
     double secs = (double)(g1 - g0) / 1e9;
     uint64_t checks = ts.checks_commit_total - commits0;
     brk_store_stats sb;
@@ -511,13 +419,13 @@ static int run_rebuild(const char *base, int threads, uint64_t count)
     brk_txn_close(e.t);
     e.t = NULL;
     char err[256];
-    uint64_t t0 = now_ns();
+    uint64_t t0 = bench_now_ns();
     brk_status st = brk_txn_open(&e.t, e.s, &to, err, sizeof err);
-    uint64_t t1 = now_ns();
+    uint64_t t1 = bench_now_ns();
     if (st != BRK_OK) {
         fprintf(stderr, "txn_bench: reopen: %s (%s)\n", brk_status_name(st), err);
         brk_store_close(e.s);
-        rm_rf(e.dir);
+        bench_rm_rf(e.dir, "txn_bench");
         return -1;
     }
     brk_txn_stats ts;
@@ -590,18 +498,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "txn_bench: statfs %s: %s\n", base, strerror(errno));
         return 1;
     }
-    struct utsname un;
-    uname(&un);
-    char cwd[4096];
-    const char *shown = base;
-    if (strcmp(base, ".") == 0 && getcwd(cwd, sizeof cwd))
-        shown = cwd;
     printf("txn_bench: SYNC store, %d-byte bodies, %d keys, topic \"%s\"\n",
            BODY_LEN, NKEYS, TOPIC);
-    printf("machine:    nproc %ld, %s %s %s\n", sysconf(_SC_NPROCESSORS_ONLN),
-           un.sysname, un.release, un.machine);
-    printf("filesystem: %s  f_type 0x%lx (%s), block %ld\n\n", shown,
-           (unsigned long)sf.f_type, fs_name((long)sf.f_type), (long)sf.f_bsize);
+    bench_print_machine(base, &sf, 12, true, true);
+    printf("\n");
     fflush(stdout);
 
     int failures = 0;
