@@ -43,6 +43,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "demo_util.h"
 #include "broker/clock.h"
 #include "broker/group.h"
 #include "broker/record.h"
@@ -62,67 +63,11 @@
 
 static const char *const EVENT_NAMES[EVENTS] = { "created", "paid", "shipped" };
 
-/* ---- checks ------------------------------------------------------------------ */
-
-static unsigned g_checks, g_failed;
-
-/* Print one checked claim: "[ok] ..." when `ok`, else "[FAILED] ...". */
-static bool check(bool ok, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-
-static bool check(bool ok, const char *fmt, ...)
-{
-    va_list ap;
-    g_checks++;
-    if (!ok)
-        g_failed++;
-    printf("    %s ", ok ? "[ok]" : "[FAILED]");
-    va_start(ap, fmt);
-    vprintf(fmt, ap);
-    va_end(ap);
-    putchar('\n');
-    return ok;
-}
+/* ---- checks: demo_check() and the rest are in demo_util.h -------------------- */
 
 static bool check_st(brk_status st, const char *what)
 {
-    if (st == BRK_OK)
-        return check(true, "%s", what);
-    return check(false, "%s: %s (%s)", what, brk_status_name(st),
-                 brk_strerror(st));
-}
-
-static void heading(const char *title)
-{
-    printf("\n== %s ==\n", title);
-}
-
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void sleep_ms(int64_t ms)
-{
-    struct timespec ts = { (time_t)(ms / 1000), (long)(ms % 1000) * 1000000L };
-    while (nanosleep(&ts, &ts) != 0) {
-    }
-}
-
-static bool bytes_eq(brk_bytes b, const char *s)
-{
-    return b.len == strlen(s) && (b.len == 0 || memcmp(b.ptr, s, b.len) == 0);
-}
-
-/* Copy a byte view into a NUL-terminated string (truncating). */
-static void to_cstr(brk_bytes b, char *out, size_t cap)
-{
-    size_t n = b.len < cap - 1 ? b.len : cap - 1;
-    if (n)
-        memcpy(out, b.ptr, n);
-    out[n] = '\0';
+    return demo_check_st(st, NULL, what);
 }
 
 /* ---- the broker ------------------------------------------------------------- */
@@ -140,7 +85,7 @@ static bool broker_open(broker *b, const char *dir)
     so.flush_mode = BRK_FLUSH_SYNC;
     brk_status st = brk_store_open(&b->s, dir, &so, err, sizeof err);
     if (st != BRK_OK)
-        return check(false, "brk_store_open(%s): %s (%s)", dir,
+        return demo_check(false, "brk_store_open(%s): %s (%s)", dir,
                      brk_status_name(st), err);
     brk_groups_opts go;
     brk_groups_opts_init(&go);
@@ -148,7 +93,7 @@ static bool broker_open(broker *b, const char *dir)
     if (st != BRK_OK) {
         brk_store_close(b->s);
         b->s = NULL;
-        return check(false, "brk_groups_open: %s (%s)", brk_status_name(st), err);
+        return demo_check(false, "brk_groups_open: %s (%s)", brk_status_name(st), err);
     }
     return true;
 }
@@ -161,7 +106,7 @@ static bool broker_close(broker *b)
     b->g = NULL;
     b->s = NULL;
     if (s1 != BRK_OK || s2 != BRK_OK)
-        return check(false, "close: groups %s, store %s", brk_status_name(s1),
+        return demo_check(false, "close: groups %s, store %s", brk_status_name(s1),
                      brk_status_name(s2));
     return true;
 }
@@ -179,7 +124,7 @@ static bool append_event(brk_store *s, const char *topic, const char *key,
     r.flags = BRK_RECF_BODY_JSON;
     brk_status st = brk_store_append(s, &r, res);
     if (st != BRK_OK)
-        return check(false, "append %s to %s: %s (%s)", key, topic,
+        return demo_check(false, "append %s to %s: %s (%s)", key, topic,
                      brk_status_name(st), brk_store_errstr(s));
     return true;
 }
@@ -189,7 +134,7 @@ static bool put_group(brk_groups *g, const char *group, const char *topic,
 {
     bool created = false;
     brk_status st = brk_group_put(g, group, topic, NULL, cfg, &created);
-    return check(st == BRK_OK && created, "%s: %s", what,
+    return demo_check(st == BRK_OK && created, "%s: %s", what,
                  st == BRK_OK ? (created ? "created" : "already there")
                               : brk_status_name(st));
 }
@@ -227,13 +172,13 @@ static size_t receive_n(brk_groups *g, const char *group, const char *topic,
                         size_t want, got_msg *got, size_t cap)
 {
     size_t n = 0;
-    int64_t end = mono_ms() + WAIT_MS;
+    int64_t end = demo_mono_ms() + WAIT_MS;
     brk_receive_req rq = { .group = group, .topic = topic, .max = 16 };
-    while (n < want && mono_ms() < end) {
+    while (n < want && demo_mono_ms() < end) {
         brk_receive_batch *b = NULL;
         brk_status st = brk_group_receive_wait(g, &rq, 500, &b);
         if (st != BRK_OK && st != BRK_LIMIT) {
-            check(false, "receive %s/%s: %s", group, topic, brk_status_name(st));
+            demo_check(false, "receive %s/%s: %s", group, topic, brk_status_name(st));
             brk_receive_batch_free(b);
             break;
         }
@@ -244,7 +189,7 @@ static size_t receive_n(brk_groups *g, const char *group, const char *topic,
             memcpy(got[n].msg_id, m->rec.msg_id, BRK_UUID_LEN);
             got[n].delivery_count = m->delivery_count;
             snprintf(got[n].receipt, sizeof got[n].receipt, "%s", m->receipt);
-            to_cstr(m->rec.key, got[n].key, sizeof got[n].key);
+            demo_to_cstr(m->rec.key, got[n].key, sizeof got[n].key);
             brk_bytes v;
             got[n].has_dlq_header =
                 brk_props_get(m->rec.props, "outboxd-dlq-topic", &v) == BRK_OK;
@@ -305,9 +250,9 @@ static void *consumer_main(void *arg)
 {
     consumer *c = arg;
     group_log *L = c->log;
-    int64_t end = mono_ms() + WAIT_MS;
+    int64_t end = demo_mono_ms() + WAIT_MS;
     brk_receive_req rq = { .group = L->group, .topic = "orders", .max = 4 };
-    while (atomic_load(&L->received) < N1 && mono_ms() < end) {
+    while (atomic_load(&L->received) < N1 && demo_mono_ms() < end) {
         brk_receive_batch *b = NULL;
         brk_status st = brk_group_receive_wait(c->g, &rq, 250, &b);
         if (st != BRK_OK && st != BRK_LIMIT) {
@@ -315,7 +260,7 @@ static void *consumer_main(void *arg)
             L->errors++;
             pthread_mutex_unlock(&L->mu);
             brk_receive_batch_free(b);
-            sleep_ms(10);
+            demo_sleep_ms(10);
             continue;
         }
         for (size_t i = 0; b && i < b->count; i++) {
@@ -339,7 +284,7 @@ static void *consumer_main(void *arg)
 
 static void scene_orders(broker *b)
 {
-    heading("1. Two groups consume \"orders\": billing (clustering), shipping (FIFO)");
+    demo_heading("1. Two groups consume \"orders\": billing (clustering), shipping (FIFO)");
     printf("  %d orders x %d events (created, paid, shipped), keyed by order id,\n"
            "  are appended while 2 billing and 2 shipping threads long-poll\n"
            "  (brk_group_receive_wait) and ack (brk_group_ack).\n", ORDERS, EVENTS);
@@ -362,7 +307,7 @@ static void scene_orders(broker *b)
     for (int i = 0; i < 4; i++) {
         cons[i] = (consumer){ .g = b->g, .log = &logs[i / 2], .id = i % 2 };
         if (pthread_create(&cons[i].th, NULL, consumer_main, &cons[i]) != 0) {
-            check(false, "pthread_create");
+            demo_check(false, "pthread_create");
             exit(1);
         }
     }
@@ -381,7 +326,7 @@ static void scene_orders(broker *b)
             se->order = o;
             se->seq = e;
         }
-    check(appended, "appended %d events to \"orders\"", N1);
+    demo_check(appended, "appended %d events to \"orders\"", N1);
     for (int i = 0; i < 4; i++)
         pthread_join(cons[i].th, NULL);
 
@@ -402,11 +347,11 @@ static void scene_orders(broker *b)
         bool once = known && L->n == N1;
         for (int i = 0; i < N1; i++)
             once = once && seen[i] == 1;
-        check(once && L->errors == 0,
+        demo_check(once && L->errors == 0,
               "%s: all %d events received and acked exactly once (%zu deliveries, "
               "threads took %u + %u, %u errors)", L->group, N1, L->n,
               L->per_thread[0], L->per_thread[1], L->errors);
-        check(receive_none(b->g, L->group, "orders"),
+        demo_check(receive_none(b->g, L->group, "orders"),
               "%s: a further receive finds nothing (no redelivery)", L->group);
     }
     /* Per-key order in the FIFO group: arrival order of each order's events. */
@@ -423,7 +368,7 @@ static void scene_orders(broker *b)
             ordered = false;
         next[se->order] = se->seq + 1;
     }
-    check(ordered, "shipping (FIFO): every order's events arrived in append order "
+    demo_check(ordered, "shipping (FIFO): every order's events arrived in append order "
           "(created, paid, shipped), across both threads");
     for (int k = 0; k < 2; k++)
         pthread_mutex_destroy(&logs[k].mu);
@@ -433,7 +378,7 @@ static void scene_orders(broker *b)
 
 static void scene_nack(broker *b)
 {
-    heading("2. A nack: the message comes back after the retry delay");
+    demo_heading("2. A nack: the message comes back after the retry delay");
     brk_append_res res;
     if (!append_event(b->s, "refunds", "order-2101",
                       "{\"order\":\"order-2101\",\"refund\":\"12.50\"}", &res))
@@ -443,10 +388,10 @@ static void scene_nack(broker *b)
            "  rounds up to the smallest delay level, 1 s.\n");
     got_msg first;
     size_t n = receive_n(b->g, "refunds", "refunds", 1, &first, 1);
-    check(n == 1 && memcmp(first.msg_id, res.msg_id, BRK_UUID_LEN) == 0
+    demo_check(n == 1 && memcmp(first.msg_id, res.msg_id, BRK_UUID_LEN) == 0
           && first.delivery_count == 1,
           "received it: delivery_count %" PRIu32, n ? first.delivery_count : 0);
-    int64_t t0 = mono_ms();
+    int64_t t0 = demo_mono_ms();
     check_st(brk_group_nack(b->g, "refunds", first.receipt, 100,
                             "payment provider unavailable"),
              "brk_group_nack(delay_ms 100)");
@@ -455,38 +400,38 @@ static void scene_nack(broker *b)
     got_msg again;
     size_t got = 0;
     int64_t back_after = -1;
-    while (got == 0 && mono_ms() - t0 < WAIT_MS) {
+    while (got == 0 && demo_mono_ms() - t0 < WAIT_MS) {
         brk_receive_batch *bt = NULL;
         brk_status st = brk_group_receive_wait(b->g, &rq, 5000, &bt);
         if (st == BRK_OK && bt && bt->count > 0) {
-            back_after = mono_ms() - t0;
+            back_after = demo_mono_ms() - t0;
             const brk_received *m = &bt->msgs[0];
             memcpy(again.msg_id, m->rec.msg_id, BRK_UUID_LEN);
             again.delivery_count = m->delivery_count;
             snprintf(again.receipt, sizeof again.receipt, "%s", m->receipt);
-            to_cstr(m->rec.key, again.key, sizeof again.key);
+            demo_to_cstr(m->rec.key, again.key, sizeof again.key);
             got = bt->count;
         } else if (st != BRK_OK) {
-            check(false, "receive_wait: %s", brk_status_name(st));
+            demo_check(false, "receive_wait: %s", brk_status_name(st));
             brk_receive_batch_free(bt);
             break;
         }
         brk_receive_batch_free(bt);
     }
-    check(got == 1 && memcmp(again.msg_id, res.msg_id, BRK_UUID_LEN) == 0
+    demo_check(got == 1 && memcmp(again.msg_id, res.msg_id, BRK_UUID_LEN) == 0
           && strcmp(again.key, "order-2101") == 0 && again.delivery_count == 2,
           "it came back: same msg_id and key, delivery_count %" PRIu32,
           got ? again.delivery_count : 0);
-    check(back_after >= RETRY_MS - 50 && back_after <= LATE_MS,
+    demo_check(back_after >= RETRY_MS - 50 && back_after <= LATE_MS,
           "not before the 1 s delay level, and soon after it: back %" PRId64
           " ms after the nack", back_after);
     brk_status st = brk_group_ack(b->g, "refunds", first.receipt);
-    check(st == BRK_CONFLICT, "the first delivery's receipt is stale now: ack gives %s",
+    demo_check(st == BRK_CONFLICT, "the first delivery's receipt is stale now: ack gives %s",
           brk_status_name(st));
     if (got)
         check_st(brk_group_ack(b->g, "refunds", again.receipt),
                  "acked the second delivery");
-    check(receive_none(b->g, "refunds", "refunds"), "nothing more to receive");
+    demo_check(receive_none(b->g, "refunds", "refunds"), "nothing more to receive");
 }
 
 /* ---- scene 3: poison message -------------------------------------------------- */
@@ -499,13 +444,13 @@ static bool header_is(brk_bytes props, const char *key, const char *want,
         snprintf(shown, cap, "(missing)");
         return false;
     }
-    to_cstr(v, shown, cap);
-    return want == NULL || bytes_eq(v, want);
+    demo_to_cstr(v, shown, cap);
+    return want == NULL || demo_bytes_eq(v, want);
 }
 
 static void scene_poison(broker *b)
 {
-    heading("3. A poison message goes to the dead-letter list, and is replayed");
+    demo_heading("3. A poison message goes to the dead-letter list, and is replayed");
     brk_group_config cfg;
     brk_group_config_init(&cfg);
     cfg.max_deliveries = 2;
@@ -520,7 +465,7 @@ static void scene_poison(broker *b)
     for (uint32_t d = 1; d <= 2; d++) {
         got_msg m;
         size_t n = receive_n(b->g, "invoicing", "invoices", 1, &m, 1);
-        check(n == 1 && memcmp(m.msg_id, res.msg_id, BRK_UUID_LEN) == 0
+        demo_check(n == 1 && memcmp(m.msg_id, res.msg_id, BRK_UUID_LEN) == 0
               && m.delivery_count == d,
               "delivery %" PRIu32 ": received with delivery_count %" PRIu32, d,
               n ? m.delivery_count : 0);
@@ -532,7 +477,7 @@ static void scene_poison(broker *b)
     /* The second nack dead-letters it at once (max_deliveries reached). */
     brk_batch *dl = NULL;
     brk_status st = brk_group_dead_letters(b->g, "invoicing", 0, 10, &dl);
-    check(st == BRK_OK && dl && dl->count == 1
+    demo_check(st == BRK_OK && dl && dl->count == 1
           && memcmp(dl->recs[0].msg_id, res.msg_id, BRK_UUID_LEN) == 0,
           "brk_group_dead_letters: 1 dead letter, the same msg_id (%s)",
           brk_status_name(st));
@@ -550,29 +495,29 @@ static void scene_poison(broker *b)
         h = header_is(r->props, "outboxd-dlq-reason", "invalid VAT number", reason,
                       sizeof reason) && h;
         h = header_is(r->props, "outboxd-dlq-group", "invoicing", group, sizeof group) && h;
-        check(h, "headers: outboxd-dlq-topic=%s -queue=%s -offset=%s "
+        demo_check(h, "headers: outboxd-dlq-topic=%s -queue=%s -offset=%s "
               "-deliveries=%s -reason=\"%s\" -group=%s", topic, queue, offset,
               deliveries, reason, group);
-        check(bytes_eq(r->key, "order-2201")
-              && bytes_eq(r->body, "{\"order\":\"order-2201\",\"vat\":\"XX-INVALID\"}"),
+        demo_check(demo_bytes_eq(r->key, "order-2201")
+              && demo_bytes_eq(r->body, "{\"order\":\"order-2201\",\"vat\":\"XX-INVALID\"}"),
               "key and body unchanged");
     }
     brk_batch_free(dl);
-    check(receive_none(b->g, "invoicing", "invoices"),
+    demo_check(receive_none(b->g, "invoicing", "invoices"),
           "it is not delivered any more");
     brk_group_lag_row row;
-    check(lag_totals(b->g, "invoicing", "invoices", &row) && row.dead_letters == 1
+    demo_check(lag_totals(b->g, "invoicing", "invoices", &row) && row.dead_letters == 1
           && row.lag == 0,
           "lag of invoicing: 0, dead_letters 1");
 
     printf("  The parser is fixed; the dead letter is replayed.\n");
     size_t replayed = 0;
     st = brk_group_replay_dead_letters(b->g, "invoicing", 10, &replayed);
-    check(st == BRK_OK && replayed == 1, "brk_group_replay_dead_letters: %zu replayed (%s)",
+    demo_check(st == BRK_OK && replayed == 1, "brk_group_replay_dead_letters: %zu replayed (%s)",
           replayed, brk_status_name(st));
     got_msg m;
     size_t n = receive_n(b->g, "invoicing", "invoices", 1, &m, 1);
-    check(n == 1 && memcmp(m.msg_id, res.msg_id, BRK_UUID_LEN) == 0
+    demo_check(n == 1 && memcmp(m.msg_id, res.msg_id, BRK_UUID_LEN) == 0
           && m.delivery_count == 1 && !m.has_dlq_header
           && strcmp(m.key, "order-2201") == 0,
           "received again from \"invoices\": same msg_id and key, delivery_count "
@@ -581,14 +526,14 @@ static void scene_poison(broker *b)
         check_st(brk_group_ack(b->g, "invoicing", m.receipt), "acked");
     size_t again = 0;
     st = brk_group_replay_dead_letters(b->g, "invoicing", 10, &again);
-    check(st == BRK_OK && again == 0, "a second replay finds nothing new to replay");
+    demo_check(st == BRK_OK && again == 0, "a second replay finds nothing new to replay");
 }
 
 /* ---- scene 4: lag ------------------------------------------------------------- */
 
 static void scene_lag(broker *b)
 {
-    heading("4. Lag: the backlog before consuming, 0 after");
+    demo_heading("4. Lag: the backlog before consuming, 0 after");
     brk_group_config cfg;
     brk_group_config_init(&cfg);
     put_group(b->g, "inventory", "stock", &cfg, "group \"inventory\" on \"stock\" (4 queues)");
@@ -601,7 +546,7 @@ static void scene_lag(broker *b)
         snprintf(body, sizeof body, "{\"order\":\"%s\",\"reserve\":1}", key);
         ok = append_event(b->s, "stock", key, body, &res) && ok;
     }
-    check(ok, "appended %d stock reservations", NLAG);
+    demo_check(ok, "appended %d stock reservations", NLAG);
     brk_group_lag_row *rows = NULL;
     size_t nrows = 0;
     brk_status st = brk_group_lag(b->g, "inventory", &rows, &nrows);
@@ -624,28 +569,28 @@ static void scene_lag(broker *b)
         }
     }
     free(rows);
-    check(st == BRK_OK && totals && tot.lag == NLAG && sum == NLAG && max_sum == NLAG
+    demo_check(st == BRK_OK && totals && tot.lag == NLAG && sum == NLAG && max_sum == NLAG
           && tot.inflight == 0 && tot.oldest_unacked_ms > 0,
           "before consuming: lag %" PRIu64 " (the queue rows add up to it), "
           "0 in flight, oldest unacked has a store time", tot.lag);
     got_msg got[NLAG];
     size_t n = receive_n(b->g, "inventory", "stock", NLAG, got, NLAG);
-    check(n == NLAG, "received all %zu", n);
-    /* (Fill `tot` first: check()'s arguments are evaluated in no
+    demo_check(n == NLAG, "received all %zu", n);
+    /* (Fill `tot` first: demo_check()'s arguments are evaluated in no
      * particular order.) */
     bool have = lag_totals(b->g, "inventory", "stock", &tot);
-    check(have && tot.lag == NLAG && tot.inflight == NLAG,
+    demo_check(have && tot.lag == NLAG && tot.inflight == NLAG,
           "received but not acked: lag still %" PRIu64 ", %" PRIu64 " in flight",
           tot.lag, tot.inflight);
     bool acked = true;
     for (size_t i = 0; i < n && i < NLAG; i++)
         acked = brk_group_ack(b->g, "inventory", got[i].receipt) == BRK_OK && acked;
-    check(acked, "acked all");
+    demo_check(acked, "acked all");
     have = lag_totals(b->g, "inventory", "stock", &tot);
-    check(have && tot.lag == 0 && tot.inflight == 0 && tot.oldest_unacked_ms == 0
+    demo_check(have && tot.lag == 0 && tot.inflight == 0 && tot.oldest_unacked_ms == 0
           && tot.committed_offset == tot.max_offset,
           "after the acks: lag %" PRIu64 ", 0 in flight, committed = max", tot.lag);
-    check(lag_totals(b->g, "billing", "orders", &tot) && tot.lag == 0
+    demo_check(lag_totals(b->g, "billing", "orders", &tot) && tot.lag == 0
           && lag_totals(b->g, "shipping", "orders", &tot) && tot.lag == 0,
           "billing and shipping (scene 1) have lag 0 too");
 }
@@ -656,7 +601,7 @@ enum { NRS = 6 };
 
 static bool scene_restart(broker *b, const char *dir)
 {
-    heading("5. Restart: acked messages stay acked, unacked ones come back");
+    demo_heading("5. Restart: acked messages stay acked, unacked ones come back");
     brk_append_res res[NRS];
     bool ok = true;
     for (int i = 0; i < NRS; i++) {
@@ -665,22 +610,22 @@ static bool scene_restart(broker *b, const char *dir)
         snprintf(body, sizeof body, "{\"order\":\"%s\",\"courier\":\"booked\"}", key);
         ok = append_event(b->s, "deliveries", key, body, &res[i]) && ok;
     }
-    check(ok, "appended %d delivery bookings", NRS);
+    demo_check(ok, "appended %d delivery bookings", NRS);
     got_msg got[NRS];
     size_t n = receive_n(b->g, "courier", "deliveries", NRS, got, NRS);
-    check(n == NRS, "group \"courier\" received all %zu", n);
+    demo_check(n == NRS, "group \"courier\" received all %zu", n);
     if (n != NRS)
         return true;
     /* Ack every other message (acks out of queue order are kept too). */
     bool acked_ok = true;
     for (int i = 0; i < NRS; i += 2)
         acked_ok = brk_group_ack(b->g, "courier", got[i].receipt) == BRK_OK && acked_ok;
-    check(acked_ok, "acked 3 of them (%s, %s, %s); 3 stay in flight", got[0].key,
+    demo_check(acked_ok, "acked 3 of them (%s, %s, %s); 3 stay in flight", got[0].key,
           got[2].key, got[4].key);
     printf("  Closing groups and store (a clean close persists progress), reopening.\n");
     if (!broker_close(b) || !broker_open(b, dir))
         return false;
-    check(true, "store and groups reopened");
+    demo_check(true, "store and groups reopened");
     got_msg again[NRS];
     size_t m = receive_n(b->g, "courier", "deliveries", 3, again, NRS);
     /* Anything beyond the 3 would show up at once: one more non-blocking look. */
@@ -692,18 +637,18 @@ static bool scene_restart(broker *b, const char *dir)
             unacked = unacked || memcmp(again[i].msg_id, got[k].msg_id, BRK_UUID_LEN) == 0;
         right = right && unacked && again[i].delivery_count == 1;
     }
-    check(right, "redelivered: exactly the 3 unacked (%s, %s, %s), none of the acked",
+    demo_check(right, "redelivered: exactly the 3 unacked (%s, %s, %s), none of the acked",
           got[1].key, got[3].key, got[5].key);
     brk_status st = brk_group_ack(b->g, "courier", got[1].receipt);
-    check(st == BRK_CONFLICT, "a receipt from before the restart is stale: %s",
+    demo_check(st == BRK_CONFLICT, "a receipt from before the restart is stale: %s",
           brk_status_name(st));
     bool acked = true;
     for (size_t i = 0; i < m && i < NRS; i++)
         acked = brk_group_ack(b->g, "courier", again[i].receipt) == BRK_OK && acked;
     brk_group_lag_row tot;
-    check(acked && lag_totals(b->g, "courier", "deliveries", &tot) && tot.lag == 0,
+    demo_check(acked && lag_totals(b->g, "courier", "deliveries", &tot) && tot.lag == 0,
           "acked the redeliveries: courier's lag is 0");
-    check(receive_none(b->g, "billing", "orders")
+    demo_check(receive_none(b->g, "billing", "orders")
           && receive_none(b->g, "shipping", "orders")
           && receive_none(b->g, "inventory", "stock"),
           "billing, shipping and inventory get nothing again after the restart");
@@ -726,9 +671,9 @@ static void *poller_main(void *arg)
     poller *p = arg;
     brk_receive_req rq = { .group = "pager", .topic = "alerts", .max = 4 };
     brk_receive_batch *b = NULL;
-    p->started = mono_ms();
+    p->started = demo_mono_ms();
     p->st = brk_group_receive_wait(p->g, &rq, 5000, &b);
-    p->returned = mono_ms();
+    p->returned = demo_mono_ms();
     p->count = b ? b->count : 0;
     if (p->count) {
         memcpy(p->msg_id, b->msgs[0].rec.msg_id, BRK_UUID_LEN);
@@ -740,17 +685,17 @@ static void *poller_main(void *arg)
 
 static void scene_long_poll(broker *b)
 {
-    heading("6. Long polling: a waiting consumer gets a new message at once");
+    demo_heading("6. Long polling: a waiting consumer gets a new message at once");
     brk_group_config cfg;
     brk_group_config_init(&cfg);
     put_group(b->g, "pager", "alerts", &cfg, "group \"pager\" on \"alerts\"");
     /* An empty wait first: it returns empty when its time is up. */
     brk_receive_req rq = { .group = "pager", .topic = "alerts", .max = 4 };
     brk_receive_batch *bt = NULL;
-    int64_t t = mono_ms();
+    int64_t t = demo_mono_ms();
     brk_status st = brk_group_receive_wait(b->g, &rq, 300, &bt);
-    int64_t took = mono_ms() - t;
-    check(st == BRK_OK && bt && bt->count == 0 && took >= 290 && took < 2000,
+    int64_t took = demo_mono_ms() - t;
+    demo_check(st == BRK_OK && bt && bt->count == 0 && took >= 290 && took < 2000,
           "nothing to receive: a 300 ms wait returns empty after %" PRId64 " ms", took);
     brk_receive_batch_free(bt);
 
@@ -758,26 +703,26 @@ static void scene_long_poll(broker *b)
     poller p = { .g = b->g };
     pthread_t th;
     if (pthread_create(&th, NULL, poller_main, &p) != 0) {
-        check(false, "pthread_create");
+        demo_check(false, "pthread_create");
         return;
     }
-    sleep_ms(200);
+    demo_sleep_ms(200);
     brk_append_res res;
-    int64_t t_append = mono_ms();
+    int64_t t_append = demo_mono_ms();
     bool ok = append_event(b->s, "alerts", "order-2501",
                            "{\"order\":\"order-2501\",\"alert\":\"stuck at customs\"}",
                            &res);
-    int64_t t_appended = mono_ms();
+    int64_t t_appended = demo_mono_ms();
     pthread_join(th, NULL);
-    check(ok && p.st == BRK_OK && p.count == 1
+    demo_check(ok && p.st == BRK_OK && p.count == 1
           && memcmp(p.msg_id, res.msg_id, BRK_UUID_LEN) == 0,
           "the waiting consumer received the alert (%s, %zu message)",
           brk_status_name(p.st), p.count);
-    check(p.returned >= t_append,
+    demo_check(p.returned >= t_append,
           "it was still waiting when the append began (returned %" PRId64
           " ms after it started waiting)", p.returned - p.started);
     int64_t latency = p.returned - t_appended;
-    check(p.returned - t_append < 500,
+    demo_check(p.returned - t_append < 500,
           "woken %" PRId64 " ms after the append returned (append took %" PRId64
           " ms): well under a second, not at the 5 s deadline",
           latency < 0 ? 0 : latency, t_appended - t_append);
@@ -800,17 +745,17 @@ int main(int argc, char **argv)
     }
     char dir[PATH_CAP];
     snprintf(dir, sizeof dir, "%s/store", argv[1]);
-    int64_t t0 = mono_ms();
+    int64_t t0 = demo_mono_ms();
     broker b = { 0 };
 
     printf("outboxd consumer groups demo (broker_core)\n\n"
            "The consumer side of the order service.  Store: %s (SYNC flush),\n"
            "system clock, store and group threads running.\n", dir);
 
-    heading("0. Open");
+    demo_heading("0. Open");
     if (!broker_open(&b, dir))
         goto done;
-    check(true, "store and consumer groups are open");
+    demo_check(true, "store and consumer groups are open");
     check_st(brk_topic_create(b.s, "orders", 4), "created topic \"orders\" (4 queues)");
     check_st(brk_topic_create(b.s, "refunds", 1), "created topic \"refunds\" (1 queue)");
     check_st(brk_topic_create(b.s, "invoices", 1), "created topic \"invoices\" (1 queue)");
@@ -830,12 +775,8 @@ int main(int argc, char **argv)
 done:
     if (b.s)
         broker_close(&b);
-    printf("\n== Verdict ==\n");
-    if (g_failed == 0 && g_checks > 0)
-        printf("PASS: all %u checks held (%.1f s).\n", g_checks,
-               (double)(mono_ms() - t0) / 1000.0);
-    else
-        printf("FAIL: %u of %u checks failed (see [FAILED] above).\n", g_failed,
-               g_checks);
-    return g_failed == 0 && g_checks > 0 ? 0 : 1;
+    char tail[64];
+    snprintf(tail, sizeof tail, " (%.1f s).",
+             (double)(demo_mono_ms() - t0) / 1000.0);
+    return demo_verdict(tail);
 }

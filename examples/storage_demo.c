@@ -40,6 +40,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "demo_util.h"
 #include "broker/record.h"
 #include "broker/status.h"
 #include "broker/store.h"
@@ -47,63 +48,9 @@
 
 #define PATH_CAP 2048       /* longest store path this demo handles */
 
-/* ---- checks ------------------------------------------------------------------ */
-
-static unsigned g_checks, g_failed;
-
-/* Print one checked claim: "[ok] ..." when `ok`, else "[FAILED] ...". */
-static bool check(bool ok, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-
-static bool check(bool ok, const char *fmt, ...)
-{
-    va_list ap;
-    g_checks++;
-    if (!ok)
-        g_failed++;
-    printf("    %s ", ok ? "[ok]" : "[FAILED]");
-    va_start(ap, fmt);
-    vprintf(fmt, ap);
-    va_end(ap);
-    putchar('\n');
-    return ok;
-}
-
-static bool check_st(brk_status st, brk_store *s, const char *what)
-{
-    if (st == BRK_OK)
-        return check(true, "%s", what);
-    return check(false, "%s: %s (%s)", what, brk_status_name(st),
-                 s ? brk_store_errstr(s) : brk_strerror(st));
-}
-
-static void heading(const char *title)
-{
-    printf("\n== %s ==\n", title);
-}
-
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static bool bytes_eq(brk_bytes b, const char *s)
-{
-    size_t n = strlen(s);
-    return b.len == n && (n == 0 || memcmp(b.ptr, s, n) == 0);
-}
+/* ---- checks: demo_check() and the rest are in demo_util.h -------------------- */
 
 /* Copy a byte view into a NUL-terminated string (truncating). */
-static void to_cstr(brk_bytes b, char *out, size_t cap)
-{
-    size_t n = b.len < cap - 1 ? b.len : cap - 1;
-    if (n)
-        memcpy(out, b.ptr, n);
-    out[n] = '\0';
-}
-
 /* Options used for every open in this demo. */
 static void demo_opts(brk_store_opts *o)
 {
@@ -121,7 +68,7 @@ static brk_store *open_store(const char *dir)
     char err[256];
     brk_status st = brk_store_open(&s, dir, &o, err, sizeof err);
     if (st != BRK_OK) {
-        check(false, "opening the store in %s: %s (%s)", dir,
+        demo_check(false, "opening the store in %s: %s (%s)", dir,
               brk_status_name(st), err);
         return NULL;
     }
@@ -178,7 +125,7 @@ static bool append_orders(brk_store *s, sent_event sent[ORDERS * EVENTS])
             brk_status st = brk_props_encode(&hdr, 1, props, sizeof props,
                                              &props_len);
             if (st != BRK_OK) {
-                check(false, "encoding the traceparent header: %s",
+                demo_check(false, "encoding the traceparent header: %s",
                       brk_status_name(st));
                 return false;
             }
@@ -194,7 +141,7 @@ static bool append_orders(brk_store *s, sent_event sent[ORDERS * EVENTS])
             brk_append_res res;
             st = brk_store_append(s, &req, &res);
             if (st != BRK_OK) {
-                check_st(st, s, "appending an order event");
+                demo_check_st(st, s, "appending an order event");
                 return false;
             }
             sent[n] = (sent_event){ .order = o, .event = ev,
@@ -220,10 +167,10 @@ static bool order_record_matches(const brk_record *r, const sent_event *e)
     return r->type == BRK_REC_MSG && r->flags == BRK_RECF_BODY_JSON
            && memcmp(r->msg_id, e->id, BRK_UUID_LEN) == 0
            && r->queue == e->queue && r->queue_offset == e->offset
-           && bytes_eq(r->topic, "orders") && bytes_eq(r->key, key)
-           && bytes_eq(r->tag, k_events[e->event]) && bytes_eq(r->body, body)
+           && demo_bytes_eq(r->topic, "orders") && demo_bytes_eq(r->key, key)
+           && demo_bytes_eq(r->tag, k_events[e->event]) && demo_bytes_eq(r->body, body)
            && brk_props_get(r->props, "traceparent", &got_trace) == BRK_OK
-           && bytes_eq(got_trace, trace);
+           && demo_bytes_eq(got_trace, trace);
 }
 
 /* Read every queue of "orders"; check that each key's events come back in
@@ -233,7 +180,7 @@ static void verify_orders(brk_store *s, const sent_event sent[ORDERS * EVENTS],
                           bool verbose)
 {
     brk_topic_info info;
-    if (!check_st(brk_topic_get(s, "orders", &info), s, "topic \"orders\" is there"))
+    if (!demo_check_st(brk_topic_get(s, "orders", &info), s, "topic \"orders\" is there"))
         return;
     int seen[ORDERS][EVENTS];          /* read order of each order's events */
     int nseen[ORDERS] = {0};
@@ -253,7 +200,7 @@ static void verify_orders(brk_store *s, const sent_event sent[ORDERS * EVENTS],
             brk_batch *b = NULL;
             brk_status st = brk_store_read(s, "orders", q, from, 100, &b);
             if (st != BRK_OK) {
-                check_st(st, s, "reading a queue of \"orders\"");
+                demo_check_st(st, s, "reading a queue of \"orders\"");
                 return;
             }
             if (b->count == 0) {
@@ -269,8 +216,8 @@ static void verify_orders(brk_store *s, const sent_event sent[ORDERS * EVENTS],
                 total++;
                 any = true;
                 char key[32], tag[32];
-                to_cstr(r->key, key, sizeof key);
-                to_cstr(r->tag, tag, sizeof tag);
+                demo_to_cstr(r->key, key, sizeof key);
+                demo_to_cstr(r->tag, tag, sizeof tag);
                 if (verbose)
                     printf("\n    offset %" PRIu64 ": %s %s", r->queue_offset,
                            key, tag);
@@ -293,7 +240,7 @@ static void verify_orders(brk_store *s, const sent_event sent[ORDERS * EVENTS],
         if (verbose)
             printf("%s\n", any ? "" : " (empty: no key maps here)");
     }
-    check(intact && total == ORDERS * EVENTS,
+    demo_check(intact && total == ORDERS * EVENTS,
           "all %d events read back, each with the id, key, tag, JSON body and "
           "traceparent header it was written with (%zu read)",
           ORDERS * EVENTS, total);
@@ -306,7 +253,7 @@ static void verify_orders(brk_store *s, const sent_event sent[ORDERS * EVENTS],
         uint16_t mapped = UINT16_MAX;
         brk_status st = brk_topic_queue_for_key(s, "orders", key, strlen(key),
                                                 &mapped);
-        check(in_order && one_queue[o] && st == BRK_OK && mapped == queue_of[o],
+        demo_check(in_order && one_queue[o] && st == BRK_OK && mapped == queue_of[o],
               "%s: created, paid, packed, shipped came back in that order, "
               "all on queue %d, the queue its key maps to", key, queue_of[o]);
     }
@@ -433,7 +380,7 @@ static void verify_payments(brk_store *s, const ack_list *acks, size_t *total)
 {
     *total = 0;
     brk_topic_info info;
-    if (!check_st(brk_topic_get(s, "payments", &info), s,
+    if (!demo_check_st(brk_topic_get(s, "payments", &info), s,
                   "topic \"payments\" is there"))
         return;
     pay_rec *recs[BRK_QUEUES_MAX] = {0};
@@ -455,7 +402,7 @@ static void verify_payments(brk_store *s, const ack_list *acks, size_t *total)
             brk_batch *b = NULL;
             brk_status st = brk_store_read(s, "payments", q, from, 1000, &b);
             if (st != BRK_OK) {
-                check_st(st, s, "reading a queue of \"payments\"");
+                demo_check_st(st, s, "reading a queue of \"payments\"");
                 read_ok = false;
                 break;
             }
@@ -472,15 +419,15 @@ static void verify_payments(brk_store *s, const ack_list *acks, size_t *total)
                 pay_rec *p = &recs[q][nrecs[q]++];
                 memcpy(p->id, r->msg_id, BRK_UUID_LEN);
                 char key[32], body[128], want[128];
-                to_cstr(r->key, key, sizeof key);
-                to_cstr(r->body, body, sizeof body);
+                demo_to_cstr(r->key, key, sizeof key);
+                demo_to_cstr(r->body, body, sizeof body);
                 p->intact = sscanf(key, "account-%" SCNu32, &p->account) == 1
                             && sscanf(body, "{\"account\":\"account-%*u\",\"seq\":%"
                                       SCNu32, &p->seq) == 1
                             && p->account < ACCOUNTS;
                 if (p->intact) {
                     payment_body(p->account, p->seq, want, sizeof want);
-                    p->intact = bytes_eq(r->body, want) && bytes_eq(r->tag, "payment")
+                    p->intact = demo_bytes_eq(r->body, want) && demo_bytes_eq(r->tag, "payment")
                                 && r->flags == BRK_RECF_BODY_JSON
                                 && r->queue == q;
                 }
@@ -491,7 +438,7 @@ static void verify_payments(brk_store *s, const ack_list *acks, size_t *total)
         *total += nrecs[q];
     }
     if (!read_ok) {
-        check(false, "read every queue of \"payments\"");
+        demo_check(false, "read every queue of \"payments\"");
         goto out;
     }
 
@@ -514,7 +461,7 @@ static void verify_payments(brk_store *s, const ack_list *acks, size_t *total)
                        (unsigned)a->queue, a->offset);
         }
     }
-    check(missing == 0 && wrong == 0 && dense,
+    demo_check(missing == 0 && wrong == 0 && dense,
           "all %zu acknowledged messages are present and intact: same id, "
           "queue, offset, key and body (%zu missing, %zu different)",
           acks->n, missing, wrong);
@@ -558,7 +505,7 @@ static void verify_payments(brk_store *s, const ack_list *acks, size_t *total)
                 || mapped != queue_of[k]))
             order_ok = false;
     }
-    check(order_ok && all_intact,
+    demo_check(order_ok && all_intact,
           "per-key order holds: each of the %d accounts is on one queue (the "
           "one its key maps to) with sequence numbers 0, 1, 2, ... and no gaps",
           ACCOUNTS);
@@ -579,7 +526,7 @@ static void lookup_last_ack(brk_store *s, const ack_list *acks)
     brk_status st = brk_store_lookup(s, a->id, &b);
     bool ok = st == BRK_OK && b->count == 1 && b->recs[0].queue == a->queue
               && b->recs[0].queue_offset == a->offset;
-    check(ok, "the last acknowledged message (%s) is found by its id on "
+    demo_check(ok, "the last acknowledged message (%s) is found by its id on "
           "queue %u offset %" PRIu64, id, (unsigned)a->queue, a->offset);
     brk_batch_free(b);
 }
@@ -592,7 +539,7 @@ static void probe_lock(const char *dir)
     o.no_background = true;
     brk_store *other = NULL;
     brk_status st = brk_store_open(&other, dir, &o, NULL, 0);
-    check(st == BRK_LOCKED, "while the child is writing, opening the same "
+    demo_check(st == BRK_LOCKED, "while the child is writing, opening the same "
           "store from this process is refused: %s", brk_status_name(st));
     brk_store_close(other);
 }
@@ -623,11 +570,11 @@ static bool run_and_kill_child(const char *dir, ack_list *acks)
            "(keys account-0..account-%d) as fast as it can.\n",
            (int)pid, ACCOUNTS - 1);
 
-    int64_t start = mono_ms(), kill_at = start + 10000;  /* if it never acks */
+    int64_t start = demo_mono_ms(), kill_at = start + 10000;  /* if it never acks */
     bool first = false, killed = false, eof = false;
     int64_t killed_ms = 0;
     while (!eof) {
-        int64_t now = mono_ms();
+        int64_t now = demo_mono_ms();
         if (!first && acks->n > 0) {
             first = true;
             kill_at = now + KILL_AFTER_MS;
@@ -649,13 +596,13 @@ static bool run_and_kill_child(const char *dir, ack_list *acks)
     while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
     }
     bool by_kill = WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL;
-    check(killed && by_kill,
+    demo_check(killed && by_kill,
           "the child was killed with SIGKILL %" PRId64 " ms after it started, "
           "while appending (it had not exited on its own)", killed_ms);
     if (!by_kill && WIFEXITED(status))
         printf("      (the child exited with status %d first)\n",
                WEXITSTATUS(status));
-    check(acks->n > 0, "before dying it was told \"saved\" (append returned "
+    demo_check(acks->n > 0, "before dying it was told \"saved\" (append returned "
           "OK in SYNC mode) for %zu messages, and reported each one to us "
           "through a pipe", acks->n);
     return true;
@@ -715,38 +662,38 @@ int main(int argc, char **argv)
 
     printf("outboxd storage engine demo (broker_core)\n");
 
-    heading("1. Open a store");
+    demo_heading("1. Open a store");
     printf("  A store is one directory. Opening %s in SYNC mode: an append\n"
            "  returns only after its record is on disk (fdatasync).\n", dir);
     if ((s = open_store(dir)) == NULL)
         goto done;
     brk_store_get_stats(s, &stats);
-    check(stats.log_end == 0, "the store is open and empty (log end at byte 0)");
+    demo_check(stats.log_end == 0, "the store is open and empty (log end at byte 0)");
 
-    heading("2. Create a topic");
+    demo_heading("2. Create a topic");
     printf("  A topic is split into queues. Messages with the same key always go\n"
            "  to the same queue, so they stay in order.\n");
     brk_topic_info info;
-    if (!check_st(brk_topic_create(s, "orders", 4), s,
+    if (!demo_check_st(brk_topic_create(s, "orders", 4), s,
                   "created topic \"orders\" with 4 queues"))
         goto done;
-    check(brk_topic_get(s, "orders", &info) == BRK_OK && info.queues == 4
+    demo_check(brk_topic_get(s, "orders", &info) == BRK_OK && info.queues == 4
           && info.writable == 4 && info.messages == 0,
           "the store reports 4 queues, all writable, 0 messages");
 
-    heading("3. Append 12 events");
+    demo_heading("3. Append 12 events");
     printf("  3 orders x 4 events (created, paid, packed, shipped), interleaved.\n"
            "  key = order id, tag = event name, body = JSON, header = traceparent.\n"
            "  Each append returns the message id and where it landed:\n");
     if (!append_orders(s, sent))
         goto done;
-    check(brk_topic_get(s, "orders", &info) == BRK_OK && info.messages == 12,
+    demo_check(brk_topic_get(s, "orders", &info) == BRK_OK && info.messages == 12,
           "the topic now holds 12 messages");
 
-    heading("4. Read every queue back");
+    demo_heading("4. Read every queue back");
     verify_orders(s, sent, true);
 
-    heading("5. Look a message up by its id");
+    demo_heading("5. Look a message up by its id");
     {
         const sent_event *e = &sent[1 * ORDERS + 1];    /* order-2 paid */
         char id[BRK_UUID_STR_LEN + 1], body[96];
@@ -754,26 +701,26 @@ int main(int argc, char **argv)
         printf("  Looking up %s (order-2 paid).\n", id);
         brk_batch *b = NULL;
         brk_status st = brk_store_lookup(s, e->id, &b);
-        if (check_st(st, s, "brk_store_lookup found it")) {
-            to_cstr(b->recs[0].body, body, sizeof body);
-            check(b->count == 1 && order_record_matches(&b->recs[0], e),
+        if (demo_check_st(st, s, "brk_store_lookup found it")) {
+            demo_to_cstr(b->recs[0].body, body, sizeof body);
+            demo_check(b->count == 1 && order_record_matches(&b->recs[0], e),
                   "it is order-2 paid on queue %u offset %" PRIu64 ", body %s",
                   (unsigned)b->recs[0].queue, b->recs[0].queue_offset, body);
         }
         brk_batch_free(b);
         uint8_t unknown[BRK_UUID_LEN] = {0};
         st = brk_store_lookup(s, unknown, &b);
-        check(st == BRK_NOTFOUND, "an id that was never written gives NOTFOUND");
+        demo_check(st == BRK_NOTFOUND, "an id that was never written gives NOTFOUND");
         brk_batch_free(b);
     }
 
-    heading("6. Kill -9 a writer, then recover");
-    if (!check_st(brk_topic_create(s, "payments", 4), s,
+    demo_heading("6. Kill -9 a writer, then recover");
+    if (!demo_check_st(brk_topic_create(s, "payments", 4), s,
                   "created topic \"payments\" with 4 queues for the writer"))
         goto done;
     printf("  Closing the store: only one process may have a store open (a\n"
            "  lock file enforces it), and the child process below opens it.\n");
-    check_st(brk_store_close(s), NULL, "store closed");
+    demo_check_st(brk_store_close(s), NULL, "store closed");
     s = NULL;
     if (!run_and_kill_child(dir, &acks)) {
         free(acks.v);
@@ -791,25 +738,25 @@ int main(int argc, char **argv)
     size_t total = 0;
     verify_payments(s, &acks, &total);
     if (total >= acks.n)
-        check(true, "the log holds %zu payments: the %zu acknowledged ones "
+        demo_check(true, "the log holds %zu payments: the %zu acknowledged ones "
               "plus %zu the child wrote but was killed before reporting "
               "(allowed: it never said they were saved)",
               total, acks.n, total - acks.n);
     else
-        check(false, "the log holds only %zu payments, fewer than the %zu "
+        demo_check(false, "the log holds only %zu payments, fewer than the %zu "
               "acknowledged", total, acks.n);
     lookup_last_ack(s, &acks);
     verify_orders(s, sent, false);
 
-    heading("7. A torn tail");
+    demo_heading("7. A torn tail");
     {
         brk_topic_info orders_before, pay_before;
         brk_topic_get(s, "orders", &orders_before);
         brk_topic_get(s, "payments", &pay_before);
-        check_st(brk_store_close(s), NULL, "store closed cleanly");
+        demo_check_st(brk_store_close(s), NULL, "store closed cleanly");
         s = NULL;
         char seg[PATH_CAP + 64];
-        if (!check(newest_segment(dir, seg, sizeof seg),
+        if (!demo_check(newest_segment(dir, seg, sizeof seg),
                    "found the newest log segment file"))
             goto done;
         long long size_before = file_size(seg);
@@ -823,7 +770,7 @@ int main(int argc, char **argv)
         printf("  A crash in the middle of a write leaves part of a record at the\n"
                "  end of the log. Simulating it: appending %zu garbage bytes to\n"
                "  %s (%lld bytes).\n", glen, seg, size_before);
-        if (!check(wrote && file_size(seg) == size_before + (long long)glen,
+        if (!demo_check(wrote && file_size(seg) == size_before + (long long)glen,
                    "the segment grew from %lld to %lld bytes", size_before,
                    file_size(seg)))
             goto done;
@@ -832,12 +779,12 @@ int main(int argc, char **argv)
         brk_store_get_stats(s, &stats);
         printf("  Reopened: truncated_bytes = %" PRIu64 ".\n",
                stats.truncated_bytes);
-        check(stats.truncated_bytes == glen,
+        demo_check(stats.truncated_bytes == glen,
               "recovery cut off exactly the %zu garbage bytes", glen);
-        check(file_size(seg) == size_before,
+        demo_check(file_size(seg) == size_before,
               "the segment is back to %lld bytes", size_before);
         brk_topic_info orders_after, pay_after;
-        check(brk_topic_get(s, "orders", &orders_after) == BRK_OK
+        demo_check(brk_topic_get(s, "orders", &orders_after) == BRK_OK
               && brk_topic_get(s, "payments", &pay_after) == BRK_OK
               && orders_after.messages == orders_before.messages
               && pay_after.messages == pay_before.messages,
@@ -850,14 +797,8 @@ int main(int argc, char **argv)
 
 done:
     if (s)
-        check_st(brk_store_close(s), NULL, "store closed");
+        demo_check_st(brk_store_close(s), NULL, "store closed");
     free(acks.v);
-    printf("\n== Verdict ==\n");
-    if (g_failed == 0 && g_checks > 0)
-        printf("PASS: all %u checks held. Every acknowledged message survived "
-               "kill -9 and a torn tail, in order.\n", g_checks);
-    else
-        printf("FAIL: %u of %u checks failed (see [FAILED] above).\n", g_failed,
-               g_checks);
-    return g_failed == 0 && g_checks > 0 ? 0 : 1;
+    return demo_verdict(". Every acknowledged message survived "
+                        "kill -9 and a torn tail, in order.");
 }
