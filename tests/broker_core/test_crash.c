@@ -33,6 +33,7 @@
 #include <string.h>
 
 #include "broker/store.h"
+#include "crash_util.h"
 #include "fake_clock.h"
 #include "io_sim.h"
 
@@ -66,14 +67,6 @@ typedef struct ack {
     uint64_t qoff;
 } ack;
 
-static uint64_t rng_next(uint64_t *x)
-{
-    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 static const char *topic_name(int t) { return t ? "b" : "a"; }
 
 static void make_workload(workload *w, uint64_t seed)
@@ -81,20 +74,20 @@ static void make_workload(workload *w, uint64_t seed)
     uint64_t r = seed;
     memset(w, 0, sizeof *w);
     w->seed = seed;
-    w->mode = rng_next(&r) % 2 ? BRK_FLUSH_SYNC : BRK_FLUSH_ASYNC;
-    w->segment_bytes = rng_next(&r) % 2 ? 4096 : 8192;
-    w->nops = 40 + rng_next(&r) % (MAX_OPS - 40);
+    w->mode = crash_rng_next(&r) % 2 ? BRK_FLUSH_SYNC : BRK_FLUSH_ASYNC;
+    w->segment_bytes = crash_rng_next(&r) % 2 ? 4096 : 8192;
+    w->nops = 40 + crash_rng_next(&r) % (MAX_OPS - 40);
     uint16_t queues[2] = { 2, 2 };
     for (size_t i = 0; i < w->nops; i++) {
         op *o = &w->ops[i];
-        unsigned d = (unsigned)(rng_next(&r) % 100);
-        o->topic = (int)(rng_next(&r) % 2);
+        unsigned d = (unsigned)(crash_rng_next(&r) % 100);
+        o->topic = (int)(crash_rng_next(&r) % 2);
         if (d < 80) {
             o->kind = OP_APPEND;
-            o->key = rng_next(&r) % 3 ? (int)(rng_next(&r) % 4) : -1;
-            o->body_len = rng_next(&r) % 4 == 0 ? rng_next(&r) % MAX_BODY
-                                                : rng_next(&r) % 120;
-            o->sync = rng_next(&r) % 5 == 0;
+            o->key = crash_rng_next(&r) % 3 ? (int)(crash_rng_next(&r) % 4) : -1;
+            o->body_len = crash_rng_next(&r) % 4 == 0 ? crash_rng_next(&r) % MAX_BODY
+                                                : crash_rng_next(&r) % 120;
+            o->sync = crash_rng_next(&r) % 5 == 0;
         } else if (d < 87) {
             o->kind = OP_FLUSH;
         } else if (d < 94) {
@@ -126,7 +119,7 @@ static void make_body(const workload *w, size_t i, uint8_t *buf, size_t len)
 {
     uint64_t r = w->seed * 1000003u + i;
     for (size_t k = 0; k < len; k++)
-        buf[k] = (uint8_t)rng_next(&r);
+        buf[k] = (uint8_t)crash_rng_next(&r);
 }
 
 static bool id_attempt(const workload *w, const uint8_t id[BRK_UUID_LEN],
@@ -342,24 +335,18 @@ static void verify(run *r, const workload *w, uint64_t k, int mode)
     r->s = NULL;
 }
 
-static uint64_t env_u64(const char *name, uint64_t def)
-{
-    const char *v = getenv(name);
-    return v && *v ? strtoull(v, NULL, 10) : def;
-}
-
 static void crash_at_every_operation_keeps_acknowledged_appends(void **state)
 {
     (void)state;
-    uint64_t budget = env_u64("BRK_CRASH_STATES", 20000);
-    uint64_t seed = env_u64("BRK_CRASH_SEED", 1);
+    uint64_t budget = crash_env_u64("BRK_CRASH_STATES", 20000);
+    uint64_t seed = crash_env_u64("BRK_CRASH_SEED", 1);
     /* Replay one state of a failure report: BRK_CRASH_SEED=<workload seed>
      * BRK_CRASH_POINT=<crash point>. */
-    uint64_t only_point = env_u64("BRK_CRASH_POINT", UINT64_MAX);
+    uint64_t only_point = crash_env_u64("BRK_CRASH_POINT", UINT64_MAX);
     if (only_point != UINT64_MAX) {
         static workload w1;
         static run r1;
-        int mode = (int)env_u64("BRK_CRASH_MODE", 0);
+        int mode = (int)crash_env_u64("BRK_CRASH_MODE", 0);
         make_workload(&w1, seed);
         run_init(&r1, &w1, seed + only_point);
         brk_sim_set_crash_after(r1.sim, only_point);
@@ -384,21 +371,21 @@ static void crash_at_every_operation_keeps_acknowledged_appends(void **state)
         uint64_t per = budget - states < 300 ? budget - states : 300;
         uint64_t stride = n / per ? n / per : 1;
         uint64_t rs = w.seed ^ 0xABCDEF;
-        for (uint64_t k = rng_next(&rs) % stride; k < n && states < budget;
+        for (uint64_t k = crash_rng_next(&rs) % stride; k < n && states < budget;
              k += stride) {
-            int mode = (int)(rng_next(&rs) % 3);
+            int mode = (int)(crash_rng_next(&rs) % 3);
             run_init(&r, &w, w.seed + k);
             brk_sim_set_crash_after(r.sim, k);
             run_workload(&r, &w);
             if (brk_sim_crash(r.sim, mode) != BRK_OK)
                 fail_msg("sim crash");
-            if (rng_next(&rs) % 10 == 0) {
+            if (crash_rng_next(&rs) % 10 == 0) {
                 /* Crash again while recovering. */
-                brk_sim_set_crash_after(r.sim, rng_next(&rs) % 40);
+                brk_sim_set_crash_after(r.sim, crash_rng_next(&rs) % 40);
                 if (brk_store_open(&r.s, DIR, &r.o, r.err, sizeof r.err) == BRK_OK)
                     brk_store_close(r.s);
                 r.s = NULL;
-                if (brk_sim_crash(r.sim, (int)(rng_next(&rs) % 3)) != BRK_OK)
+                if (brk_sim_crash(r.sim, (int)(crash_rng_next(&rs) % 3)) != BRK_OK)
                     fail_msg("sim crash");
                 recovery_crashes++;
             }

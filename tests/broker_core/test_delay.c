@@ -33,6 +33,7 @@
 
 #include "broker/delay.h"
 #include "broker/store.h"
+#include "crash_util.h"
 #include "fake_clock.h"
 #include "io_sim.h"
 #include "timerheap.h"
@@ -63,20 +64,6 @@
 #endif
 /* Sanitizers slow the big loops down 5-20x: smaller defaults there. */
 #define UNDER_SAN (UNDER_ASAN || UNDER_TSAN)
-
-static uint64_t env_u64(const char *name, uint64_t def)
-{
-    const char *v = getenv(name);
-    return v && *v ? strtoull(v, NULL, 10) : def;
-}
-
-static uint64_t rng_next(uint64_t *x)
-{
-    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
 
 /* ---- fixture --------------------------------------------------------------- */
 
@@ -550,13 +537,13 @@ static void random_due_times_fire_in_due_order_and_never_early(void **state)
     int64_t start = now_of(f);
     for (int i = 0; i < N; i++) {
         char body[32];
-        int64_t due = start + 1 + (int64_t)(rng_next(&r) % 60000);
+        int64_t due = start + 1 + (int64_t)(crash_rng_next(&r) % 60000);
         snprintf(body, sizeof body, "%" PRId64, due);
         assert_int_equal(send_full(f, "rnd", NULL, body, due, NULL), BRK_OK);
     }
     unsigned total = 0;
     while (total < N) {
-        brk_fake_clock_advance(&f->clk, 1 + (int64_t)(rng_next(&r) % 700));
+        brk_fake_clock_advance(&f->clk, 1 + (int64_t)(crash_rng_next(&r) % 700));
         total += tick(f);
         assert_true(now_of(f) < start + 200000);
     }
@@ -658,7 +645,7 @@ static void restart_of_many_pending_rebuilds_each_timer(void **state)
     for (int i = 0; i < N; i++) {
         char body[16];
         snprintf(body, sizeof body, "%d", i);
-        int64_t due = start + 1000 + (int64_t)(rng_next(&r) % 100000);
+        int64_t due = start + 1000 + (int64_t)(crash_rng_next(&r) % 100000);
         assert_int_equal(send_full(f, "many", NULL, body, due, NULL), BRK_OK);
     }
     /* Fire about a third, then restart twice (the second without changes). */
@@ -973,25 +960,25 @@ static void cr_make(cr_work *w, uint64_t seed)
     uint64_t r = seed;
     memset(w, 0, sizeof *w);
     w->seed = seed;
-    w->mode = rng_next(&r) % 3 ? BRK_FLUSH_SYNC : BRK_FLUSH_ASYNC;
+    w->mode = crash_rng_next(&r) % 3 ? BRK_FLUSH_SYNC : BRK_FLUSH_ASYNC;
     /* A third of the workloads fill the disk budget: sends, ops,
      * deliveries and copies then fail with FULL and are retried. */
-    w->budget = rng_next(&r) % 3 == 0 ? 2500 + rng_next(&r) % 4000 : 0;
-    w->nops = 15 + rng_next(&r) % (CR_MAX_OPS - 15);
+    w->budget = crash_rng_next(&r) % 3 == 0 ? 2500 + crash_rng_next(&r) % 4000 : 0;
+    w->nops = 15 + crash_rng_next(&r) % (CR_MAX_OPS - 15);
     for (size_t i = 0; i < w->nops; i++) {
         cr_op *o = &w->ops[i];
-        unsigned d = (unsigned)(rng_next(&r) % 100);
-        o->topic = (int)(rng_next(&r) % CR_TOPICS);
-        o->keyed = rng_next(&r) % 2;
+        unsigned d = (unsigned)(crash_rng_next(&r) % 100);
+        o->topic = (int)(crash_rng_next(&r) % CR_TOPICS);
+        o->keyed = crash_rng_next(&r) % 2;
         if (d < 45) {
             o->kind = CR_SEND;
             /* Few distinct due times: ties and batches. */
-            o->arg = 100 * (1 + (int64_t)(rng_next(&r) % 30));
+            o->arg = 100 * (1 + (int64_t)(crash_rng_next(&r) % 30));
         } else if (d < 50) {
             o->kind = CR_SEND_NOW;
         } else if (d < 70) {
             o->kind = CR_ADVANCE;
-            o->arg = 1 + (int64_t)(rng_next(&r) % 1500);
+            o->arg = 1 + (int64_t)(crash_rng_next(&r) % 1500);
         } else if (d < 90) {
             o->kind = CR_TICK;
         } else if (d < 95) {
@@ -1185,17 +1172,17 @@ static void crash_at_any_point_delivers_each_acknowledged_send_exactly_once(
     void **state)
 {
     (void)state;
-    uint64_t budget = env_u64("BRK_DELAY_CRASH_STATES", UNDER_SAN ? 1000 : 3000);
-    uint64_t seed = env_u64("BRK_DELAY_CRASH_SEED", 1);
+    uint64_t budget = crash_env_u64("BRK_DELAY_CRASH_STATES", UNDER_SAN ? 1000 : 3000);
+    uint64_t seed = crash_env_u64("BRK_DELAY_CRASH_SEED", 1);
     static cr_work w;
     static cr_run r;
     uint64_t states = 0, works = 0, second = 0;
     /* Replay one state of a failure report: BRK_DELAY_CRASH_SEED=<workload
      * seed> BRK_DELAY_CRASH_POINT=<crash point> BRK_DELAY_CRASH_MODE=<mode>
      * (without the second crash some states add). */
-    uint64_t only = env_u64("BRK_DELAY_CRASH_POINT", UINT64_MAX);
+    uint64_t only = crash_env_u64("BRK_DELAY_CRASH_POINT", UINT64_MAX);
     if (only != UINT64_MAX) {
-        int mode = (int)env_u64("BRK_DELAY_CRASH_MODE", 0);
+        int mode = (int)crash_env_u64("BRK_DELAY_CRASH_MODE", 0);
         cr_make(&w, seed);
         cr_init(&r, &w, w.seed + only);
         brk_sim_set_crash_after(r.f.sim, only);
@@ -1214,23 +1201,23 @@ static void crash_at_any_point_delivers_each_acknowledged_send_exactly_once(
         uint64_t per = budget - states < 150 ? budget - states : 150;
         uint64_t stride = n / per ? n / per : 1;
         uint64_t rs = w.seed ^ 0x5EED;
-        for (uint64_t k = rng_next(&rs) % stride; k < n && states < budget;
+        for (uint64_t k = crash_rng_next(&rs) % stride; k < n && states < budget;
              k += stride) {
-            int mode = (int)(rng_next(&rs) % 3);
+            int mode = (int)(crash_rng_next(&rs) % 3);
             cr_init(&r, &w, w.seed + k);
             brk_sim_set_crash_after(r.f.sim, k);
             cr_workload(&r, &w);
             if (brk_sim_crash(r.f.sim, mode) != BRK_OK)
                 fail_msg("sim crash");
-            if (rng_next(&rs) % 8 == 0) {
+            if (crash_rng_next(&rs) % 8 == 0) {
                 /* Crash again while recovering and firing. */
-                brk_sim_set_crash_after(r.f.sim, rng_next(&rs) % 30);
+                brk_sim_set_crash_after(r.f.sim, crash_rng_next(&rs) % 30);
                 if (cr_open(&r.f)) {
                     brk_fake_clock_advance(&r.f.clk, 40000);
                     (void)brk_delay_tick(r.f.d, NULL);
                     cr_close(&r.f);
                 }
-                if (brk_sim_crash(r.f.sim, (int)(rng_next(&rs) % 3)) != BRK_OK)
+                if (brk_sim_crash(r.f.sim, (int)(crash_rng_next(&rs) % 3)) != BRK_OK)
                     fail_msg("sim crash");
                 second++;
             }
@@ -1259,7 +1246,7 @@ static void crash_at_any_point_delivers_each_acknowledged_send_exactly_once(
 static void a_million_pending_cost_at_most_128_bytes_each(void **state)
 {
     (void)state;
-    uint64_t count = env_u64("BRK_DELAY_MEM_COUNT", UNDER_SAN ? 100000 : 1000000);
+    uint64_t count = crash_env_u64("BRK_DELAY_MEM_COUNT", UNDER_SAN ? 100000 : 1000000);
     char dir[512];
     assert_int_equal(brk_tmpdir_new("delay_mem", dir, sizeof dir), 0);
     brk_fake_clock clk;
@@ -1286,7 +1273,7 @@ static void a_million_pending_cost_at_most_128_bytes_each(void **state)
     uint64_t x = 3;
     brk_delay_res res;
     for (uint64_t i = 0; i < count; i++) {
-        int64_t at = T0 + 1000 + (int64_t)(rng_next(&x) % 86400000);
+        int64_t at = T0 + 1000 + (int64_t)(crash_rng_next(&x) % 86400000);
         if (brk_delay_send(d, &r, at, &res) != BRK_OK)
             fail_msg("send %" PRIu64 " failed", i);
     }
@@ -1327,7 +1314,7 @@ static void *conc_sender(void *p)
         q.key = (brk_bytes){ body, 1 };
         q.body = (brk_bytes){ body, strlen(body) };
         brk_delay_res res;
-        int64_t at = c->now_ms(c->ctx) + (int64_t)(rng_next(&r) % 150) - 10;
+        int64_t at = c->now_ms(c->ctx) + (int64_t)(crash_rng_next(&r) % 150) - 10;
         if (brk_delay_send(a->d, &q, at, &res) != BRK_OK)
             a->failures++;
     }
@@ -1461,7 +1448,7 @@ static void timerheap_filter_keeps_survivors_in_due_order(void **state)
     brk_timerheap_init(&h);
     uint64_t r = 17;
     for (uint64_t i = 0; i < 5000; i++)
-        assert_int_equal(brk_timerheap_push(&h, (int64_t)(rng_next(&r) % 1000), i),
+        assert_int_equal(brk_timerheap_push(&h, (int64_t)(crash_rng_next(&r) % 1000), i),
                          BRK_OK);
     brk_timerheap_filter(&h, keep_even, NULL);
     assert_int_equal(h.n, 2500);

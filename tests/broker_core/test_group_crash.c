@@ -71,6 +71,7 @@
 
 #include "broker/group.h"
 #include "broker/store.h"
+#include "crash_util.h"
 #include "fake_clock.h"
 #include "io_sim.h"
 
@@ -121,21 +122,6 @@ static bool g_trace;            /* BRK_GROUP_CRASH_TRACE: print every step */
             fprintf(stderr, __VA_ARGS__);                                    \
     } while (0)
 
-static uint64_t rng_next(uint64_t *x)
-{
-    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-/* The store mode of a workload, from its seed alone (replays stay exact). */
-static bool seed_async(uint64_t seed)
-{
-    uint64_t h = seed ^ 0x5A17A5C0FFEEull;
-    return rng_next(&h) % 3 == 0;
-}
-
 static const char *mode_name(const workload *w)
 {
     return w->async ? "ASYNC" : "SYNC";
@@ -146,34 +132,34 @@ static void make_workload(workload *w, uint64_t seed)
     uint64_t r = seed;
     memset(w, 0, sizeof *w);
     w->seed = seed;
-    w->async = seed_async(seed);
-    w->nops = 25 + rng_next(&r) % (MAX_OPS - 25);
+    w->async = crash_seed_async(seed);
+    w->nops = 25 + crash_rng_next(&r) % (MAX_OPS - 25);
     for (size_t i = 0; i < w->nops; i++) {
         op *o = &w->ops[i];
-        unsigned d = (unsigned)(rng_next(&r) % 100);
-        o->group = (int)(rng_next(&r) % NGROUPS);
+        unsigned d = (unsigned)(crash_rng_next(&r) % 100);
+        o->group = (int)(crash_rng_next(&r) % NGROUPS);
         if (d < 15 || i == 0) {
             o->kind = OP_PRODUCE;
-            o->n = 1 + (unsigned)(rng_next(&r) % 3);
+            o->n = 1 + (unsigned)(crash_rng_next(&r) % 3);
         } else if (d < 40) {
             o->kind = OP_RECEIVE;
-            o->n = 1 + (unsigned)(rng_next(&r) % 4);
-            o->inv_ms = 300 + (uint32_t)(rng_next(&r) % 1200);
+            o->n = 1 + (unsigned)(crash_rng_next(&r) % 4);
+            o->inv_ms = 300 + (uint32_t)(crash_rng_next(&r) % 1200);
         } else if (d < 68) {
             o->kind = OP_ACK;
-            o->pick = (unsigned)rng_next(&r);
+            o->pick = (unsigned)crash_rng_next(&r);
         } else if (d < 75) {
             static const uint32_t delays[] = { 0, 0, 1000, 5000 };
             o->kind = OP_NACK;
-            o->pick = (unsigned)rng_next(&r);
-            o->delay_ms = delays[rng_next(&r) % 4];
+            o->pick = (unsigned)crash_rng_next(&r);
+            o->delay_ms = delays[crash_rng_next(&r) % 4];
         } else if (w->async && d < 79) {
             /* ASYNC workloads only (SYNC ones stay as they were): an
              * explicit durable point. */
             o->kind = OP_FLUSH;
         } else if (d < 93) {
             o->kind = OP_TICK;
-            o->advance_ms = 50 + (int64_t)(rng_next(&r) % 700);
+            o->advance_ms = 50 + (int64_t)(crash_rng_next(&r) % 700);
         } else if (d < 96) {
             o->kind = OP_RESTART;
         } else {
@@ -186,9 +172,9 @@ static size_t msg_body(const workload *w, int idx, char *buf, size_t cap)
 {
     uint64_t r = w->seed * 1000003u + (uint64_t)idx;
     size_t len = (size_t)snprintf(buf, cap, "m%03d|", idx);
-    size_t pad = rng_next(&r) % 4 == 0 ? rng_next(&r) % 400 : rng_next(&r) % 40;
+    size_t pad = crash_rng_next(&r) % 4 == 0 ? crash_rng_next(&r) % 400 : crash_rng_next(&r) % 40;
     for (size_t k = 0; k < pad && len < cap - 1; k++)
-        buf[len++] = (char)('a' + rng_next(&r) % 26);
+        buf[len++] = (char)('a' + crash_rng_next(&r) % 26);
     buf[len] = '\0';
     return len;
 }
@@ -684,20 +670,14 @@ static void verify(run *r, const workload *w, uint64_t k, int mode)
     close_both(r);
 }
 
-static uint64_t env_u64(const char *name, uint64_t def)
-{
-    const char *v = getenv(name);
-    return v && *v ? strtoull(v, NULL, 10) : def;
-}
-
 /* One crash state: workload w, crash point k (UINT64_MAX: no crash). */
 static bool run_crash_state(run *r, const workload *w, uint64_t k)
 {
     uint64_t ss = w->seed * 0x100000001B3ull ^ (k + 1) * 0x9E3779B97F4A7C15ull;
-    int mode = (int)(rng_next(&ss) % 3);
-    bool again = k != UINT64_MAX && rng_next(&ss) % 10 == 0;
-    uint64_t again_after = rng_next(&ss) % 40;
-    int again_mode = (int)(rng_next(&ss) % 3);
+    int mode = (int)(crash_rng_next(&ss) % 3);
+    bool again = k != UINT64_MAX && crash_rng_next(&ss) % 10 == 0;
+    uint64_t again_after = crash_rng_next(&ss) % 40;
+    int again_mode = (int)(crash_rng_next(&ss) % 3);
     run_init(r, w, w->seed + (k == UINT64_MAX ? 0 : k));
     g_async_states += w->async && k != UINT64_MAX;
     if (k != UINT64_MAX)
@@ -729,9 +709,9 @@ static bool run_crash_state(run *r, const workload *w, uint64_t k)
 static void crash_at_every_operation_loses_no_message_and_bounds_duplicates(void **state)
 {
     (void)state;
-    uint64_t budget = env_u64("BRK_GROUP_CRASH_STATES", DEFAULT_STATES);
-    uint64_t seed = env_u64("BRK_GROUP_CRASH_SEED", 1);
-    uint64_t only_point = env_u64("BRK_GROUP_CRASH_POINT", UINT64_MAX);
+    uint64_t budget = crash_env_u64("BRK_GROUP_CRASH_STATES", DEFAULT_STATES);
+    uint64_t seed = crash_env_u64("BRK_GROUP_CRASH_SEED", 1);
+    uint64_t only_point = crash_env_u64("BRK_GROUP_CRASH_POINT", UINT64_MAX);
     g_trace = getenv("BRK_GROUP_CRASH_TRACE") != NULL;
     static workload w;
     static run r;
@@ -753,7 +733,7 @@ static void crash_at_every_operation_loses_no_message_and_bounds_duplicates(void
         uint64_t per = budget - states < 150 ? budget - states : 150;
         uint64_t stride = n / per ? n / per : 1;
         uint64_t rs = w.seed ^ 0xABCDEF;
-        for (uint64_t k = rng_next(&rs) % stride; k < n && states < budget;
+        for (uint64_t k = crash_rng_next(&rs) % stride; k < n && states < budget;
              k += stride) {
             recovery_crashes += run_crash_state(&r, &w, k);
             states++;

@@ -72,6 +72,7 @@
 
 #include "broker/store.h"
 #include "broker/txn.h"
+#include "crash_util.h"
 #include "fake_clock.h"
 #include "io_sim.h"
 
@@ -112,21 +113,6 @@ typedef struct workload {
     op ops[MAX_OPS];
 } workload;
 
-static uint64_t rng_next(uint64_t *x)
-{
-    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-/* The store mode of a workload, from its seed alone (replays stay exact). */
-static bool seed_async(uint64_t seed)
-{
-    uint64_t h = seed ^ 0x5A17A5C0FFEEull;
-    return rng_next(&h) % 3 == 0;
-}
-
 static const char *mode_name(const workload *w)
 {
     return w->async ? "ASYNC" : "SYNC";
@@ -137,30 +123,30 @@ static void make_workload(workload *w, uint64_t seed)
     uint64_t r = seed;
     memset(w, 0, sizeof *w);
     w->seed = seed;
-    w->async = seed_async(seed);
-    w->segment_bytes = rng_next(&r) % 2 ? 4096 : 8192;
-    w->nops = 30 + rng_next(&r) % (MAX_OPS - 30);
+    w->async = crash_seed_async(seed);
+    w->segment_bytes = crash_rng_next(&r) % 2 ? 4096 : 8192;
+    w->nops = 30 + crash_rng_next(&r) % (MAX_OPS - 30);
     for (size_t i = 0; i < w->nops; i++) {
         op *o = &w->ops[i];
-        unsigned d = (unsigned)(rng_next(&r) % 100);
+        unsigned d = (unsigned)(crash_rng_next(&r) % 100);
         if (d < 35 || w->ntx == 0) {
             o->kind = OP_PREPARE;
             /* One prepare in eight repeats an earlier one (a replay). */
-            o->tx = w->ntx > 0 && rng_next(&r) % 8 == 0
-                    ? (int)(rng_next(&r) % (uint64_t)w->ntx) : w->ntx++;
+            o->tx = w->ntx > 0 && crash_rng_next(&r) % 8 == 0
+                    ? (int)(crash_rng_next(&r) % (uint64_t)w->ntx) : w->ntx++;
         } else if (d < 50) {
             o->kind = OP_COMMIT;
-            o->tx = (int)(rng_next(&r) % (uint64_t)w->ntx);
+            o->tx = (int)(crash_rng_next(&r) % (uint64_t)w->ntx);
         } else if (d < 60) {
             o->kind = OP_ROLLBACK;
-            o->tx = (int)(rng_next(&r) % (uint64_t)w->ntx);
+            o->tx = (int)(crash_rng_next(&r) % (uint64_t)w->ntx);
         } else if (w->async && d < 66) {
             /* ASYNC workloads only (SYNC ones stay as they were): an
              * explicit durable point. */
             o->kind = OP_FLUSH;
         } else if (d < 90) {
             o->kind = OP_TICK;
-            o->advance_ms = 20 + (int64_t)(rng_next(&r) % 200);
+            o->advance_ms = 20 + (int64_t)(crash_rng_next(&r) % 200);
         } else if (d < 95) {
             o->kind = OP_RESTART;
         } else {
@@ -186,7 +172,7 @@ static int tx_of(const char *txid)
 static int tx_policy(const workload *w, int tx)
 {
     uint64_t r = w->seed * 31 + (uint64_t)tx;
-    return (int)(rng_next(&r) % POL_COUNT_);
+    return (int)(crash_rng_next(&r) % POL_COUNT_);
 }
 
 static brk_check_policy policy_of(int pol)
@@ -218,10 +204,10 @@ static brk_check_policy policy_of(int pol)
 static size_t tx_body(const workload *w, int tx, uint8_t *buf)
 {
     uint64_t r = w->seed * 1000003u + (uint64_t)tx;
-    size_t len = rng_next(&r) % 4 == 0 ? rng_next(&r) % MAX_BODY
-                                       : rng_next(&r) % 100;
+    size_t len = crash_rng_next(&r) % 4 == 0 ? crash_rng_next(&r) % MAX_BODY
+                                       : crash_rng_next(&r) % 100;
     for (size_t k = 0; k < len; k++)
-        buf[k] = (uint8_t)rng_next(&r);
+        buf[k] = (uint8_t)crash_rng_next(&r);
     return len;
 }
 
@@ -271,7 +257,7 @@ static brk_check_result crash_check(void *ctx, const brk_check_req *req)
     pthread_mutex_unlock(&r->mu);
     uint64_t h = r->w->seed ^ ((uint64_t)tx * 1000003u)
                  ^ ((uint64_t)req->attempt * 7919u) ^ ((uint64_t)c * 104729u);
-    switch (rng_next(&h) % 10) {
+    switch (crash_rng_next(&h) % 10) {
     case 0: case 1: return BRK_CHECK_COMMIT;
     case 2: case 3: return BRK_CHECK_ROLLBACK;
     case 8: return BRK_CHECK_ERROR;
@@ -719,22 +705,16 @@ static void verify(run *r, const workload *w, uint64_t k, int mode)
     close_both(r);
 }
 
-static uint64_t env_u64(const char *name, uint64_t def)
-{
-    const char *v = getenv(name);
-    return v && *v ? strtoull(v, NULL, 10) : def;
-}
-
 /* One crash state: workload w, crash point k.  Everything else (crash
  * mode, whether recovery crashes again, where and how) derives from
  * (w->seed, k), so BRK_TXN_CRASH_SEED + BRK_TXN_CRASH_POINT replay it. */
 static bool run_crash_state(run *r, const workload *w, uint64_t k)
 {
     uint64_t ss = w->seed * 0x100000001B3ull ^ (k + 1) * 0x9E3779B97F4A7C15ull;
-    int mode = (int)(rng_next(&ss) % 3);
-    bool again = rng_next(&ss) % 10 == 0;
-    uint64_t again_after = rng_next(&ss) % 40;
-    int again_mode = (int)(rng_next(&ss) % 3);
+    int mode = (int)(crash_rng_next(&ss) % 3);
+    bool again = crash_rng_next(&ss) % 10 == 0;
+    uint64_t again_after = crash_rng_next(&ss) % 40;
+    int again_mode = (int)(crash_rng_next(&ss) % 3);
     run_init(r, w, w->seed + k);
     g_async_states += w->async;
     brk_sim_set_crash_after(r->sim, k);
@@ -757,9 +737,9 @@ static bool run_crash_state(run *r, const workload *w, uint64_t k)
 static void crash_at_every_operation_keeps_acknowledged_transactions(void **state)
 {
     (void)state;
-    uint64_t budget = env_u64("BRK_TXN_CRASH_STATES", DEFAULT_STATES);
-    uint64_t seed = env_u64("BRK_TXN_CRASH_SEED", 1);
-    uint64_t only_point = env_u64("BRK_TXN_CRASH_POINT", UINT64_MAX);
+    uint64_t budget = crash_env_u64("BRK_TXN_CRASH_STATES", DEFAULT_STATES);
+    uint64_t seed = crash_env_u64("BRK_TXN_CRASH_SEED", 1);
+    uint64_t only_point = crash_env_u64("BRK_TXN_CRASH_POINT", UINT64_MAX);
     static workload w;
     static run r;
     if (only_point != UINT64_MAX) {
@@ -785,7 +765,7 @@ static void crash_at_every_operation_keeps_acknowledged_transactions(void **stat
         uint64_t per = budget - states < 200 ? budget - states : 200;
         uint64_t stride = n / per ? n / per : 1;
         uint64_t rs = w.seed ^ 0xABCDEF;
-        for (uint64_t k = rng_next(&rs) % stride; k < n && states < budget;
+        for (uint64_t k = crash_rng_next(&rs) % stride; k < n && states < budget;
              k += stride) {
             recovery_crashes += run_crash_state(&r, &w, k);
             states++;
