@@ -913,6 +913,32 @@ brk_status brk_group_put(brk_groups *G, const char *name, const char *topic,
     return st;
 }
 
+brk_status brk_groups_list(brk_groups *G, brk_group_name **names,
+                           size_t *count)
+{
+    if (!G || !names || !count)
+        return BRK_INVAL;
+    *names = NULL;
+    *count = 0;
+    if (!grp_call_enter(G, false))
+        return BRK_CLOSED;
+    brk_status st = BRK_OK;
+    pthread_mutex_lock(&G->reg_mu);
+    if (G->ngroups > 0) {
+        *names = malloc(G->ngroups * sizeof **names);
+        if (!*names) {
+            st = BRK_NOMEM;
+        } else {
+            for (uint32_t i = 0; i < G->ngroups; i++)
+                memcpy((*names)[i], G->groups[i]->name, sizeof (*names)[i]);
+            *count = G->ngroups;
+        }
+    }
+    pthread_mutex_unlock(&G->reg_mu);
+    grp_call_leave(G);
+    return st;
+}
+
 static void groups_free(brk_groups *G)
 {
     for (uint32_t i = 0; i < G->ngroups; i++)

@@ -725,9 +725,30 @@ void brk_store_get_stats(brk_store *s, brk_store_stats *out)
     out->fsyncs = s->fsyncs;
     out->fsync_records = s->fsync_records;
     out->fsync_ns_total = s->fsync_ns;
+    memcpy(out->fsync_hist, s->fsync_hist, sizeof out->fsync_hist);
     pthread_mutex_unlock(&s->fmu);
     out->checkpoints = atomic_load(&s->checkpoints);
     out->recovered_records = s->recovered_records;
     out->truncated_bytes = s->truncated_bytes;
     out->failed = atomic_load(&s->failed);
+}
+
+/* Bucket bounds of the fdatasync histogram: a 1-2.5-5 ladder from 100 us to
+ * 1 s, the range between a fast NVMe flush and a stalled disk. */
+static const uint64_t fsync_bounds_us[BRK_FSYNC_BUCKETS - 1] = {
+    100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000, 250000,
+    1000000
+};
+
+uint64_t brk_fsync_bucket_us(unsigned i)
+{
+    return i < BRK_FSYNC_BUCKETS - 1 ? fsync_bounds_us[i] : UINT64_MAX;
+}
+
+unsigned brk__fsync_bucket(uint64_t ns)
+{
+    unsigned i = 0;
+    while (i < BRK_FSYNC_BUCKETS - 1 && ns > fsync_bounds_us[i] * 1000)
+        i++;
+    return i;
 }

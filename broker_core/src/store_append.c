@@ -197,6 +197,7 @@ static brk_status wait_durable(brk_store *s, uint64_t target)
             s->fsyncs++;
             s->fsync_records += appends - s->durable_appends;
             s->fsync_ns += (uint64_t)(t1 - t0);
+            s->fsync_hist[brk__fsync_bucket((uint64_t)(t1 - t0))]++;
             s->durable_appends = appends;
             atomic_store(&s->durable, upto);
         }

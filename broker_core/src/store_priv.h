@@ -154,6 +154,7 @@ struct brk_store {
     brk_dwaiter **dwait;      /* followers asleep, each on its own cv */
     size_t ndwait, dwait_cap;
     uint64_t fsyncs, fsync_records, fsync_ns;
+    uint64_t fsync_hist[BRK_FSYNC_BUCKETS];    /* under fmu, see brk_store_stats */
 
     /* background thread */
     pthread_t bg;
@@ -195,6 +196,8 @@ brk_status brk__errno_status(int neg_errno);
 int64_t brk__now_ms(brk_store *s);
 brk_seg *brk__seg_get(brk_store *s, uint64_t log_offset);
 void brk__seg_put(brk_store *s, brk_seg *seg);
+/* Histogram bucket of an fdatasync that took `ns` (store.c). */
+unsigned brk__fsync_bucket(uint64_t ns);
 void brk__seg_free(brk_store *s, brk_seg *seg);
 void brk__path(char *out, size_t cap, const char *a, const char *b);
 void brk__seg_path(brk_store *s, uint64_t base, const char *suffix,

@@ -2363,6 +2363,29 @@ static void concurrent_producers_consumers_and_ticks_lose_nothing(void **state)
     free(c);
 }
 
+static void groups_list_names_every_group_in_creation_order(void **state)
+{
+    fx *f = *state;
+    brk_group_name *names = NULL;
+    size_t n = 7;
+    assert_int_equal(brk_groups_list(f->g, &names, &n), BRK_OK);
+    assert_int_equal(n, 0);
+    assert_null(names);
+    produce_full(f, "orders", -1, "k", "t", "x", 1, "h", "v");
+    put_ok(f, "zeta", "orders", NULL, NULL);
+    recv_one(f, "alpha", "orders", LONG_INV);   /* created by receive */
+    assert_int_equal(brk_groups_list(f->g, &names, &n), BRK_OK);
+    assert_int_equal(n, 2);
+    assert_string_equal(names[0], "zeta");
+    assert_string_equal(names[1], "alpha");
+    free(names);
+    restart(f);
+    assert_int_equal(brk_groups_list(f->g, &names, &n), BRK_OK);
+    assert_int_equal(n, 2);
+    free(names);
+    assert_int_equal(brk_groups_list(f->g, NULL, &n), BRK_INVAL);
+}
+
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
 #define TR(fn) cmocka_unit_test_setup_teardown(fn, setup_real, teardown)
 
@@ -2374,6 +2397,7 @@ int main(void)
         T(receive_returns_a_batch_with_distinct_receipts_up_to_max),
         T(receive_with_max_0_or_above_256_is_invalid),
         T(receive_with_bad_group_or_unknown_topic_is_refused),
+        T(groups_list_names_every_group_in_creation_order),
         /* invisibility and receipts */
         T(received_message_is_invisible_then_reappears_with_a_new_receipt),
         T(default_invisibility_applies_when_receive_gives_zero),

@@ -206,6 +206,11 @@ static void concurrent_sync_appenders_share_fdatasyncs(void **state)
         fail_msg("no fdatasync was shared: %" PRIu64 " fsyncs for %" PRIu64
                  " appends", st.fsyncs, total);
     assert_true(st.fsyncs > 0);
+    /* Every fdatasync lands in exactly one histogram bucket. */
+    uint64_t in_buckets = 0;
+    for (unsigned b = 0; b < BRK_FSYNC_BUCKETS; b++)
+        in_buckets += st.fsync_hist[b];
+    assert_int_equal(in_buckets, st.fsyncs);
     assert_int_equal(st.durable_offset, st.log_end);
     assert_false(st.failed);
     assert_int_equal(brk_store_close(s), BRK_OK);

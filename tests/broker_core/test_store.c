@@ -808,6 +808,18 @@ static void background_thread_flushes_async_appends(void **state)
 
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
 
+static void fsync_buckets_ladder_from_100us_to_1s_then_infinity(void **state)
+{
+    (void)state;
+    assert_int_equal(brk_fsync_bucket_us(0), 100);
+    assert_int_equal(brk_fsync_bucket_us(3), 1000);
+    assert_int_equal(brk_fsync_bucket_us(BRK_FSYNC_BUCKETS - 2), 1000000);
+    assert_true(brk_fsync_bucket_us(BRK_FSYNC_BUCKETS - 1) == UINT64_MAX);
+    assert_true(brk_fsync_bucket_us(BRK_FSYNC_BUCKETS + 5) == UINT64_MAX);
+    for (unsigned i = 1; i < BRK_FSYNC_BUCKETS; i++)
+        assert_true(brk_fsync_bucket_us(i) > brk_fsync_bucket_us(i - 1));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -833,6 +845,7 @@ int main(void)
         T(retention_waits_for_age_and_for_every_cursor),
         T(open_rejects_bad_options_with_a_reason),
         cmocka_unit_test(real_filesystem_round_trip_and_single_opener),
+        cmocka_unit_test(fsync_buckets_ladder_from_100us_to_1s_then_infinity),
         T(tick_runs_flush_and_checkpoint_when_due),
         cmocka_unit_test(background_thread_flushes_async_appends),
     };

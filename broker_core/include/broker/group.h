@@ -224,6 +224,12 @@ typedef struct brk_group_lag_row {
 brk_status brk_group_lag(brk_groups *g, const char *group,
                          brk_group_lag_row **rows, size_t *count);
 
+/* Names of every group, in creation order (for metrics and listings).
+ * *names is malloc'ed (free with free()); BRK_CLOSED after close. */
+typedef char brk_group_name[BRK_GROUP_MAX + 1];
+brk_status brk_groups_list(brk_groups *g, brk_group_name **names,
+                           size_t *count);
+
 /* Timeouts and persistence on the caller's thread (no_background). */
 brk_status brk_groups_tick(brk_groups *g);
 

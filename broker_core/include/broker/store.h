@@ -345,6 +345,13 @@ void brk_store_set_listener(brk_store *s, const brk_store_listener *l);
 
 /* ---- stats --------------------------------------------------------------- */
 
+/* Duration histogram of log fdatasyncs (for /metrics). */
+#define BRK_FSYNC_BUCKETS 13
+
+/* Upper bound of bucket i in microseconds (100 us .. 1 s); UINT64_MAX for
+ * the last bucket and beyond. */
+uint64_t brk_fsync_bucket_us(unsigned i);
+
 typedef struct brk_store_stats {
     uint64_t log_start;         /* first readable log offset */
     uint64_t log_end;           /* next append offset */
@@ -355,6 +362,10 @@ typedef struct brk_store_stats {
     uint64_t fsyncs;            /* log fdatasyncs since open */
     uint64_t fsync_records;     /* records covered by those fdatasyncs */
     uint64_t fsync_ns_total;    /* time spent in log fdatasync */
+    uint64_t fsync_hist[BRK_FSYNC_BUCKETS]; /* fdatasyncs by duration: bucket
+                                   i counts those <= brk_fsync_bucket_us(i)
+                                   and above bucket i-1's bound (not
+                                   cumulative); the last is +Inf */
     uint64_t checkpoints;
     uint64_t recovered_records; /* re-dispatched at open */
     uint64_t truncated_bytes;   /* torn tail dropped at open */
