@@ -271,6 +271,13 @@ void grp_w_take(brk_groups *G, waiter *w, waiter **list);
 void grp_defer_begin(void);
 void grp_w_fire(brk_groups *G, waiter *list);
 void grp_defer_end(brk_groups *G);
+/* grp_receive_impl, then grp_wake_one when the batch was full. */
+brk_status grp_receive_chained(brk_groups *G, const brk_receive_req *req,
+                               brk_receive_batch **out);
+/* Wake one waiter of (topic, group, member): a receive took a full batch,
+ * so more may be ready (see take_topic_one_each in group_wait.c). */
+void grp_wake_one(brk_groups *G, const char *topic, const char *grp,
+                  const char *mem);
 void grp_wake_topic(brk_groups *G, const char *topic, const char *grp,
                     const char *mem);
 void grp_on_appended(void *ctx, const char *topic, uint16_t queue,

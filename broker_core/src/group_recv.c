@@ -1205,8 +1205,19 @@ brk_status brk_group_receive(brk_groups *G, const brk_receive_req *req,
             *out = NULL;
         return BRK_CLOSED;
     }
-    brk_status st = grp_receive_impl(G, req, out);
+    brk_status st = grp_receive_chained(G, req, out);
     grp_call_leave(G);
+    return st;
+}
+
+brk_status grp_receive_chained(brk_groups *G, const brk_receive_req *req,
+                               brk_receive_batch **out)
+{
+    brk_status st = grp_receive_impl(G, req, out);
+    /* A full batch: there may be more, and the append that made them
+     * visible woke only one waiter of this group. */
+    if (st == BRK_OK && *out && (*out)->count > 0 && (*out)->count == req->max)
+        grp_wake_one(G, req->topic, req->group, req->member);
     return st;
 }
 

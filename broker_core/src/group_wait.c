@@ -159,6 +159,53 @@ static void take_topic(brk_groups *G, const char *topic, const char *grp,
     }
 }
 
+/* An append makes messages visible to every group of the topic, but one
+ * receive takes a batch: so wake one waiter per (group, member), not all of
+ * them (the thundering herd: 1 000 parked polls would all wake, receive and
+ * park again for every message).  If the woken one takes a full batch,
+ * receive wakes the next (grp_wake_one), so a burst still reaches every
+ * waiter it needs.  Past SEEN_MAX distinct groups the rest are all taken:
+ * early wakes are harmless, missed ones are not.  wmu held. */
+#define SEEN_MAX 32
+static void take_topic_one_each(brk_groups *G, const char *topic,
+                                waiter **list)
+{
+    const waiter *seen[SEEN_MAX];
+    size_t nseen = 0;
+    waiter *w = G->tb[grp_str_hash(topic) % WBUCKETS];
+    while (w) {
+        waiter *nx = w->tnext;
+        if (strcmp(w->topic, topic) == 0) {
+            bool dup = false;
+            for (size_t i = 0; i < nseen && !dup; i++)
+                dup = strcmp(seen[i]->group, w->group) == 0
+                      && strcmp(seen[i]->member, w->member) == 0;
+            if (!dup) {
+                if (nseen < SEEN_MAX)
+                    seen[nseen++] = w;
+                grp_w_take(G, w, list);
+            }
+        }
+        w = nx;
+    }
+}
+
+void grp_wake_one(brk_groups *G, const char *topic, const char *grp,
+                  const char *mem)
+{
+    waiter *list = NULL;
+    pthread_mutex_lock(&G->wmu);
+    for (waiter *w = G->tb[grp_str_hash(topic) % WBUCKETS]; w; w = w->tnext) {
+        if (strcmp(w->topic, topic) == 0 && strcmp(w->group, grp) == 0
+            && (w->member[0] == '\0' || strcmp(w->member, mem ? mem : "") == 0)) {
+            grp_w_take(G, w, &list);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&G->wmu);
+    grp_w_fire(G, list);
+}
+
 void grp_wake_topic(brk_groups *G, const char *topic, const char *grp,
                     const char *mem)
 {
@@ -182,7 +229,7 @@ void grp_on_appended(void *ctx, const char *topic, uint16_t queue,
     waiter *list = NULL;
     pthread_mutex_lock(&G->wmu);
     if (!G->sync_mode || log_offset < G->durable_seen) {
-        take_topic(G, topic, NULL, NULL, &list);
+        take_topic_one_each(G, topic, &list);
     } else {
         size_t i = 0;
         while (i < G->npend && strcmp(G->pend[i].topic, topic) != 0)
@@ -205,7 +252,7 @@ void grp_on_appended(void *ctx, const char *topic, uint16_t queue,
                 G->pend[G->npend].max_off = log_offset;
                 G->npend++;
             } else {
-                take_topic(G, topic, NULL, NULL, &list);  /* no memory: early */
+                take_topic_one_each(G, topic, &list);  /* no memory: early */
             }
         }
     }
@@ -224,7 +271,7 @@ void grp_on_durable(void *ctx, uint64_t end)
         G->durable_seen = end;
     for (size_t i = 0; i < G->npend;) {
         if (G->pend[i].max_off < end) {
-            take_topic(G, G->pend[i].topic, NULL, NULL, &list);
+            take_topic_one_each(G, G->pend[i].topic, &list);
             G->pend[i] = G->pend[--G->npend];
         } else {
             i++;
@@ -409,7 +456,7 @@ static brk_status receive_wait_impl(brk_groups *G, const brk_receive_req *req,
      * too, so a test clock that stands still cannot hang a caller. */
     int64_t real_end = mono_ms_real() + wait_ms;
     for (;;) {
-        brk_status st = grp_receive_impl(G, req, out);
+        brk_status st = grp_receive_chained(G, req, out);
         if (st == BRK_OK && (*out)->count > 0)
             return BRK_OK;
         if (st != BRK_OK && st != BRK_LIMIT)

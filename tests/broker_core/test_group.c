@@ -1768,6 +1768,51 @@ static void waiter_fires_on_an_append_to_the_topic(void **state)
     waker_destroy(&w);
 }
 
+/* No thundering herd: an append wakes one parked receive per group, and a
+ * receive that fills its batch passes the wake on to the next waiter. */
+static void append_wakes_one_waiter_per_group_and_a_full_batch_wakes_the_next(void **state)
+{
+    fx *f = *state;
+    put_ok(f, "ga", "one", NULL, NULL);
+    put_ok(f, "gb", "one", NULL, NULL);
+    enum { NA = 10, NB = 3 };
+    waker wa, wb;
+    waker_init(&wa);
+    waker_init(&wb);
+    brk_receive_req ra = req_of("ga", "one", 1), rb = req_of("gb", "one", 1);
+    uint64_t ids[NA + NB];
+    for (int i = 0; i < NA; i++)
+        assert_int_equal(brk_group_wait(f->g, &ra, now_ms(f) + 20000, wake_cb,
+                                        &wa, &ids[i]), BRK_OK);
+    for (int i = 0; i < NB; i++)
+        assert_int_equal(brk_group_wait(f->g, &rb, now_ms(f) + 20000, wake_cb,
+                                        &wb, &ids[NA + i]), BRK_OK);
+    produce(f, "one", "m1");
+    produce(f, "one", "m2");
+    /* Two appends: two waiters of each group, not all thirteen. */
+    assert_int_equal(wait_fired(f, &wa, 2, 5000), 2);
+    assert_int_equal(wait_fired(f, &wb, 2, 5000), 2);
+    assert_int_equal(wait_fired(f, &wa, 3, 100), 2);
+    /* A receive of max 1 fills its batch: one more waiter of ga wakes, none
+     * of gb. */
+    brk_receive_batch *b = NULL;
+    assert_int_equal(brk_group_receive(f->g, &ra, &b), BRK_OK);
+    assert_int_equal(b->count, 1);
+    brk_receive_batch_free(b);
+    assert_int_equal(wait_fired(f, &wa, 3, 5000), 3);
+    assert_int_equal(wait_fired(f, &wb, 3, 100), 2);
+    /* A batch with room to spare wakes nobody. */
+    ra.max = 10;
+    assert_int_equal(brk_group_receive(f->g, &ra, &b), BRK_OK);
+    assert_int_equal(b->count, 1);
+    brk_receive_batch_free(b);
+    assert_int_equal(wait_fired(f, &wa, 4, 100), 3);
+    for (int i = 0; i < NA + NB; i++)
+        (void)brk_group_wait_cancel(f->g, ids[i]);
+    waker_destroy(&wa);
+    waker_destroy(&wb);
+}
+
 static void waiter_fires_at_its_deadline_when_nothing_comes(void **state)
 {
     fx *f = *state;
@@ -2449,6 +2494,7 @@ int main(void)
         T(cursor_holds_segments_while_groups_are_closed_and_store_open),
         /* long polling */
         T(waiter_fires_on_an_append_to_the_topic),
+        T(append_wakes_one_waiter_per_group_and_a_full_batch_wakes_the_next),
         T(waiter_fires_at_its_deadline_when_nothing_comes),
         T(waiter_fires_before_wait_returns_when_messages_are_ready),
         T(waiter_fires_when_a_retry_comes_due),
