@@ -187,10 +187,15 @@
  * ============
  * Waiters {id, group, topic, member, deadline, fn, ctx} are kept in a hash
  * of topic buckets and a hash of ids, their deadlines in a timer heap (lazy
- * cancel).  The store listener's `appended` wakes every waiter of the topic
- * when the record is visible (ASYNC mode, or below the durable end in SYNC
- * mode); otherwise the topic is remembered with its highest pending log
- * offset and woken when `durable` passes it.  Retry and FIFO due times and
+ * cancel).  The store listener's `appended` wakes one waiter per (group,
+ * member) of the topic when the record is visible (ASYNC mode, or below
+ * the durable end in SYNC mode); otherwise the topic is remembered with its
+ * highest pending log offset and woken when `durable` passes it.  One, not
+ * all: a receive that fills its batch wakes the next waiter of its group
+ * (grp_receive_chained), so a burst reaches as many consumers as it needs
+ * without waking a thousand parked polls per message.  A woken waiter that
+ * never receives (its client vanished) delays the others by at most their
+ * own deadline.  Retry and FIFO due times and
  * invisibility expiries are group timers (a second heap, one live entry per
  * group: armed[group idx], later entries of a group are redundant); at a
  * group timer the tick handles expiries, wakes the waiters of every
