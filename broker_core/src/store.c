@@ -733,6 +733,14 @@ void brk_store_get_stats(brk_store *s, brk_store_stats *out)
     out->failed = atomic_load(&s->failed);
 }
 
+uint64_t brk_store_log_end(brk_store *s)
+{
+    pthread_mutex_lock(&s->mu);
+    uint64_t end = s->log_end;
+    pthread_mutex_unlock(&s->mu);
+    return end;
+}
+
 /* Bucket bounds of the fdatasync histogram: a 1-2.5-5 ladder from 100 us to
  * 1 s, the range between a fast NVMe flush and a stalled disk. */
 static const uint64_t fsync_bounds_us[BRK_FSYNC_BUCKETS - 1] = {

@@ -328,9 +328,7 @@ void txn_set_terminal(brk_txn *t, txn_ent *e, uint8_t state, bool expired,
 
 uint64_t txn_log_end(brk_txn *t)
 {
-    brk_store_stats ss;
-    brk_store_get_stats(t->s, &ss);
-    return ss.log_end;
+    return brk_store_log_end(t->s);
 }
 
 /* Register a verdict about to be written; returns its lower bound. */

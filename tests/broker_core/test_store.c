@@ -720,7 +720,12 @@ static void real_filesystem_round_trip_and_single_opener(void **state)
     r.queue = -1;
     r.body = (brk_bytes){ "hello", 5 };
     brk_append_res res;
+    assert_int_equal(brk_store_log_end(s), 0);
     assert_int_equal(brk_store_append(s, &r, &res), BRK_OK);
+    brk_store_stats ss;
+    brk_store_get_stats(s, &ss);
+    assert_true(ss.log_end > res.log_offset);
+    assert_int_equal(brk_store_log_end(s), ss.log_end);
     /* A second opener of the same directory is turned away. */
     brk_store *s2 = NULL;
     assert_int_equal(brk_store_open(&s2, tmpl, &o, err, sizeof err), BRK_LOCKED);

@@ -374,4 +374,8 @@ typedef struct brk_store_stats {
 
 void brk_store_get_stats(brk_store *s, brk_store_stats *out);
 
+/* The next append offset (stats.log_end) alone: one short lock, for
+ * modules that need a lower bound for their next record on a hot path. */
+uint64_t brk_store_log_end(brk_store *s);
+
 #endif /* BROKER_STORE_H */
