@@ -2,25 +2,32 @@
 #
 #   make deps    install the Debian packages the project needs (scripts/deps.sh)
 #   make build   Release build in $(BUILD)
-#   make test    build, run every test, then the ASan/UBSan and TSan stages
+#   make test    build, run every test, then the ASan/UBSan, TSan and fuzz stages
+#   make fuzz    build the libFuzzer target (clang, ASan+UBSan) in build-fuzz/ and
+#                fuzz the HTTP request handler for $(FUZZ_SECONDS) s (scripts/fuzz.sh)
 #   make crash   build, then the full crash explorations (store, transactions, delays, groups)
 #   make bench   build, then run every benchmark program
-#   make demo    build, then run examples/storage_demo, examples/txn_demo and
-#                examples/group_demo, each in its own temporary directory
+#   make demo    build, then run examples/http_demo.sh (outboxd over HTTP with
+#                curl: the main walk-through), then examples/storage_demo,
+#                txn_demo and group_demo, each in its own temporary directory
 #   make clean   remove every build tree
 #
-# Variables: BUILD (build), BUILD_ASAN (build-asan), BUILD_TSAN (build-tsan), JOBS (2).
+# Variables: BUILD (build), BUILD_ASAN (build-asan), BUILD_TSAN (build-tsan),
+# BUILD_FUZZ (build-fuzz), JOBS (2), FUZZ_SECONDS (600 for make fuzz; the fuzz
+# stage of make test runs 30 s unless FUZZ_SECONDS is set).
 
 BUILD      ?= build
 BUILD_ASAN ?= build-asan
 BUILD_TSAN ?= build-tsan
+BUILD_FUZZ ?= build-fuzz
 JOBS       ?= 2
+FUZZ_SECONDS ?= 600
 
 SHELL := /bin/bash
 MAKEFLAGS += --no-print-directory
-export BUILD BUILD_ASAN BUILD_TSAN JOBS
+export BUILD BUILD_ASAN BUILD_TSAN BUILD_FUZZ JOBS
 
-.PHONY: all deps configure build test test-release test-asan test-tsan crash bench demo clean
+.PHONY: all deps configure build test test-release test-asan test-tsan fuzz crash bench demo clean
 
 all: build
 
@@ -35,7 +42,7 @@ build: configure
 
 # All stages, one closing summary line; non-zero exit if any stage failed.
 test: build
-	bash scripts/test.sh release asan tsan
+	bash scripts/test.sh release asan tsan fuzz
 
 # Single stages, for local use.
 test-release: build
@@ -46,6 +53,10 @@ test-asan: deps
 
 test-tsan: deps
 	bash scripts/test.sh tsan
+
+# A long libFuzzer run over the HTTP request handler (make test runs 30 s).
+fuzz: deps
+	bash scripts/fuzz.sh $(FUZZ_SECONDS)
 
 # The full crash explorations (make test runs 20000 store, 40000 transaction,
 # 3000 delay and 80000 group states; this 200000, 200000, 50000 and 400000).
@@ -68,12 +79,16 @@ bench: build
 	    rm -rf "$$dir"; \
 	done < "$$list"
 
-# Each demo (storage_demo, then txn_demo, then group_demo) gets its own fresh
-# temporary directory as its only argument; all must pass.
+# First the daemon walk-through (http_demo.sh starts outboxd itself, in its
+# own temporary folder); then each library demo (storage_demo, txn_demo,
+# group_demo) gets its own fresh temporary directory as its only argument;
+# all must pass.
 DEMOS := storage_demo txn_demo group_demo
 
 demo: build
 	@set -euo pipefail; \
+	echo "==> demo: examples/http_demo.sh"; \
+	bash examples/http_demo.sh "$(BUILD)/sidecar/outboxd"; \
 	for name in $(DEMOS); do \
 	    prog=$$(grep -E "/$$name\$$" "$(BUILD)/examples/programs.txt" 2>/dev/null || true); \
 	    if [[ -z "$$prog" ]]; then echo "demo: $$name is not built (examples/$$name.c missing, or OUTBOXD_EXAMPLES=OFF)" >&2; exit 1; fi; \
@@ -84,4 +99,4 @@ demo: build
 	done
 
 clean:
-	rm -rf -- $(BUILD) $(BUILD_ASAN) $(BUILD_TSAN)
+	rm -rf -- $(BUILD) $(BUILD_ASAN) $(BUILD_TSAN) $(BUILD_FUZZ)

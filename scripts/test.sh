@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # test.sh [stage...] - run outboxd's test stages and print one closing summary.
 #
-# Stages (default: all three, in this order):
+# Stages (default: all four, in this order):
 #   release  ctest over every test in $BUILD (already built by `make build`)
 #   asan     Debug + ASan/UBSan build in $BUILD_ASAN, tests labelled "unit"
 #   tsan     Debug + TSan build in $BUILD_TSAN, tests labelled "tsan"
+#   fuzz     scripts/fuzz.sh ${FUZZ_SECONDS:-30}: the libFuzzer target over
+#            the HTTP request handler; counts as one test in the summary
 #
 # Every stage runs even if an earlier one failed, so one run shows all
 # failures; the exit status is non-zero if any stage failed.  Called by
-# `make test`, `make test-asan` and `make test-tsan`.
+# `make test`, `make test-asan` and `make test-tsan` (`make fuzz` runs
+# scripts/fuzz.sh directly, longer).
 set -uo pipefail
 
 BUILD=${BUILD:-build}
@@ -17,7 +20,7 @@ BUILD_TSAN=${BUILD_TSAN:-build-tsan}
 JOBS=${JOBS:-2}
 
 stages=("$@")
-((${#stages[@]})) || stages=(release asan tsan)
+((${#stages[@]})) || stages=(release asan tsan fuzz)
 
 passed=0 failed=0 skipped=0
 report=()        # one line per stage
@@ -71,6 +74,25 @@ configure_build() {
     fi
 }
 
+# run_fuzz SECONDS : scripts/fuzz.sh, tallied as one test.
+run_fuzz() {
+    local log rc line
+    log=$(mktemp)
+    echo "==> fuzz: scripts/fuzz.sh $1"
+    bash scripts/fuzz.sh "$1" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    line=$(grep -E '^fuzz: (OK|FAILED)' "$log" | tail -n 1)
+    rm -f "$log"
+    if ((rc == 0)); then
+        passed=$((passed + 1))
+        report+=("fuzz: 1 passed, 0 failed (${line:-no summary})")
+    else
+        failed=$((failed + 1))
+        report+=("fuzz: 0 passed, 1 failed (${line:-fuzz.sh exit $rc})")
+        bad_stages+=("fuzz")
+    fi
+}
+
 for stage in "${stages[@]}"; do
     case $stage in
     release)
@@ -88,8 +110,11 @@ for stage in "${stages[@]}"; do
             -DOUTBOXD_BENCH=OFF -DOUTBOXD_EXAMPLES=OFF &&
             run_ctest tsan "$BUILD_TSAN" -L '^tsan$' --no-tests=ignore
         ;;
+    fuzz)
+        run_fuzz "${FUZZ_SECONDS:-30}"
+        ;;
     *)
-        echo "test.sh: unknown stage '$stage' (release, asan, tsan)" >&2
+        echo "test.sh: unknown stage '$stage' (release, asan, tsan, fuzz)" >&2
         exit 2
         ;;
     esac

@@ -918,6 +918,25 @@ brk_status brk_group_put(brk_groups *G, const char *name, const char *topic,
     return st;
 }
 
+brk_status brk_group_get_config(brk_groups *G, const char *name,
+                                brk_group_config *out)
+{
+    if (!G || !out || !name || !grp_group_name_ok(name))
+        return BRK_INVAL;
+    if (!grp_call_enter(G, false))
+        return BRK_CLOSED;
+    brk_status st = BRK_NOTFOUND;
+    group *g = grp_find_group(G, name);
+    if (g) {
+        pthread_mutex_lock(&g->mu);
+        *out = g->cfg;
+        pthread_mutex_unlock(&g->mu);
+        st = BRK_OK;
+    }
+    grp_call_leave(G);
+    return st;
+}
+
 brk_status brk_groups_list(brk_groups *G, brk_group_name **names,
                            size_t *count)
 {

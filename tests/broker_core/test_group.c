@@ -2408,6 +2408,27 @@ static void concurrent_producers_consumers_and_ticks_lose_nothing(void **state)
     free(c);
 }
 
+static void get_config_returns_what_put_set(void **state)
+{
+    fx *f = *state;
+    brk_group_config c, cur;
+    brk_group_config_init(&c);
+    c.fifo = true;
+    c.max_deliveries = 3;
+    c.max_inflight = 77;
+    assert_int_equal(brk_group_get_config(f->g, "cfgd", &cur), BRK_NOTFOUND);
+    put_ok(f, "cfgd", "orders", NULL, &c);
+    assert_int_equal(brk_group_get_config(f->g, "cfgd", &cur), BRK_OK);
+    assert_true(cur.fifo);
+    assert_false(cur.broadcast);
+    assert_int_equal(cur.max_deliveries, 3);
+    assert_int_equal(cur.max_inflight, 77);
+    restart(f);
+    assert_int_equal(brk_group_get_config(f->g, "cfgd", &cur), BRK_OK);
+    assert_int_equal(cur.max_inflight, 77);
+    assert_int_equal(brk_group_get_config(f->g, "bad name!", &cur), BRK_INVAL);
+}
+
 static void groups_list_names_every_group_in_creation_order(void **state)
 {
     fx *f = *state;
@@ -2443,6 +2464,7 @@ int main(void)
         T(receive_with_max_0_or_above_256_is_invalid),
         T(receive_with_bad_group_or_unknown_topic_is_refused),
         T(groups_list_names_every_group_in_creation_order),
+        T(get_config_returns_what_put_set),
         /* invisibility and receipts */
         T(received_message_is_invisible_then_reappears_with_a_new_receipt),
         T(default_invisibility_applies_when_receive_gives_zero),

@@ -224,6 +224,12 @@ typedef struct brk_group_lag_row {
 brk_status brk_group_lag(brk_groups *g, const char *group,
                          brk_group_lag_row **rows, size_t *count);
 
+/* A group's current configuration (so a caller can change one setting
+ * with brk_group_put without resetting the others).  NOTFOUND for an
+ * unknown group, INVAL for a bad name, CLOSED after close. */
+brk_status brk_group_get_config(brk_groups *g, const char *group,
+                                brk_group_config *out);
+
 /* Names of every group, in creation order (for metrics and listings).
  * *names is malloc'ed (free with free()); BRK_CLOSED after close. */
 typedef char brk_group_name[BRK_GROUP_MAX + 1];
