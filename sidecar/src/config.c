@@ -74,6 +74,9 @@ static const sc_opt OPTS[] = {
       "port; a non-loopback host requires a token" },
     { "threads", T_UINT, F(threads), "0", false, 0, 1024, NULL,
       "HTTP worker threads; 0 = one per online core" },
+    { "workers", T_UINT, F(workers), "64", false, 1, 4096, NULL,
+      "request threads: broker calls (which wait for fdatasync) run on them, "
+      "so up to this many writes share one fdatasync" },
     { "max_connections", T_UINT, F(max_connections), "4096", false, 1, 1000000,
       NULL, "simultaneous HTTP connections at most" },
     { "idle_timeout", T_DUR, F(idle_timeout_ms), "60s", false, MS_S, MS_D, NULL,

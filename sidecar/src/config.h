@@ -38,7 +38,7 @@
 #define SC_LISTEN_MAX    128
 #define SC_TOKEN_MIN     16
 #define SC_TOKEN_MAX     1024
-#define SC_OPT_COUNT     29      /* rows in the option table */
+#define SC_OPT_COUNT     30      /* rows in the option table */
 
 typedef enum sc_command {
     SC_CMD_RUN = 0,              /* `outboxd` or `outboxd run` */
@@ -70,6 +70,7 @@ typedef struct sc_config {
     char     data_dir[SC_PATH_MAX];
     char     listen[SC_LISTEN_MAX];
     uint64_t threads;                /* 0 = online cores */
+    uint64_t workers;                /* request threads (api_config.workers) */
     uint64_t max_connections;
     int64_t  idle_timeout_ms;
     uint64_t max_body;

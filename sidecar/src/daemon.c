@@ -118,7 +118,8 @@ static int ensure_dir(const char *dir, char *why, size_t wl)
             continue;
         char c = *p;
         *p = '\0';
-        if (mkdir(path, 0755) != 0 && errno != EEXIST) {
+        /* 0700: the store holds message bodies; nobody else may read it. */
+        if (mkdir(path, 0700) != 0 && errno != EEXIST) {
             snprintf(why, wl, "cannot create %s: %s", path, strerror(errno));
             return -1;
         }
@@ -272,6 +273,7 @@ static int open_http(sc_daemon *d, char *err, size_t errlen)
     a.bind_addr = c->bind_host;
     a.port = c->port;
     a.threads = d->threads;
+    a.workers = (unsigned)c->workers;
     a.max_connections = (unsigned)c->max_connections;
     a.idle_timeout_s = (unsigned)((c->idle_timeout_ms + 999) / 1000);
     a.token = c->auth_token[0] ? c->auth_token : NULL;

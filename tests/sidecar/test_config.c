@@ -120,6 +120,7 @@ static void defaults_apply_when_nothing_is_set(void **state)
     assert_int_equal(c->check_max, 15);
     assert_int_equal(c->check_on_exhausted, SC_EXHAUSTED_ROLLBACK);
     assert_int_equal(c->check_workers, 4);
+    assert_int_equal(c->workers, 64);
     assert_int_equal(c->delay_max_ms, 40LL * 24 * 3600 * 1000);
     assert_int_equal(c->invisible_default_ms, 30000);
     assert_int_equal(c->default_wait_ms, 0);
@@ -445,7 +446,7 @@ static void malformed_numbers_are_78(void **state)
         "--listen=127.0.0.1:65536", "--listen=127.0.0.1:-1",
         "--listen=127.0.0.1: 80", "--listen=[::1]", "--listen=[::1]80",
         "--listen=[::1]:", "--listen=[127.0.0.1]:80", "--listen=[fe80::1%lo]:80",
-        "--listen=:80", "--listen=", NULL
+        "--listen=:80", "--listen=", "--workers=0", "--workers=4097", NULL
     };
     for (size_t i = 0; bad[i]; i++) {
         int rc = load(f, ARGS(bad[i]), NONE);
