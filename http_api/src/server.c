@@ -50,7 +50,7 @@
  * STATE MACHINE (phase, under srv_req.mu)
  * =======================================
  *
- *   BODY --dispatch: submit + MHD_suspend_connection, both under mu--> QUEUED
+ *   BODY --dispatch: MHD_suspend_connection, then submit--> QUEUED
  *   QUEUED --a worker takes the job--> RUNNING (woken := false)
  *   RUNNING, in a worker:
  *     API_DONE: store the response --> ANSWERED, then MHD_resume outside mu
@@ -66,10 +66,11 @@
  *                                     caller wins SUSPENDED -> RESUMING)
  *   RESUMING --access handler: leave srv->parked--> dispatch again (QUEUED)
  *
- *   Inline (I/O thread): BODY --> RUNNING --> DONE.  An inline API_WAIT
- *   (only once the workers are closing, i.e. after drain: then it always
- *   meets `draining`) would park with MHD_suspend_connection under mu, as
- *   a worker's, and come back through RESUMING.
+ *   Inline routes (I/O thread): BODY --> RUNNING --> DONE; they never
+ *   wait, but an API_WAIT would park with MHD_suspend_connection under mu
+ *   and come back through RESUMING.  Once the workers are closing (after
+ *   drain) the dispatch runs the job itself, on the I/O thread, through the
+ *   same QUEUED..ANSWERED path.
  *
  *   wake() in RUNNING sets `woken` (the wake beat the API_WAIT, or ran
  *   inside api_handle); in any other phase but SUSPENDED it does nothing
@@ -80,9 +81,8 @@
  *     the check before parking sees `woken`.
  *   - Each suspension has exactly one resume: the worker's (ANSWERED), a
  *     wake's or drain's (RESUMING); each of them is the only one to leave
- *     its phase, under mu.  The dispatch holds mu from the submit to the
- *     suspend, and a worker's first step takes mu, so no worker can resume
- *     a connection that is not suspended yet.
+ *     its phase, under mu.  The dispatch suspends before it submits, so no
+ *     worker can resume a connection that is not suspended yet.
  *   - The srv_req outlives every use by a worker or a wake: a suspended
  *     connection cannot complete, and nobody touches rq after the resume
  *     that ends its suspension.
@@ -97,11 +97,11 @@
  * =====
  *   srv->mu   parked list, draining, quiesced, inflight (+ idle_cv)
  *   rq->mu    phase, woken
- *   workers   their queue (workers.c), taken under rq->mu by the dispatch
- * Order: srv->mu, rq->mu, the workers' lock.  Wake takes rq->mu only.
- * MHD_suspend is called with rq->mu held (it takes an MHD-internal mutex,
- * which MHD never holds while calling us); MHD_resume and api_* calls with
- * none.
+ * Order: srv->mu before rq->mu.  Wake takes rq->mu only; the workers' own
+ * lock (workers.c) is taken with none of ours held.
+ * MHD_suspend is called with none (dispatch) or with both held (an inline
+ * park; it takes an MHD-internal mutex, which MHD never holds while calling
+ * us); MHD_resume and api_* calls with none.
  *
  * DRAIN AND CLOSE
  * ===============
@@ -631,19 +631,18 @@ static enum MHD_Result run_inline(api_server *srv, srv_req *rq)
     return send_resp(srv, rq, &resp);
 }
 
-/* Hand the request to a worker: suspend the connection until it answers.
- * Once the workers are closing, run it here. */
+/* Hand the request to a worker, the connection suspended until it answers
+ * (suspended first: then no worker can resume it before).  Once the workers
+ * are closing, run the job here: it answers and resumes all the same, and
+ * MHD calls the access handler again. */
 static enum MHD_Result dispatch(api_server *srv, srv_req *rq)
 {
     prepare_handle(rq);
-    pthread_mutex_lock(&rq->mu);
-    bool queued = api_workers_submit(srv->workers, &rq->job);
-    if (queued) {
-        rq->phase = RQ_QUEUED;
-        MHD_suspend_connection(rq->conn);
-    }
-    pthread_mutex_unlock(&rq->mu);
-    return queued ? MHD_YES : run_inline(srv, rq);
+    set_phase(rq, RQ_QUEUED);
+    MHD_suspend_connection(rq->conn);
+    if (!api_workers_submit(srv->workers, &rq->job))
+        job_run(&rq->job);
+    return MHD_YES;
 }
 
 /* Answered on the I/O thread: liveness, readiness and metrics must not

@@ -34,8 +34,9 @@ typedef struct api_workers api_workers;
 brk_status api_workers_open(api_workers **out, unsigned threads,
                             size_t stack_bytes, char *errbuf, size_t errlen);
 
-/* Queue `job` (FIFO).  false once api_workers_close has begun: the job was
- * not queued and the caller runs it itself. */
+/* Hand `job` to an idle thread, or queue it (FIFO) when all are busy.
+ * false once api_workers_close has begun: the job was not taken and the
+ * caller runs it itself. */
 bool api_workers_submit(api_workers *p, api_job *job);
 
 /* Refuse new jobs (submit returns false from now on), run every job

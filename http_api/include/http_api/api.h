@@ -12,8 +12,9 @@
  *                transport parks the request until the wake callback runs,
  *                then calls api_handle() again with the same request.
  *   api_server   libmicrohttpd: sockets, keep-alive, body accumulation,
- *                bearer tokens, suspend/resume of long polls, request timing,
- *                draining on shutdown.  Owns one api_handler.
+ *                bearer tokens, request worker threads (api_handle may
+ *                block in fdatasync), suspend/resume of long polls, request
+ *                timing, draining on shutdown.  Owns one api_handler.
  *
  * The routes, fields and status codes are the contract in DESIGN.md ("HTTP
  * API"); docs/openapi.json describes them and tests check both agree
