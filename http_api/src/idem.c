@@ -42,9 +42,17 @@
  *
  * REBUILD
  * =======
- * At open "__idem" is read from its min offset, in log order.  Records
- * whose store_ms, or whose created_ms, is older than now - window are
- * skipped.  A record of another generation (other msg_id, created_ms or
+ * At open the newest 4 x max_keys records of "__idem" are read (all of
+ * them when there are fewer), in log order, so the cost of an open does not
+ * grow with the log's retention.  The table keeps at most max_keys entries,
+ * oldest forgotten first, and an entry leaves at most two records (INTENT,
+ * DONE); an entry the full log would have kept is left out only when more
+ * than 4 x max_keys records follow all of its own, which takes more than
+ * 2 x max_keys DONE records of still older entries written after it (or
+ * foreign records).  A DONE alone restores its entry.  (Seeking by time
+ * instead would trust store_ms to be monotonic; it is wall time.)
+ * Records whose store_ms, or whose created_ms, is older than now - window
+ * are skipped.  A record of another generation (other msg_id, created_ms or
  * hash) replaces the entry for its (scope, key); a DONE of the same
  * generation completes its INTENT.  The max_keys bound applies as entries
  * are added (oldest forgotten first, counted in evicted_total).
@@ -79,6 +87,7 @@
 #define IDEM_SCOPE_MAX    255
 #define IDEM_READ_BATCH   256
 #define IDEM_MIN_BUCKETS  64
+#define IDEM_REBUILD_FACTOR 4        /* records read at open per max_keys */
 
 typedef struct idem_ent {
     struct idem_ent *hnext;          /* bucket chain */
@@ -486,6 +495,10 @@ static brk_status rebuild(api_idem *t, char *errbuf, size_t errlen)
         set_err(errbuf, errlen, "reading %s: %s", API_IDEM_TOPIC, brk_strerror(st));
         return st;
     }
+    uint64_t span = t->max_keys > UINT64_MAX / IDEM_REBUILD_FACTOR
+                    ? UINT64_MAX : (uint64_t)t->max_keys * IDEM_REBUILD_FACTOR;
+    if (hi - lo > span)
+        lo = hi - span;
     int64_t cut = cutoff_of(t, t->clock->now_ms(t->clock->ctx));
     uint64_t off = lo;
     while (off < hi) {

@@ -12,8 +12,9 @@
  * the operation will use) is appended to the internal topic "__idem" with
  * defer_sync, so the operation's own durable append covers it.  After the
  * operation a DONE record (status + response body) follows, also deferred.
- * At open the table is rebuilt from "__idem" records younger than the
- * window.  A key with an INTENT but no DONE (a crash in between) comes back
+ * At open the table is rebuilt from the newest 4 x max_keys "__idem"
+ * records that are younger than the window (why that bound is enough: top
+ * of idem.c).  A key with an INTENT but no DONE (a crash in between) comes back
  * as API_IDEM_REDO: the handler repeats the operation with the recorded ids,
  * so the outcome carries the same msg_id/txid as the lost response.
  *

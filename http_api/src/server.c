@@ -3,9 +3,10 @@
  *
  * THREADS
  * =======
- * MHD runs an internal thread pool (cfg->threads I/O threads, each with its
- * own epoll set).  A connection lives on one I/O thread; the access handler
- * and the completion callback of its requests run there.  Those threads
+ * MHD runs an internal thread pool (cfg->threads I/O threads, each polling
+ * its own connections with poll(): see start_daemon for why not epoll).  A
+ * connection lives on one I/O thread; the access handler and the
+ * completion callback of its requests run there.  Those threads
  * only move bytes: once a request's body is complete the access handler
  * suspends the connection and hands the request to the request workers
  * (workers.c, cfg->workers threads), where api_handle runs and may block in
@@ -15,13 +16,14 @@
  * worker stores the response and resumes the connection; the access handler
  * then queues it on the I/O thread (MHD_queue_response must run there).
  * /healthz, /readyz, /metrics and the server's own 401/413 answers run
- * inline on the I/O thread, so liveness answers while every worker blocks.
+ * inline on the I/O thread, so liveness answers while every worker blocks;
+ * the inline routes never wait (api_handle gets no api_wait).
  *
  * Wake callbacks run on whatever thread the broker fires them from (a
  * sender, the groups timer thread, or a worker inside api_handle).  MHD is
  * built with suspend/resume, which implies an inter-thread channel
  * (MHD_USE_ITC): that is what lets MHD_resume_connection and
- * MHD_quiesce_daemon reach an I/O thread blocked in epoll.
+ * MHD_quiesce_daemon reach an I/O thread blocked in poll.
  *
  * ONE EXCHANGE (srv_req)
  * ======================
@@ -35,16 +37,19 @@
  * the workers' queue at most once, so the queue never holds more jobs than
  * there are connections.
  *
- *   access handler, 1st call (headers):  count in-flight; 401 (token) or 413
- *                                        (Content-Length) answered at once,
- *                                        before any body byte is read
+ *   access handler, 1st call (headers):  count in-flight; refuse with 401
+ *                                        (token) or 413 (Content-Length):
+ *                                        see refuse() for when the answer
+ *                                        waits for the body to be dropped
  *   access handler, body chunks:         appended up to max_body_bytes; past
- *                                        it the rest is discarded unbuffered
- *                                        and the final call answers 413
- *   access handler, final call:          dispatch to a worker (below); the
- *                                        inline routes, and every request
- *                                        once the workers are closing, run
- *                                        api_handle on the I/O thread
+ *                                        it (or once refused) counted and
+ *                                        dropped, and the connection closed
+ *                                        past 16 times the limit
+ *   access handler, final call:          the refusal, if any; else dispatch
+ *                                        to a worker (below); the inline
+ *                                        routes, and every request once the
+ *                                        workers are closing, run api_handle
+ *                                        on the I/O thread
  *   completion callback:                 api_wait_cancel, uncount, req_free
  *
  * STATE MACHINE (phase, under srv_req.mu)
@@ -66,11 +71,9 @@
  *                                     caller wins SUSPENDED -> RESUMING)
  *   RESUMING --access handler: leave srv->parked--> dispatch again (QUEUED)
  *
- *   Inline routes (I/O thread): BODY --> RUNNING --> DONE; they never
- *   wait, but an API_WAIT would park with MHD_suspend_connection under mu
- *   and come back through RESUMING.  Once the workers are closing (after
- *   drain) the dispatch runs the job itself, on the I/O thread, through the
- *   same QUEUED..ANSWERED path.
+ *   Inline routes (I/O thread): BODY --> RUNNING --> DONE, never waiting.
+ *   Once the workers are closing (after drain) the dispatch runs the job
+ *   itself, on the I/O thread, through the same QUEUED..ANSWERED path.
  *
  *   wake() in RUNNING sets `woken` (the wake beat the API_WAIT, or ran
  *   inside api_handle); in any other phase but SUSPENDED it does nothing
@@ -85,7 +88,11 @@
  *     worker can resume a connection that is not suspended yet.
  *   - The srv_req outlives every use by a worker or a wake: a suspended
  *     connection cannot complete, and nobody touches rq after the resume
- *     that ends its suspension.
+ *     that ends its suspension.  The server outlives them too: close joins
+ *     the workers, and waits for every wake between its SUSPENDED ->
+ *     RESUMING and the return of its MHD_resume_connection
+ *     (srv->wakes_resuming), so MHD never stops with such a connection
+ *     still suspended, nor is resumed after it stopped.
  *   - Client gone: MHD does not poll a suspended connection, so it notices
  *     only after the resume (ANSWERED: the stored response is freed unsent;
  *     RESUMING: nothing more runs); the completion callback calls
@@ -95,13 +102,13 @@
  *
  * LOCKS
  * =====
- *   srv->mu   parked list, draining, quiesced, inflight (+ idle_cv)
+ *   srv->mu   parked list, draining, quiesced, inflight (+ idle_cv, also
+ *             signalled when wakes_resuming, an atomic, drops to 0)
  *   rq->mu    phase, woken
- * Order: srv->mu before rq->mu.  Wake takes rq->mu only; the workers' own
- * lock (workers.c) is taken with none of ours held.
- * MHD_suspend is called with none (dispatch) or with both held (an inline
- * park; it takes an MHD-internal mutex, which MHD never holds while calling
- * us); MHD_resume and api_* calls with none.
+ * Order: srv->mu before rq->mu.  Wake takes rq->mu, then (alone) srv->mu
+ * to signal close; the workers' own lock (workers.c) is taken with none of
+ * ours held.  MHD_suspend (only in dispatch, in the access handler, as MHD
+ * requires), MHD_resume and api_* calls are made with none held.
  *
  * DRAIN AND CLOSE
  * ===============
@@ -113,11 +120,12 @@
  * MHD_stop_daemon, as MHD requires.  Requests in a worker or on its queue
  * finish normally (a queued send now gets its 503); exchanges in flight,
  * also on kept-alive connections, carry on; api_server_wait_idle waits for
- * them.  api_server_close drains, then closes the workers: from then on
- * requests run inline, and the close waits until the jobs already queued
- * or running are done (each resumed its connection; none parks, as
- * draining is set), so no connection is suspended when MHD_stop_daemon
- * runs (MHD refuses to stop with suspended connections).
+ * them.  api_server_close drains, waits for the wakes still resuming a
+ * connection, then closes the workers: from then on requests run inline,
+ * and the close waits until the jobs already queued or running are done
+ * (each resumed its connection; none parks, as draining is set), so no
+ * connection is suspended when MHD_stop_daemon runs (MHD aborts the
+ * process when one is).
  */
 #include "http_api/api.h"
 
@@ -126,6 +134,7 @@
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -146,6 +155,9 @@
 #define SRV_ROUTE_UNMATCHED   "unmatched"
 #define SRV_BODY_MIN_CAP      4096u
 #define SRV_BODY_MAX_PREALLOC (64u << 10)
+/* A refused request's body (401, 413) is read and dropped before the answer
+ * when it is at most this many times the body limit (see refuse()). */
+#define SRV_DISCARD_FACTOR    16u
 #define SRV_DEFAULT_WORKERS   64u
 /* Request workers' stacks.  The deepest path is jansson's: dumping a body
  * at the parser's depth limit (2048 levels, a 4 KiB request) recurses
@@ -178,7 +190,8 @@ typedef struct srv_req {
     /* the connection's I/O thread only */
     bool counted;                    /* in srv->inflight */
     bool handled;                    /* api_handle was (about to be) called */
-    bool too_big;                    /* body past the limit: 413 */
+    int refused;                     /* 401 or 413 once decided, else 0 */
+    uint64_t discarded;              /* body bytes dropped since */
     int64_t t0_ns;                   /* store clock mono_ns at the URI */
     const char *method;              /* MHD's, valid for the request */
     char *body;
@@ -205,8 +218,12 @@ struct api_server {
     char *token;                     /* NULL: no auth */
     size_t token_len;
     size_t max_body;
+    atomic_uint wakes_resuming;      /* wake() calls between claiming a
+                                        parked request and the return of
+                                        their MHD_resume_connection */
     pthread_mutex_t mu;              /* everything below */
-    pthread_cond_t idle_cv;          /* inflight reached 0 (CLOCK_MONOTONIC) */
+    pthread_cond_t idle_cv;          /* inflight or wakes_resuming reached 0
+                                        (CLOCK_MONOTONIC) */
     uint64_t inflight;               /* exchanges between first access call
                                         and completion */
     srv_req *parked;                 /* suspended requests */
@@ -400,8 +417,11 @@ static enum MHD_Result send_problem(api_server *srv, srv_req *rq, int status,
     return send_resp(srv, rq, &r);
 }
 
-static enum MHD_Result send_too_big(api_server *srv, srv_req *rq)
+static enum MHD_Result send_refusal(api_server *srv, srv_req *rq)
 {
+    if (rq->refused == 401)
+        return send_problem(srv, rq, 401, "unauthorized", "Unauthorized",
+                            "this route needs Authorization: Bearer <token>");
     char detail[128];
     snprintf(detail, sizeof detail,
              "the request body is larger than %zu bytes", srv->max_body);
@@ -431,24 +451,67 @@ static bool auth_ok(api_server *srv, struct MHD_Connection *conn)
     return token_equal(a, n, srv->token, srv->token_len);
 }
 
-/* Content-Length over the limit: answer before reading the body. */
-static bool declared_too_big(api_server *srv, struct MHD_Connection *conn,
-                             size_t *hint)
+/* The body the headers announce: its Content-Length (MHD has checked it),
+ * UINT64_MAX when chunked (unknown), 0 when none. */
+static uint64_t declared_body(struct MHD_Connection *conn)
 {
+    const char *te = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
+                                                 MHD_HTTP_HEADER_TRANSFER_ENCODING);
+    if (te && strcasestr(te, "chunked"))
+        return UINT64_MAX;
     const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
                                                  MHD_HTTP_HEADER_CONTENT_LENGTH);
-    *hint = 0;
-    if (!cl)
-        return false;
-    errno = 0;
-    char *end;
-    unsigned long long v = strtoull(cl, &end, 10);
-    if (errno || end == cl)
-        return false;                /* MHD refuses malformed lengths */
-    if (v > srv->max_body)
-        return true;
-    *hint = (size_t)v;
-    return false;
+    return cl ? strtoull(cl, NULL, 10) : 0;
+}
+
+static bool expects_continue(struct MHD_Connection *conn)
+{
+    const char *e = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
+                                                MHD_HTTP_HEADER_EXPECT);
+    return e && strcasecmp(e, "100-continue") == 0;
+}
+
+static uint64_t discard_max(const api_server *srv)
+{
+    uint64_t m = srv->max_body;
+    return m > UINT64_MAX / SRV_DISCARD_FACTOR ? UINT64_MAX
+                                               : m * SRV_DISCARD_FACTOR;
+}
+
+/* Refuse the request (401, 413) before its body reaches the handler.
+ * Answered while the client still sends, MHD closes the connection with
+ * bytes unread and the client may get a reset instead of the answer; so
+ * the body is read and dropped first (on_chunk) and the answer goes out
+ * on the final call.  At once when there is no body, when the client waits
+ * for 100-continue (it sends nothing before an answer), or when the body
+ * announced is over the discard bound (the connection then closes). */
+static enum MHD_Result refuse(api_server *srv, srv_req *rq, int status,
+                              uint64_t body)
+{
+    rq->refused = status;
+    if (body == 0 || expects_continue(rq->conn)
+        || (body != UINT64_MAX && body > discard_max(srv)))
+        return send_refusal(srv, rq);
+    set_phase(rq, RQ_BODY);
+    return MHD_YES;
+}
+
+static void request_init(srv_req *rq, const char *url, const char *method,
+                         uint64_t body)
+{
+    if (body && body != UINT64_MAX) {
+        /* Reserve what was announced, up to a point: a client may announce
+         * a megabyte and send it slowly. */
+        size_t hint = body > SRV_BODY_MAX_PREALLOC ? SRV_BODY_MAX_PREALLOC
+                                                   : (size_t)body;
+        rq->body = malloc(hint);
+        rq->body_cap = rq->body ? hint : 0;
+    }
+    rq->req.method = method;
+    rq->req.path = url;
+    rq->req.query = rq->has_query ? rq->query : NULL;
+    rq->req.header = req_header;
+    rq->req.header_ctx = rq;
 }
 
 static enum MHD_Result on_headers(api_server *srv, srv_req *rq,
@@ -461,40 +524,31 @@ static enum MHD_Result on_headers(api_server *srv, srv_req *rq,
     pthread_mutex_lock(&srv->mu);
     srv->inflight++;
     pthread_mutex_unlock(&srv->mu);
+    uint64_t body = declared_body(conn);
     if (srv->token && !auth_exempt(url) && !auth_ok(srv, conn))
-        return send_problem(srv, rq, 401, "unauthorized", "Unauthorized",
-                            "this route needs Authorization: Bearer <token>");
-    size_t hint;
-    if (declared_too_big(srv, conn, &hint))
-        return send_too_big(srv, rq);
-    if (hint) {
-        /* Reserve what was announced, up to a point: a client may announce
-         * a megabyte and send it slowly. */
-        if (hint > SRV_BODY_MAX_PREALLOC)
-            hint = SRV_BODY_MAX_PREALLOC;
-        rq->body = malloc(hint);
-        rq->body_cap = rq->body ? hint : 0;
-    }
-    rq->req.method = method;
-    rq->req.path = url;
-    rq->req.query = rq->has_query ? rq->query : NULL;
-    rq->req.header = req_header;
-    rq->req.header_ctx = rq;
+        return refuse(srv, rq, 401, body);
+    if (body != UINT64_MAX && body > srv->max_body)
+        return refuse(srv, rq, 413, body);
+    request_init(rq, url, method, body);
     set_phase(rq, RQ_BODY);
     return MHD_YES;
 }
 
-/* Body bytes: keep up to max_body, then drop the rest without buffering. */
+/* Body bytes: kept up to max_body.  Past it (a chunked body), or once the
+ * request is refused, they are counted and dropped; past the discard
+ * bound the connection is closed (false). */
 static bool on_chunk(api_server *srv, srv_req *rq, const char *data, size_t n)
 {
-    if (rq->too_big)
-        return true;
-    if (n > srv->max_body - rq->body_len) {
-        rq->too_big = true;
+    if (!rq->refused && n > srv->max_body - rq->body_len) {
+        rq->refused = 413;
+        rq->discarded = rq->body_len;
         free(rq->body);
         rq->body = NULL;
         rq->body_len = rq->body_cap = 0;
-        return true;
+    }
+    if (rq->refused) {
+        rq->discarded += n;
+        return rq->discarded <= discard_max(srv);
     }
     if (rq->body_len + n > rq->body_cap) {
         size_t cap = rq->body_cap ? rq->body_cap : SRV_BODY_MIN_CAP;
@@ -518,27 +572,36 @@ static bool on_chunk(api_server *srv, srv_req *rq, const char *data, size_t n)
 static void on_wake(void *ctx)
 {
     srv_req *rq = ctx;
+    api_server *srv = rq->srv;
     struct MHD_Connection *resume = NULL;
     pthread_mutex_lock(&rq->mu);
     if (rq->phase == RQ_SUSPENDED) {
         rq->phase = RQ_RESUMING;
         resume = rq->conn;
+        /* Counted before drain can see RESUMING (it takes rq->mu): close
+         * must not stop MHD before this resume is through. */
+        atomic_fetch_add(&srv->wakes_resuming, 1);
     } else if (rq->phase == RQ_RUNNING) {
         rq->woken = true;
     }
     pthread_mutex_unlock(&rq->mu);
+    if (!resume)
+        return;
     /* Still suspended until this call, so rq and conn are alive; rq must
-     * not be touched after it. */
-    if (resume)
-        MHD_resume_connection(resume);
+     * not be touched after it (srv lives until close saw the count drop). */
+    MHD_resume_connection(resume);
+    if (atomic_fetch_sub(&srv->wakes_resuming, 1) == 1) {
+        pthread_mutex_lock(&srv->mu);
+        pthread_cond_broadcast(&srv->idle_cv);
+        pthread_mutex_unlock(&srv->mu);
+    }
 }
 
 typedef enum park_result { PARKED, WOKEN, DRAINING } park_result;
 
-/* API_WAIT: park unless woken or draining.  `suspend`: the request runs on
- * the I/O thread, whose connection is not suspended yet (a worker's is,
- * since the dispatch). */
-static park_result park(api_server *srv, srv_req *rq, bool suspend)
+/* API_WAIT in a worker: park unless woken or draining.  The connection
+ * stays suspended from the dispatch. */
+static park_result park(api_server *srv, srv_req *rq)
 {
     park_result res = PARKED;
     pthread_mutex_lock(&srv->mu);
@@ -555,8 +618,6 @@ static park_result park(api_server *srv, srv_req *rq, bool suspend)
         if (srv->parked)
             srv->parked->prev = rq;
         srv->parked = rq;
-        if (suspend)
-            MHD_suspend_connection(rq->conn);
     }
     pthread_mutex_unlock(&rq->mu);
     pthread_mutex_unlock(&srv->mu);
@@ -565,8 +626,7 @@ static park_result park(api_server *srv, srv_req *rq, bool suspend)
 
 /* api_handle until it is done or parked: true with *resp filled when done,
  * false when parked (the wake or drain resumes the connection). */
-static bool handle(api_server *srv, srv_req *rq, api_response *resp,
-                   bool suspend)
+static bool handle(api_server *srv, srv_req *rq, api_response *resp)
 {
     for (;;) {
         pthread_mutex_lock(&rq->mu);
@@ -577,7 +637,7 @@ static bool handle(api_server *srv, srv_req *rq, api_response *resp,
         if (api_handle(srv->h, &rq->req, resp, &rq->wait) == API_DONE)
             return true;
         api_response_free(resp);
-        switch (park(srv, rq, suspend)) {
+        switch (park(srv, rq)) {
         case PARKED:
             return false;
         case WOKEN:
@@ -598,7 +658,7 @@ static void job_run(api_job *job)
 {
     srv_req *rq = (srv_req *)(void *)((char *)job - offsetof(srv_req, job));
     api_response resp;
-    if (!handle(rq->srv, rq, &resp, false))
+    if (!handle(rq->srv, rq, &resp))
         return;                      /* parked: still suspended */
     struct MHD_Connection *conn = rq->conn;
     pthread_mutex_lock(&rq->mu);
@@ -622,12 +682,14 @@ static void prepare_handle(srv_req *rq)
     rq->job.run = job_run;
 }
 
+/* No api_wait: the handler never parks a request on the I/O thread. */
 static enum MHD_Result run_inline(api_server *srv, srv_req *rq)
 {
     api_response resp;
+    memset(&resp, 0, sizeof resp);
     prepare_handle(rq);
-    if (!handle(srv, rq, &resp, true))
-        return MHD_YES;              /* parked */
+    set_phase(rq, RQ_RUNNING);
+    (void)api_handle(srv->h, &rq->req, &resp, NULL);
     return send_resp(srv, rq, &resp);
 }
 
@@ -661,12 +723,9 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn,
     (void)version;
     api_server *srv = cls;
     srv_req *rq = *con_cls;
-    if (!rq) {                       /* the URI callback ran out of memory */
-        rq = req_new(srv, NULL);
-        if (!rq)
-            return MHD_NO;
-        *con_cls = rq;
-    }
+    if (!rq)                         /* the URI callback ran out of memory:
+                                        no query string to handle it with */
+        return MHD_NO;
     rq_phase ph = get_phase(rq);
     if (ph == RQ_HEADERS)
         return on_headers(srv, rq, conn, url, method);
@@ -684,8 +743,8 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn,
         pthread_mutex_unlock(&srv->mu);
         return dispatch(srv, rq);
     case RQ_BODY:
-        if (rq->too_big)
-            return send_too_big(srv, rq);
+        if (rq->refused)
+            return send_refusal(srv, rq);
         return runs_inline(url) ? run_inline(srv, rq) : dispatch(srv, rq);
     default:
         return MHD_NO;               /* not called in other phases */
@@ -780,10 +839,15 @@ static brk_status start_daemon(api_server *srv, const api_config *cfg,
                                const char *addr, const srv_addr *a,
                                char *errbuf, size_t errlen)
 {
+    /* poll(), not epoll: MHD_quiesce_daemon (drain) takes the listen socket
+     * out of each I/O thread's epoll set while an awake I/O thread may do
+     * the same, and libmicrohttpd aborts the process when it loses that
+     * race.  With poll an I/O thread just leaves the socket out of its
+     * next set.  Parked requests are suspended, so they are not polled. */
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_ALLOW_SUSPEND_RESUME
                      | MHD_USE_ERROR_LOG;
-    flags |= MHD_is_feature_supported(MHD_FEATURE_EPOLL) == MHD_YES
-             ? MHD_USE_EPOLL : MHD_USE_AUTO;
+    if (MHD_is_feature_supported(MHD_FEATURE_POLL) == MHD_YES)
+        flags |= MHD_USE_POLL;
     if (a->v6)
         flags |= MHD_USE_IPv6;
     unsigned conns = cfg->max_connections ? cfg->max_connections : SRV_DEFAULT_CONNS;
@@ -812,6 +876,7 @@ static brk_status srv_init(api_server *srv, const api_config *cfg,
         srv->logger = *cfg->logger;
     srv->max_body = cfg->max_body_bytes ? cfg->max_body_bytes : SRV_DEFAULT_BODY;
     srv->listen_fd = MHD_INVALID_SOCKET;
+    atomic_init(&srv->wakes_resuming, 0);
     if (cfg->token && cfg->token[0]) {
         srv->token = strdup(cfg->token);
         if (!srv->token)
@@ -966,6 +1031,17 @@ bool api_server_wait_idle(api_server *srv, uint32_t timeout_ms)
     return idle;
 }
 
+/* After drain no request parks, so no wake claims one any more; wait for
+ * the wakes that claimed theirs before (each resumes within microseconds
+ * unless its thread was preempted). */
+static void wait_wakes_resumed(api_server *srv)
+{
+    pthread_mutex_lock(&srv->mu);
+    while (atomic_load(&srv->wakes_resuming) > 0)
+        pthread_cond_wait(&srv->idle_cv, &srv->mu);
+    pthread_mutex_unlock(&srv->mu);
+}
+
 void api_server_close(api_server *srv)
 {
     if (!srv)
@@ -975,6 +1051,7 @@ void api_server_close(api_server *srv)
      * runs every job they hold (each resumes its connection), and from
      * then on requests run inline. */
     api_server_drain(srv);
+    wait_wakes_resumed(srv);
     api_workers_close(srv->workers);
     MHD_stop_daemon(srv->d);
     api_workers_free(srv->workers);

@@ -6,10 +6,10 @@
  *                   (sigwait); runs the shutdown sequence.  It handles no
  *                   request.
  *   HTTP I/O        libmicrohttpd's thread pool, `threads` threads (0 = one
- *                   per online core), each with its own epoll loop; they
+ *                   per online core), each with its own poll() loop; they
  *                   move bytes and answer /healthz, /readyz, /metrics, 401
  *                   and 413 themselves.
- *   HTTP workers    http_api's request workers (its default, 64): each runs
+ *   HTTP workers    http_api's request workers (`workers`, default 64): each runs
  *                   one request; a SYNC append waits there for its
  *                   group-commit fdatasync.  A parked long poll holds no
  *                   thread.

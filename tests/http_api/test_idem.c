@@ -393,6 +393,43 @@ static void malformed_records_in_the_topic_are_skipped(void **state)
     expect_response_of(f, "a", "A", &a);
 }
 
+/* Open reads only the newest 4 x max_keys records of "__idem", so its cost
+ * does not grow with the log's retention: a key whose records all lie
+ * further back is not read (a full read would have kept it). */
+static void open_reads_no_further_back_than_4x_max_keys_records(void **state)
+{
+    fx *f = *state;
+    f->max_keys = 2;                               /* reads 8 records */
+    restart(f);
+    api_idem_ticket old = new_done(f, "old", "o"); /* INTENT, DONE */
+    brk_append_req rq;
+    memset(&rq, 0, sizeof rq);
+    rq.topic = API_IDEM_TOPIC;
+    rq.queue = 0;
+    rq.key = (brk_bytes){ "junk", 4 };
+    rq.body = (brk_bytes){ "not a record", 12 };
+    rq.type = BRK_REC_OP;
+    rq.allow_internal = true;
+    brk_append_res res;
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(brk_store_append(f->s, &rq, &res), BRK_OK);
+    api_idem_ticket n = new_done(f, "new", "n");
+    restart(f);                                    /* all 8 */
+    assert_int_equal(stats(f).keys, 2);
+    expect_response_of(f, "old", "o", &old);
+    assert_int_equal(brk_store_append(f->s, &rq, &res), BRK_OK);
+    restart(f);                                    /* old's DONE alone */
+    assert_int_equal(stats(f).keys, 2);
+    expect_response_of(f, "old", "o", &old);
+    assert_int_equal(brk_store_append(f->s, &rq, &res), BRK_OK);
+    restart(f);                                    /* nothing of old */
+    assert_int_equal(stats(f).keys, 1);
+    expect_response_of(f, "new", "n", &n);
+    api_idem_ticket tk;
+    assert_int_equal(begin(f, "old", "o", &tk), API_IDEM_NEW);
+    api_idem_abort(f->t, &tk);
+}
+
 /* ---- window and bound ----------------------------------------------------- */
 
 static void keys_older_than_the_window_are_forgotten(void **state)
@@ -745,6 +782,7 @@ int main(void)
         T(restart_replays_done_and_redoes_intent_only),
         T(a_later_generation_of_a_key_overrides_the_earlier_on_restart),
         T(malformed_records_in_the_topic_are_skipped),
+        T(open_reads_no_further_back_than_4x_max_keys_records),
         T(keys_older_than_the_window_are_forgotten),
         T(window_expiry_also_applies_across_a_restart),
         T(reserved_keys_do_not_expire),

@@ -208,7 +208,7 @@ const api_route_info *api_routes(size_t *count);
 typedef struct api_server api_server;
 
 /* Open the handler, start cfg->workers request threads and listen (MHD
- * internal thread pool with epoll, cfg->threads I/O threads, suspend/resume
+ * internal thread pool with poll(), cfg->threads I/O threads, suspend/resume
  * for requests in a worker and for long polls).  Errors: INVAL (bad address
  * or config), IO (cannot bind: errbuf names the address and errno text;
  * or cannot start a thread). */
