@@ -146,6 +146,11 @@ api_outcome api_reply(api_call *c, int status, json_t *obj, bool built);
 /* A new object, or NULL (then api_reply answers 503 for lack of memory). */
 json_t *api_obj(void);
 
+struct api_jbuf;
+/* api_reply for a body written directly (codec.h, api_jbuf; taken: the
+ * buffer is handed over or freed).  A failed buffer answers 503. */
+api_outcome api_reply_jbuf(api_call *c, int status, struct api_jbuf *b);
+
 /* Log through cfg.logger when there is one. */
 void api_log(api_handler *h, api_log_level lv, const char *msg,
              const api_log_field *fields, size_t n);

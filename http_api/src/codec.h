@@ -101,8 +101,43 @@ brk_status api_json_cstr(const json_t *obj, const char *prefix,
 
 /* Compact text of `v` (any JSON value), malloc'ed, NUL-terminated, *len
  * without the NUL.  Reals are written with the fewest digits (15..17) that
- * read back as the same double, so 0.1 stays 0.1.  NULL on NOMEM. */
+ * read back as the same double, so 0.1 stays 0.1.  NULL on NOMEM.  The
+ * bytes are json_dumps(JSON_COMPACT | JSON_ENCODE_ANY)'s: a tree without
+ * reals is written by api_jbuf (no jansson dump, no loop-check table),
+ * anything else by jansson. */
 char *api_json_dump(const json_t *v, size_t *len);
+
+/* A growing buffer of compact JSON text, written directly: the fixed-shape
+ * 2xx answers of the hot routes and the reals-free trees of api_json_dump,
+ * byte for byte what jansson's compact dump of the same json_t would be
+ * (strings escape '"', '\' and controls only, as \b \f \n \r \t or
+ * \u00XX upper case; integers in decimal).  A failed allocation or a
+ * string that is not valid UTF-8 (jansson refuses those too) marks the
+ * buffer failed; later writes do nothing and api_jbuf_take returns NULL. */
+typedef struct api_jbuf {
+    char *p;
+    size_t len, cap;
+    bool failed;
+} api_jbuf;
+
+/* Start with room for `hint` bytes (at least 64). */
+void api_jbuf_init(api_jbuf *b, size_t hint);
+/* A JSON string of s[n] (NULs inside allowed, written as \u0000). */
+void api_jbuf_str(api_jbuf *b, const void *s, size_t n);
+void api_jbuf_int(api_jbuf *b, int64_t v);
+/* As api_json_uuid and api_json_time(ms, false) would be written. */
+void api_jbuf_uuid(api_jbuf *b, const uint8_t id[BRK_UUID_LEN]);
+void api_jbuf_time(api_jbuf *b, int64_t ms);
+/* Flat objects: the buffer holds one object.  Writes '{' (first key) or
+ * ',' and then "key":; api_jbuf_end closes it ("{}" when no key came). */
+void api_jbuf_key(api_jbuf *b, const char *key);
+void api_jbuf_end(api_jbuf *b);
+/* Any value whose tree holds no real (false, buffer unchanged, for one
+ * that does or nests deeper than jansson's parser allows). */
+bool api_jbuf_value(api_jbuf *b, const json_t *v);
+/* The text, NUL-terminated, *len without the NUL; the buffer is handed
+ * over (free() it).  NULL (and freed) when the buffer failed. */
+char *api_jbuf_take(api_jbuf *b, size_t *len);
 
 /* A JSON string of the bytes p[n]; invalid UTF-8 is replaced by U+FFFD so
  * the response is always valid JSON.  NULL only on NOMEM. */

@@ -184,11 +184,8 @@ json_t *api_obj(void)
     return json_object();
 }
 
-api_outcome api_reply(api_call *c, int status, json_t *obj, bool built)
+static api_outcome reply_text(api_call *c, int status, char *text, size_t len)
 {
-    size_t len = 0;
-    char *text = obj && built ? api_json_dump(obj, &len) : NULL;
-    json_decref(obj);
     if (!text)
         return api_problem(c, API_PROB_UNAVAILABLE, "out of memory while "
                            "building the response");
@@ -199,4 +196,19 @@ api_outcome api_reply(api_call *c, int status, json_t *obj, bool built)
     c->resp->content_type = API_CT_JSON;
     c->resp->retry_after_s = 0;
     return API_DONE;
+}
+
+api_outcome api_reply(api_call *c, int status, json_t *obj, bool built)
+{
+    size_t len = 0;
+    char *text = obj && built ? api_json_dump(obj, &len) : NULL;
+    json_decref(obj);
+    return reply_text(c, status, text, len);
+}
+
+api_outcome api_reply_jbuf(api_call *c, int status, api_jbuf *b)
+{
+    size_t len = 0;
+    char *text = api_jbuf_take(b, &len);
+    return reply_text(c, status, text, len);
 }

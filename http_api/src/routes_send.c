@@ -95,14 +95,21 @@ static api_outcome send_failed(api_call *c, brk_status st)
     }
 }
 
+/* The 201s of a send are written directly (no json_t): the same bytes,
+ * a fraction of the CPU, on the busiest route. */
 static void reply_placed(api_call *c, const uint8_t *id, uint16_t queue,
                          uint64_t offset)
 {
-    json_t *o = api_obj();
-    bool ok = o && api_json_put(o, "msg_id", api_json_uuid(id))
-              && api_json_put(o, "queue", json_integer(queue))
-              && api_json_put(o, "offset", json_integer((json_int_t)offset));
-    api_reply(c, 201, o, ok);
+    api_jbuf b;
+    api_jbuf_init(&b, 96);
+    api_jbuf_key(&b, "msg_id");
+    api_jbuf_uuid(&b, id);
+    api_jbuf_key(&b, "queue");
+    api_jbuf_int(&b, queue);
+    api_jbuf_key(&b, "offset");
+    api_jbuf_int(&b, (int64_t)offset);
+    api_jbuf_end(&b);
+    api_reply_jbuf(c, 201, &b);
 }
 
 static void do_send(api_call *c, const api_msg *m, int64_t deliver_at,
@@ -141,11 +148,14 @@ static void do_send(api_call *c, const api_msg *m, int64_t deliver_at,
         return;
     }
     api_metrics_published(c->h->metrics, API_PUB_DELAYED);
-    json_t *o = api_obj();
-    bool ok = o && api_json_put(o, "msg_id", api_json_uuid(dr.msg_id))
-              && api_json_put(o, "deliver_at",
-                              api_json_time(dr.deliver_at_ms, false));
-    api_reply(c, 201, o, ok);
+    api_jbuf b;
+    api_jbuf_init(&b, 96);
+    api_jbuf_key(&b, "msg_id");
+    api_jbuf_uuid(&b, dr.msg_id);
+    api_jbuf_key(&b, "deliver_at");
+    api_jbuf_time(&b, dr.deliver_at_ms);
+    api_jbuf_end(&b);
+    api_reply_jbuf(c, 201, &b);
 }
 
 api_outcome api_route_send(api_call *c)

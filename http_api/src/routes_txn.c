@@ -181,6 +181,22 @@ static bool parse_prepare(api_call *c, prepare_args *a)
     return true;
 }
 
+/* "txid", "msg_id" (with_id) and "state" of a prepare or verdict.  These
+ * answers, half of every transaction's requests, are written without a
+ * json_t tree: jansson's compact bytes, a fraction of the CPU. */
+static void jbuf_txn(api_jbuf *b, const brk_txn_result *res, bool with_id)
+{
+    api_jbuf_key(b, "txid");
+    api_jbuf_str(b, res->txid, strlen(res->txid));
+    if (with_id) {
+        api_jbuf_key(b, "msg_id");
+        api_jbuf_uuid(b, res->msg_id);
+    }
+    const char *state = brk_txn_state_name(res->state);
+    api_jbuf_key(b, "state");
+    api_jbuf_str(b, state, strlen(state));
+}
+
 static api_outcome prepare_failed(api_call *c, const prepare_args *a,
                                   const char *txid, brk_status st)
 {
@@ -238,12 +254,11 @@ api_outcome api_route_txn_prepare(api_call *c)
     brk_txn_result res;
     brk_status st = brk_txn_prepare(c->h->b.txn, &pr, &res);
     if (st == BRK_OK) {
-        json_t *o = api_obj();
-        bool ok = o && api_json_put(o, "txid", json_string(res.txid))
-                  && api_json_put(o, "msg_id", api_json_uuid(res.msg_id))
-                  && api_json_put(o, "state", json_string(
-                                                  brk_txn_state_name(res.state)));
-        api_reply(c, 201, o, ok);
+        api_jbuf b;
+        api_jbuf_init(&b, 160);
+        jbuf_txn(&b, &res, true);
+        api_jbuf_end(&b);
+        api_reply_jbuf(c, 201, &b);
     } else {
         prepare_failed(c, &a, txid[0] ? txid : "(generated)", st);
     }
@@ -273,16 +288,15 @@ static api_outcome verdict(api_call *c, bool commit)
         return api_fail(c, st, "%s of transaction '%s' failed: %s",
                         commit ? "commit" : "rollback", c->param,
                         brk_strerror(st));
-    json_t *o = api_obj();
-    bool ok = o && api_json_put(o, "txid", json_string(res.txid));
-    if (commit)
-        ok = ok && api_json_put(o, "msg_id", api_json_uuid(res.msg_id));
-    ok = ok && api_json_put(o, "state", json_string(
-                                            brk_txn_state_name(res.state)));
-    if (commit && res.delayed)
-        ok = ok && api_json_put(o, "deliver_at",
-                                api_json_time(res.deliver_at_ms, false));
-    return api_reply(c, 200, o, ok);
+    api_jbuf b;
+    api_jbuf_init(&b, 160);
+    jbuf_txn(&b, &res, commit);
+    if (commit && res.delayed) {
+        api_jbuf_key(&b, "deliver_at");
+        api_jbuf_time(&b, res.deliver_at_ms);
+    }
+    api_jbuf_end(&b);
+    return api_reply_jbuf(c, 200, &b);
 }
 
 api_outcome api_route_txn_commit(api_call *c)
