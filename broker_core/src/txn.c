@@ -473,8 +473,10 @@ brk_status txn_resolve(brk_txn *t, uint64_t hash, const char *txid,
     e = txn_tab_find(t, hash);
     if (stored) {
         txn_set_terminal(t, e, want, src == SRC_EXHAUSTED, txn_now_ms(t));
-        if (st != BRK_OK)
+        if (st != BRK_OK) {
             e->flags |= F_EFFECT;        /* retried by tick and by replays */
+            t->effect_hint++;
+        }
         if (commit)
             t->st.committed_total++;
         else

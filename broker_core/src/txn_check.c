@@ -436,12 +436,21 @@ static void compact(brk_txn *t, int64_t now)
 void txn_retry_effects(brk_txn *t)
 {
     pthread_mutex_lock(&t->mu);
-    size_t n = 0;
+    if (t->effect_hint == 0) {          /* nothing owed: no table scan */
+        pthread_mutex_unlock(&t->mu);
+        return;
+    }
+    size_t n = 0, owed = 0;
     uint64_t hv[64];
-    for (size_t i = 0; i < t->cap && n < 64; i++)
-        if (t->tab[i].hash && (t->tab[i].flags & F_EFFECT)
-            && !(t->tab[i].flags & F_RESOLVING))
+    for (size_t i = 0; i < t->cap && n < 64; i++) {
+        if (!t->tab[i].hash || !(t->tab[i].flags & F_EFFECT))
+            continue;
+        owed++;                         /* resolving ones too: may fail */
+        if (!(t->tab[i].flags & F_RESOLVING))
             hv[n++] = t->tab[i].hash;
+    }
+    if (owed == 0)
+        t->effect_hint = 0;
     pthread_mutex_unlock(&t->mu);
     for (size_t i = 0; i < n; i++) {
         pthread_mutex_lock(&t->mu);

@@ -90,6 +90,9 @@ struct brk_txn {
     uint64_t *inflight;         /* lower bounds of verdict ops whose effect
                                    is not yet appended */
     size_t ninflight, cinflight;
+    uint64_t effect_hint;        /* (mu) raised whenever F_EFFECT is set;
+                                    0 only when no entry has it, so the
+                                    tick skips its table scan */
 
     /* worker pool */
     pthread_cond_t  wcv;        /* jobs available / stopping */

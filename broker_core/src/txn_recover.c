@@ -128,6 +128,7 @@ static brk_status rebuild_op(brk_txn *t, const brk_record *r,
             /* Filled from the half record below (commit: its id; expiry:
              * the derived id); mark the entry so we can find it. */
             e->flags |= F_EFFECT;
+            t->effect_hint++;
             memset(o->id, 0, sizeof o->id);
         }
         break;
