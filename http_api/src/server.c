@@ -973,7 +973,7 @@ void api_server_drain(api_server *srv)
     if (!srv)
         return;
     api_handler_drain(srv->h);
-    srv_req *todo = NULL;
+    srv_req *to_resume = NULL;
     bool quiesce;
     pthread_mutex_lock(&srv->mu);
     srv->draining = true;
@@ -982,8 +982,8 @@ void api_server_drain(api_server *srv)
         pthread_mutex_lock(&rq->mu);
         if (rq->phase == RQ_SUSPENDED) {
             rq->phase = RQ_RESUMING;
-            rq->drain_next = todo;
-            todo = rq;
+            rq->drain_next = to_resume;
+            to_resume = rq;
         }
         pthread_mutex_unlock(&rq->mu);
         unlist(srv, rq);
@@ -993,10 +993,10 @@ void api_server_drain(api_server *srv)
     pthread_mutex_unlock(&srv->mu);
     /* Each stays suspended (alive) until its own resume: read the link
      * first. */
-    while (todo) {
-        srv_req *next = todo->drain_next;
-        MHD_resume_connection(todo->conn);
-        todo = next;
+    while (to_resume) {
+        srv_req *next = to_resume->drain_next;
+        MHD_resume_connection(to_resume->conn);
+        to_resume = next;
     }
     if (quiesce) {
         MHD_socket fd = MHD_quiesce_daemon(srv->d);
