@@ -1,0 +1,81 @@
+/*
+ * pg.h - PostgreSQL connections for the check-back adapter, the relay and
+ * `outboxd db`: one way to connect, one way to classify failures.
+ *
+ * Connection parameters come from `conninfo` (a postgresql:// URL or
+ * "key=value" pairs); what it leaves out comes from libpq's standard PG*
+ * environment variables (PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD,
+ * PGSERVICE, PGSSLMODE, ...).  A password file's first line, when one is
+ * given, is passed as the password and overrides any other.  Every
+ * connection gets TCP keepalives and a TCP user timeout (a dead server is
+ * noticed within about connect_timeout), `application_name`, and
+ * `statement_timeout`; messages never include the password (libpq's
+ * messages do not; ours print only host, port, database and user).
+ *
+ * Failure classes (sc_pg_fail) decide what callers do:
+ *   SC_PG_UNREACHABLE  connection refused, timeout, server shutting down or
+ *                      starting up, connection lost: retry with backoff
+ *   SC_PG_REFUSED      the server answered and said no: bad password,
+ *                      unknown role or database, pg_hba rejection.  At
+ *                      start-up this is a configuration error (exit 78);
+ *                      later it is retried like UNREACHABLE (a DBA may be
+ *                      rotating the password).
+ *
+ * Threads: a PGconn is used by one thread at a time; these functions keep
+ * no shared state.
+ */
+#ifndef SC_PG_H
+#define SC_PG_H
+
+#include <libpq-fe.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "broker/clock.h"
+
+typedef enum sc_pg_fail {
+    SC_PG_OK = 0,
+    SC_PG_UNREACHABLE,
+    SC_PG_REFUSED
+} sc_pg_fail;
+
+typedef struct sc_pg_opts {
+    const char *conninfo;            /* NULL/"": libpq defaults (PG*) */
+    const char *password_file;       /* NULL/"": none */
+    const char *application_name;    /* NULL: "outboxd" */
+    int64_t statement_timeout_ms;    /* 0: no timeout (overrides role and
+                                        database settings; migrations) */
+    int64_t connect_timeout_ms;      /* also bounds keepalive detection;
+                                        default (0) 5000 */
+    int64_t backoff_min_ms;          /* reconnect backoff; default 100 */
+    int64_t backoff_max_ms;          /* default 30000 */
+    const brk_clock *clock;          /* backoff timing; NULL: system clock */
+} sc_pg_opts;
+
+void sc_pg_opts_init(sc_pg_opts *o);
+
+/* Connect (blocking, at most about connect_timeout) and apply the session
+ * settings.  On failure returns NULL, *fail says which class, and err holds
+ * "cannot connect to PostgreSQL at HOST:PORT/DB as USER: <libpq reason>"
+ * (one line, no password). */
+PGconn *sc_pg_connect(const sc_pg_opts *o, sc_pg_fail *fail, char *err,
+                      size_t errlen);
+
+/* The class of a failed query result (NULL res: look at the connection):
+ * connection-level trouble is UNREACHABLE, anything else is SC_PG_OK with
+ * the error being the query's own (see sc_pg_is_timeout). */
+sc_pg_fail sc_pg_result_fail(PGconn *c, const PGresult *res);
+
+/* True when res failed because statement_timeout cancelled it (57014). */
+bool sc_pg_is_timeout(const PGresult *res);
+
+/* "host:port/db as user" for messages; never the password. */
+void sc_pg_describe(PGconn *c, char *out, size_t cap);
+
+/* Reconnect backoff with full jitter: the delay before attempt n (0-based
+ * failures so far), between min and min(max, min * 2^n), scaled by
+ * `jitter` in [0, 1) (the caller's random draw). */
+int64_t sc_pg_backoff_ms(const sc_pg_opts *o, unsigned failures, double jitter);
+
+#endif /* SC_PG_H */

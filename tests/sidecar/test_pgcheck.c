@@ -1,0 +1,1003 @@
+/*
+ * test_pgcheck.c - check-backs answered by PostgreSQL (sidecar/src/pgcheck.h)
+ * against a real server (tests/support/pg_harness): how answers map, the
+ * default query and custom ones, start-up validation and its messages,
+ * passwords, the PG* environment, statement_timeout, outages at start and
+ * mid-run, concurrency, and the whole chain at the transaction level: a
+ * broker_core store whose check-backs are answered by this checker while
+ * PostgreSQL is down for longer than the check schedule.
+ *
+ * One server for the program (group setup); every test makes its own
+ * database.  Tests that stop or kill the server restart it before they
+ * end.  Waits poll for a state with a generous deadline; no test asserts
+ * on speed except "answers ERROR well before the 2 s query / the connect
+ * timeout", whose margins are wide.
+ *
+ * Rows are written with libpq and parameters (so txids full of quotes need
+ * no quoting here either), schema changes through psql (pgh_sql).
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <libpq-fe.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "broker/store.h"
+#include "broker/txn.h"
+#include "log.h"
+#include "pg_harness.h"
+#include "pgcheck.h"
+#include "tmpdir.h"
+
+static pgh *g_pg;
+
+/* ---- helpers ----------------------------------------------------------------- */
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
+    while (nanosleep(&ts, &ts) != 0) {}
+}
+
+static void new_db(const char *db, bool migrate)
+{
+    if (pgh_create_db(g_pg, db, migrate) != 0)
+        fail_msg("cannot create database %s", db);
+}
+
+static void sql(const char *db, const char *text)
+{
+    if (pgh_sql(g_pg, db, text, NULL, 0) != 0)
+        fail_msg("SQL failed in %s: %s", db, text);
+}
+
+/* One parameterised statement as the superuser. */
+static void exec_params(const char *db, const char *text, int n,
+                        const char *const *vals)
+{
+    char url[256];
+    pgh_url(g_pg, db, NULL, NULL, url, sizeof url);
+    PGconn *c = PQconnectdb(url);
+    if (PQstatus(c) != CONNECTION_OK)
+        fail_msg("connect %s: %s", url, PQerrorMessage(c));
+    PGresult *r = PQexecParams(c, text, n, NULL, vals, NULL, NULL, 0);
+    ExecStatusType st = PQresultStatus(r);
+    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK)
+        fail_msg("%s: %s", text, PQresultErrorMessage(r));
+    PQclear(r);
+    PQfinish(c);
+}
+
+/* A row of outbox.transactions. */
+static void put_txn(const char *db, const char *txid, const char *state)
+{
+    const char *v[2] = { txid, state };
+    exec_params(db, "INSERT INTO outbox.transactions (txid, state) VALUES ($1, $2) "
+                "ON CONFLICT (txid) DO UPDATE SET state = EXCLUDED.state", 2, v);
+}
+
+typedef struct txfx {
+    char dir[512];
+    brk_store *s;
+    brk_txn *t;
+} txfx;
+
+typedef struct fx {
+    txfx x;                    /* the transaction-level tests' store */
+    char url[256];
+    sc_pgcheck_opts o;
+    sc_pgcheck *pc;
+    FILE *logf;
+    sc_log *log;
+    char err[1024];
+    char text[65536];          /* log_text's buffer */
+} fx;
+
+static int setup(void **state)
+{
+    fx *f = calloc(1, sizeof *f);
+    if (!f) return -1;
+    f->logf = tmpfile();
+    f->log = f->logf ? sc_log_open(API_LOG_DEBUG, f->logf) : NULL;
+    if (!f->log) return -1;
+    sc_pgcheck_opts_init(&f->o);
+    f->o.pg.connect_timeout_ms = 4000;
+    f->o.pg.statement_timeout_ms = 5000;
+    f->o.pg.backoff_min_ms = 50;
+    f->o.pg.backoff_max_ms = 200;
+    f->o.log = f->log;
+    *state = f;
+    return 0;
+}
+
+static void tx_close(txfx *x);
+static const char *log_text(struct fx *f);
+
+static int teardown(void **state)
+{
+    fx *f = *state;
+    tx_close(&f->x);           /* its workers call the checker: first */
+    sc_pgcheck_close(f->pc);
+    if (getenv("PC_SHOW_LOG"))   /* debugging: the checker's log lines */
+        fputs(log_text(f), stderr);
+    sc_log_close(f->log);
+    fclose(f->logf);
+    free(f);
+    return 0;
+}
+
+/* Open with f->o and this URL / query; returns sc_pgcheck_open's code. */
+static int open_pc(fx *f, const char *url, const char *query)
+{
+    sc_pgcheck_close(f->pc);
+    f->pc = NULL;
+    f->o.pg.conninfo = url;
+    f->o.query = query;
+    return sc_pgcheck_open(&f->pc, &f->o, f->err, sizeof f->err);
+}
+
+/* Open on `db` as the superuser; must succeed. */
+static void open_ok(fx *f, const char *db, const char *query)
+{
+    pgh_url(g_pg, db, NULL, NULL, f->url, sizeof f->url);
+    int rc = open_pc(f, f->url, query);
+    if (rc != 0)
+        fail_msg("sc_pgcheck_open: %d: %s", rc, f->err);
+}
+
+static brk_check_result ask(sc_pgcheck *pc, const char *txid)
+{
+    brk_check_req r;
+    memset(&r, 0, sizeof r);
+    r.txid = txid;
+    r.topic = "orders";
+    r.attempt = 1;
+    const brk_checker *ck = sc_pgcheck_checker(pc);
+    return ck->check(ck->ctx, &r);
+}
+
+static sc_pgcheck_stats stats(sc_pgcheck *pc)
+{
+    sc_pgcheck_stats s;
+    sc_pgcheck_get_stats(pc, &s);
+    return s;
+}
+
+/* Everything logged so far. */
+static const char *log_text(struct fx *f)
+{
+    ssize_t n = pread(fileno(f->logf), f->text, sizeof f->text - 1, 0);
+    f->text[n > 0 ? n : 0] = '\0';
+    return f->text;
+}
+
+/* Ask until the answer is `want` (at most 30 s). */
+static bool ask_until(sc_pgcheck *pc, const char *txid, brk_check_result want)
+{
+    int64_t end = now_ms() + 30000;
+    while (now_ms() < end) {
+        if (ask(pc, txid) == want) return true;
+        sleep_ms(50);
+    }
+    return false;
+}
+
+/* ---- answers ------------------------------------------------------------------- */
+
+static void default_query_maps_each_state(void **state)
+{
+    fx *f = *state;
+    new_db("pc_states", true);
+    put_txn("pc_states", "t-commit", "commit");
+    put_txn("pc_states", "t-rollback", "rollback");
+    put_txn("pc_states", "t-pending", "pending");
+    open_ok(f, "pc_states", NULL);
+    assert_true(stats(f->pc).validated);
+
+    assert_int_equal(ask(f->pc, "t-commit"), BRK_CHECK_COMMIT);
+    assert_int_equal(ask(f->pc, "t-rollback"), BRK_CHECK_ROLLBACK);
+    assert_int_equal(ask(f->pc, "t-pending"), BRK_CHECK_UNKNOWN);
+    assert_int_equal(ask(f->pc, "t-no-row"), BRK_CHECK_UNKNOWN);
+
+    sc_pgcheck_stats s = stats(f->pc);
+    assert_int_equal(s.queries, 4);
+    assert_int_equal(s.answers[BRK_CHECK_COMMIT], 1);
+    assert_int_equal(s.answers[BRK_CHECK_ROLLBACK], 1);
+    assert_int_equal(s.answers[BRK_CHECK_UNKNOWN], 2);
+    assert_int_equal(s.answers[BRK_CHECK_ERROR], 0);
+    assert_int_equal(s.pool_size, 2);
+    assert_int_equal(s.connected, 1);
+}
+
+/* A custom query over a table of raw answers: every spelling the header
+ * allows, NULL, blanks and case; anything else is ERROR. */
+static void custom_answers_map_ignoring_case_and_blanks(void **state)
+{
+    fx *f = *state;
+    new_db("pc_answers", false);
+    sql("pc_answers", "CREATE TABLE answers (id text PRIMARY KEY, answer text)");
+    static const struct { const char *id, *answer; brk_check_result want; } rows[] = {
+        { "a", "commit", BRK_CHECK_COMMIT },
+        { "b", "committed", BRK_CHECK_COMMIT },
+        { "c", "rollback", BRK_CHECK_ROLLBACK },
+        { "d", "rolled_back", BRK_CHECK_ROLLBACK },
+        { "e", "pending", BRK_CHECK_UNKNOWN },
+        { "f", NULL, BRK_CHECK_UNKNOWN },
+        { "g", "  Commit ", BRK_CHECK_COMMIT },
+        { "h", "COMMITTED", BRK_CHECK_COMMIT },
+        { "i", "\tRollBack\r\n", BRK_CHECK_ROLLBACK },
+        { "j", " PENDING", BRK_CHECK_UNKNOWN },
+        { "k", "garbage", BRK_CHECK_ERROR },
+        { "l", "", BRK_CHECK_ERROR },
+        { "m", "commit!", BRK_CHECK_ERROR },
+        { "n", "roll back", BRK_CHECK_ERROR },
+        { "o", "1", BRK_CHECK_ERROR },
+    };
+    size_t n = sizeof rows / sizeof rows[0];
+    for (size_t i = 0; i < n; i++) {
+        const char *v[2] = { rows[i].id, rows[i].answer };
+        exec_params("pc_answers", "INSERT INTO answers VALUES ($1, $2)", 2, v);
+    }
+    open_ok(f, "pc_answers", "SELECT answer FROM answers WHERE id = $1");
+    for (size_t i = 0; i < n; i++)
+        if (ask(f->pc, rows[i].id) != rows[i].want)
+            fail_msg("answer %s for '%s' should map to %d", rows[i].id,
+                     rows[i].answer ? rows[i].answer : "NULL", rows[i].want);
+    assert_int_equal(ask(f->pc, "no-such-row"), BRK_CHECK_UNKNOWN);
+    sc_pgcheck_stats s = stats(f->pc);
+    assert_int_equal(s.answers[BRK_CHECK_ERROR], 5);
+    assert_int_equal(s.queries, n + 1);
+}
+
+static void garbage_answer_is_error_and_logged_without_txid(void **state)
+{
+    fx *f = *state;
+    new_db("pc_garbage", false);
+    sql("pc_garbage", "CREATE TABLE answers (id text PRIMARY KEY, answer text);"
+                      "INSERT INTO answers VALUES ('order-secret-77', 'maybe')");
+    open_ok(f, "pc_garbage", "SELECT answer FROM answers WHERE id = $1");
+    assert_int_equal(ask(f->pc, "order-secret-77"), BRK_CHECK_ERROR);
+    const char *t = log_text(f);
+    assert_non_null(strstr(t, "\"level\":\"warn\""));
+    assert_non_null(strstr(t, "maybe"));
+    /* The txid is only on debug lines. */
+    for (const char *p = strstr(t, "order-secret-77"); p;
+         p = strstr(p + 1, "order-secret-77")) {
+        const char *line = p;
+        while (line > t && line[-1] != '\n') line--;
+        assert_true(strncmp(strstr(line, "\"level\":"), "\"level\":\"debug\"", 15) == 0);
+    }
+}
+
+static void more_than_one_row_is_error(void **state)
+{
+    fx *f = *state;
+    new_db("pc_rows", false);
+    sql("pc_rows", "CREATE TABLE answers (id text, answer text);"
+                   "INSERT INTO answers VALUES ('x', 'commit'), ('x', 'rollback')");
+    open_ok(f, "pc_rows", "SELECT answer FROM answers WHERE id = $1");
+    assert_int_equal(ask(f->pc, "x"), BRK_CHECK_ERROR);
+    assert_int_equal(ask(f->pc, "y"), BRK_CHECK_UNKNOWN);
+}
+
+static void pending_past_deadline_is_rollback(void **state)
+{
+    fx *f = *state;
+    new_db("pc_deadline", true);
+    sql("pc_deadline",
+        "INSERT INTO outbox.transactions (txid, state, deadline) VALUES"
+        " ('late', 'pending', now() - interval '1 second'),"
+        " ('early', 'pending', now() + interval '1 hour'),"
+        " ('paid-late', 'commit', now() - interval '1 second')");
+    open_ok(f, "pc_deadline", NULL);
+    assert_int_equal(ask(f->pc, "late"), BRK_CHECK_ROLLBACK);
+    assert_int_equal(ask(f->pc, "early"), BRK_CHECK_UNKNOWN);
+    /* A deadline only ends waiting; a decided row keeps its decision. */
+    assert_int_equal(ask(f->pc, "paid-late"), BRK_CHECK_COMMIT);
+}
+
+static void txids_with_sql_metacharacters_are_harmless(void **state)
+{
+    fx *f = *state;
+    new_db("pc_meta", true);
+    char long_id[129];
+    for (int i = 0; i < 128; i++) long_id[i] = (char)(0x21 + (i * 7) % 94);
+    long_id[128] = '\0';
+    /* Storable txids (printable, no blanks), each with a known state. */
+    static const char *const stored[] = {
+        "';DROP/**/TABLE/**/outbox.transactions;--",
+        "a'b\"c\\\\d",
+        "$1",
+        "%s",
+        "'||(SELECT'commit')||'",
+        "\\x27;--",
+        "\"outbox\".\"transactions\"",
+    };
+    size_t n = sizeof stored / sizeof stored[0];
+    for (size_t i = 0; i < n; i++)
+        put_txn("pc_meta", stored[i], i % 2 ? "rollback" : "commit");
+    put_txn("pc_meta", long_id, "pending");
+    open_ok(f, "pc_meta", NULL);
+
+    for (size_t i = 0; i < n; i++)
+        if (ask(f->pc, stored[i]) != (i % 2 ? BRK_CHECK_ROLLBACK : BRK_CHECK_COMMIT))
+            fail_msg("txid %s answered wrongly", stored[i]);
+    assert_int_equal(ask(f->pc, long_id), BRK_CHECK_UNKNOWN);
+    /* Not storable (blanks): simply no row. */
+    assert_int_equal(ask(f->pc, "'; DROP TABLE outbox.transactions; --"),
+                     BRK_CHECK_UNKNOWN);
+    assert_int_equal(ask(f->pc, "x' OR '1'='1"), BRK_CHECK_UNKNOWN);
+
+    assert_int_equal(pgh_sql_int(g_pg, "pc_meta",
+                                 "SELECT count(*) FROM outbox.transactions"),
+                     (long long)n + 1);
+    assert_int_equal(stats(f->pc).answers[BRK_CHECK_ERROR], 0);
+}
+
+/* The issue's example: an application answers from its own orders table;
+ * the database has no outbox schema at all. */
+static void custom_query_over_application_table_needs_no_outbox_schema(void **state)
+{
+    fx *f = *state;
+    new_db("pc_orders", false);
+    sql("pc_orders",
+        "CREATE TABLE orders (id text PRIMARY KEY, status text);"
+        "INSERT INTO orders VALUES ('o-1', 'paid'), ('o-2', 'cancelled'),"
+        " ('o-3', 'new')");
+    assert_int_equal(pgh_sql_int(g_pg, "pc_orders",
+                                 "SELECT count(*) FROM pg_namespace WHERE nspname = 'outbox'"),
+                     0);
+    open_ok(f, "pc_orders",
+            "SELECT CASE status WHEN 'paid' THEN 'commit' WHEN 'cancelled' "
+            "THEN 'rollback' ELSE 'pending' END FROM orders WHERE id = $1");
+    assert_true(stats(f->pc).validated);
+    assert_int_equal(ask(f->pc, "o-1"), BRK_CHECK_COMMIT);
+    assert_int_equal(ask(f->pc, "o-2"), BRK_CHECK_ROLLBACK);
+    assert_int_equal(ask(f->pc, "o-3"), BRK_CHECK_UNKNOWN);
+    assert_int_equal(ask(f->pc, "o-4"), BRK_CHECK_UNKNOWN);
+    sql("pc_orders", "UPDATE orders SET status = 'paid' WHERE id = 'o-3'");
+    assert_int_equal(ask(f->pc, "o-3"), BRK_CHECK_COMMIT);
+}
+
+/* ---- statement_timeout ------------------------------------------------------------ */
+
+static void statement_timeout_answers_error_and_keeps_the_connection(void **state)
+{
+    fx *f = *state;
+    new_db("pc_slow", false);
+    f->o.pool_size = 1;
+    f->o.pg.statement_timeout_ms = 100;
+    open_ok(f, "pc_slow",
+            "SELECT CASE WHEN $1 = 'slow' THEN (SELECT 'commit'::text FROM pg_sleep(2))"
+            " ELSE 'rollback' END");
+    int64_t t0 = now_ms();
+    assert_int_equal(ask(f->pc, "slow"), BRK_CHECK_ERROR);
+    int64_t took = now_ms() - t0;
+    if (took >= 1500)
+        fail_msg("a 2 s query with statement_timeout 100 ms took %lld ms",
+                 (long long)took);
+    sc_pgcheck_stats s = stats(f->pc);
+    assert_int_equal(s.timeouts, 1);
+    assert_int_equal(s.connected, 1);
+
+    /* Same (only) connection, still good. */
+    assert_int_equal(ask(f->pc, "fast"), BRK_CHECK_ROLLBACK);
+    s = stats(f->pc);
+    assert_int_equal(s.reconnects, 0);
+    assert_int_equal(s.connect_failures, 0);
+    assert_int_equal(s.queries, 2);
+    assert_non_null(strstr(log_text(f), "statement_timeout"));
+}
+
+/* ---- start-up validation ------------------------------------------------------ */
+
+static void bad_custom_queries_fail_with_78_and_a_clear_message(void **state)
+{
+    fx *f = *state;
+    new_db("pc_bad", false);
+    sql("pc_bad", "CREATE TABLE orders (id text PRIMARY KEY, status text)");
+    char url[256];
+    pgh_url(g_pg, "pc_bad", NULL, NULL, url, sizeof url);
+    static const struct { const char *query, *says, *says2; } cases[] = {
+        { "SELECT 'commit'::text", "one parameter", "(it takes 0)" },
+        { "SELECT status FROM orders WHERE id = $1 AND status <> $2",
+          "one parameter", "(it takes 2)" },
+        { "SELECT status, id FROM orders WHERE id = $1",
+          "one text column", "(it returns 2 columns)" },
+        { "SELECT length(status) FROM orders WHERE id = $1",
+          "one text column", "integer" },
+        { "SELEC status FROM orders WHERE id = $1", "does not prepare",
+          "syntax error" },
+        { "SELECT status FROM nope WHERE id = $1", "does not prepare",
+          "relation \"nope\" does not exist" },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        int rc = open_pc(f, url, cases[i].query);
+        if (rc != 78 || !strstr(f->err, "check_query")
+            || !strstr(f->err, cases[i].says) || !strstr(f->err, cases[i].says2))
+            fail_msg("query \"%s\": rc %d, message \"%s\"", cases[i].query, rc,
+                     f->err);
+        assert_null(f->pc);
+        if (getenv("PC_SHOW_LOG")) fprintf(stderr, "%s\n", f->err);
+    }
+}
+
+static void default_query_without_schema_says_run_migrate(void **state)
+{
+    fx *f = *state;
+    new_db("pc_noschema", false);
+    char url[256];
+    pgh_url(g_pg, "pc_noschema", NULL, NULL, url, sizeof url);
+    assert_int_equal(open_pc(f, url, NULL), 78);
+    assert_non_null(strstr(f->err, "run `outboxd db migrate`"));
+    assert_null(f->pc);
+
+    /* The schema without the function (a half-installed one) says the same. */
+    sql("pc_noschema", "CREATE SCHEMA outbox");
+    assert_int_equal(open_pc(f, url, ""), 78);
+    assert_non_null(strstr(f->err, "run `outboxd db migrate`"));
+}
+
+static void pool_size_out_of_range_is_78(void **state)
+{
+    fx *f = *state;
+    f->o.pool_size = SC_PGCHECK_POOL_MAX + 1;
+    assert_int_equal(open_pc(f, "postgresql://127.0.0.1:1/none", NULL), 78);
+    assert_non_null(strstr(f->err, "pool"));
+}
+
+/* ---- credentials and connection parameters ------------------------------------ */
+
+static void wrong_password_is_78_without_the_password(void **state)
+{
+    fx *f = *state;
+    new_db("pc_pw", true);
+    sql("postgres", "SET client_min_messages = warning; DROP ROLE IF EXISTS pc_pw;"
+                    "CREATE ROLE pc_pw LOGIN PASSWORD 'Right-Pw-4711'"
+                    " IN ROLE password_required, outbox_sidecar");
+    char url[256];
+    pgh_url(g_pg, "pc_pw", "pc_pw", "Wrong-Pw-0815", url, sizeof url);
+    assert_int_equal(open_pc(f, url, NULL), 78);
+    assert_null(f->pc);
+    assert_non_null(strstr(f->err, "password authentication failed"));
+    assert_null(strstr(f->err, "Wrong-Pw-0815"));
+    assert_null(strstr(f->err, "Right-Pw-4711"));
+    assert_null(strstr(log_text(f), "Wrong-Pw-0815"));
+
+    /* The right one works (and the least-privilege role may answer). */
+    pgh_url(g_pg, "pc_pw", "pc_pw", "Right-Pw-4711", url, sizeof url);
+    put_txn("pc_pw", "pw-1", "commit");
+    assert_int_equal(open_pc(f, url, NULL), 0);
+    assert_int_equal(ask(f->pc, "pw-1"), BRK_CHECK_COMMIT);
+    assert_null(strstr(log_text(f), "Right-Pw-4711"));
+}
+
+static void password_file_supplies_the_password(void **state)
+{
+    fx *f = *state;
+    new_db("pc_pwfile", true);
+    sql("postgres", "SET client_min_messages = warning; DROP ROLE IF EXISTS pc_pwfile;"
+                    "CREATE ROLE pc_pwfile LOGIN PASSWORD 'File-Pw-9' "
+                    " IN ROLE password_required, outbox_sidecar");
+    put_txn("pc_pwfile", "pf-1", "rollback");
+    char dir[512], path[600];
+    assert_int_equal(brk_tmpdir_new("pc_pwfile", dir, sizeof dir), 0);
+    snprintf(path, sizeof path, "%s/password", dir);
+    FILE *pf = fopen(path, "w");
+    assert_non_null(pf);
+    fputs("File-Pw-9\n", pf);
+    fclose(pf);
+
+    char url[256];
+    pgh_url(g_pg, "pc_pwfile", "pc_pwfile", NULL, url, sizeof url);
+    /* Without the file: no password, refused. */
+    assert_int_equal(open_pc(f, url, NULL), 78);
+
+    f->o.pg.password_file = path;
+    int rc = open_pc(f, url, NULL);
+    if (rc != 0) fail_msg("open with password file: %d: %s", rc, f->err);
+    assert_int_equal(ask(f->pc, "pf-1"), BRK_CHECK_ROLLBACK);
+
+    /* A file that is not there. */
+    sc_pgcheck_close(f->pc);
+    f->pc = NULL;
+    snprintf(path, sizeof path, "%s/missing", dir);
+    assert_int_equal(open_pc(f, url, NULL), 78);
+    assert_non_null(strstr(f->err, "password file"));
+    assert_null(f->pc);
+    assert_null(strstr(log_text(f), "File-Pw-9"));
+    f->o.pg.password_file = NULL;
+    brk_tmpdir_remove(dir);
+}
+
+static void pg_environment_is_used_when_conninfo_is_empty(void **state)
+{
+    fx *f = *state;
+    new_db("pc_env", true);
+    put_txn("pc_env", "env-1", "commit");
+    char port[16];
+    snprintf(port, sizeof port, "%u", (unsigned)pgh_port(g_pg));
+    setenv("PGHOST", "127.0.0.1", 1);
+    setenv("PGPORT", port, 1);
+    setenv("PGDATABASE", "pc_env", 1);
+    setenv("PGUSER", "postgres", 1);
+    int rc = open_pc(f, "", NULL);
+    brk_check_result got = rc == 0 ? ask(f->pc, "env-1") : BRK_CHECK_ERROR;
+    unsetenv("PGHOST");
+    unsetenv("PGPORT");
+    unsetenv("PGDATABASE");
+    unsetenv("PGUSER");
+    if (rc != 0) fail_msg("open with PG* environment: %d: %s", rc, f->err);
+    assert_int_equal(got, BRK_CHECK_COMMIT);
+}
+
+/* ---- outages ------------------------------------------------------------------ */
+
+static void unreachable_at_start_answers_error_then_recovers(void **state)
+{
+    fx *f = *state;
+    new_db("pc_down", true);
+    put_txn("pc_down", "d-1", "commit");
+    pgh_url(g_pg, "pc_down", NULL, NULL, f->url, sizeof f->url);
+    assert_int_equal(pgh_stop(g_pg), 0);
+
+    int rc = open_pc(f, f->url, NULL);
+    if (rc != 0) {
+        pgh_restart(g_pg);
+        fail_msg("open with the server down: %d: %s", rc, f->err);
+    }
+    sc_pgcheck_stats s = stats(f->pc);
+    assert_false(s.validated);
+    assert_int_equal(s.connected, 0);
+    assert_true(s.connect_failures >= 1);
+    assert_non_null(strstr(log_text(f),
+                           "database unreachable; check-backs will be retried: "));
+
+    for (int i = 0; i < 10; i++) {
+        int64_t t0 = now_ms();
+        brk_check_result r = ask(f->pc, "d-1");
+        int64_t took = now_ms() - t0;
+        if (r != BRK_CHECK_ERROR || took >= f->o.pg.connect_timeout_ms / 2) {
+            pgh_restart(g_pg);
+            fail_msg("check %d with the server down: answer %d after %lld ms", i,
+                     r, (long long)took);
+        }
+    }
+    assert_int_equal(stats(f->pc).queries, 0);
+
+    assert_int_equal(pgh_restart(g_pg), 0);
+    assert_true(ask_until(f->pc, "d-1", BRK_CHECK_COMMIT));
+    s = stats(f->pc);
+    assert_true(s.validated);
+    assert_true(s.reconnects >= 1);
+    assert_true(s.connected >= 1);
+    assert_true(s.answers[BRK_CHECK_ERROR] >= 10);
+}
+
+/* Validation waits for the first connection; a query that does not fit is
+ * then an error in the log, and every check answers ERROR without asking. */
+static void invalid_query_found_after_start_makes_every_check_error(void **state)
+{
+    fx *f = *state;
+    new_db("pc_lateinvalid", false);
+    sql("pc_lateinvalid", "CREATE TABLE orders (id text PRIMARY KEY, status text)");
+    pgh_url(g_pg, "pc_lateinvalid", NULL, NULL, f->url, sizeof f->url);
+    assert_int_equal(pgh_stop(g_pg), 0);
+    int rc = open_pc(f, f->url, "SELECT status, id FROM orders WHERE id = $1");
+    assert_int_equal(pgh_restart(g_pg), 0);
+    if (rc != 0) fail_msg("open with the server down: %d: %s", rc, f->err);
+
+    int64_t end = now_ms() + 30000;
+    while (!strstr(log_text(f), "\"level\":\"error\"") && now_ms() < end) {
+        assert_int_equal(ask(f->pc, "o-1"), BRK_CHECK_ERROR);
+        sleep_ms(50);
+    }
+    const char *t = log_text(f);
+    assert_non_null(strstr(t, "\"level\":\"error\""));
+    assert_non_null(strstr(t, "returns 2 columns"));
+    for (int i = 0; i < 5; i++)
+        assert_int_equal(ask(f->pc, "o-1"), BRK_CHECK_ERROR);
+    sc_pgcheck_stats s = stats(f->pc);
+    assert_false(s.validated);
+    assert_int_equal(s.queries, 0);
+}
+
+/* A pod may start before its migration job: the default query's schema is
+ * missing at the first connection; once migrated, checks are answered. */
+static void schema_installed_after_start_is_picked_up(void **state)
+{
+    fx *f = *state;
+    new_db("pc_late", false);
+    pgh_url(g_pg, "pc_late", NULL, NULL, f->url, sizeof f->url);
+    assert_int_equal(pgh_stop(g_pg), 0);
+    int rc = open_pc(f, f->url, NULL);
+    assert_int_equal(pgh_restart(g_pg), 0);
+    if (rc != 0) fail_msg("open with the server down: %d: %s", rc, f->err);
+
+    int64_t end = now_ms() + 30000;
+    while (!strstr(log_text(f), "outboxd db migrate") && now_ms() < end) {
+        assert_int_equal(ask(f->pc, "late-1"), BRK_CHECK_ERROR);
+        sleep_ms(50);
+    }
+    assert_non_null(strstr(log_text(f), "\"level\":\"error\""));
+    assert_false(stats(f->pc).validated);
+
+    new_db("pc_late", true);             /* drops it (and our sessions) first */
+    put_txn("pc_late", "late-1", "commit");
+    assert_true(ask_until(f->pc, "late-1", BRK_CHECK_COMMIT));
+    assert_true(stats(f->pc).validated);
+    assert_non_null(strstr(log_text(f), "check-back query fits now"));
+}
+
+/* ALTER TABLE under a prepared statement ("cached plan must not change
+ * result type"): the slot prepares afresh instead of failing forever. */
+static void altered_table_is_prepared_afresh(void **state)
+{
+    fx *f = *state;
+    new_db("pc_alter", false);
+    sql("pc_alter", "CREATE TABLE orders (id text PRIMARY KEY, status varchar(20));"
+                    "INSERT INTO orders VALUES ('a-1', 'commit')");
+    f->o.pool_size = 1;
+    open_ok(f, "pc_alter", "SELECT status FROM orders WHERE id = $1");
+    assert_int_equal(ask(f->pc, "a-1"), BRK_CHECK_COMMIT);
+    sql("pc_alter", "ALTER TABLE orders ALTER COLUMN status TYPE text;"
+                    "UPDATE orders SET status = 'rollback'");
+    brk_check_result first = ask(f->pc, "a-1");
+    assert_true(first == BRK_CHECK_ERROR || first == BRK_CHECK_ROLLBACK);
+    assert_true(ask_until(f->pc, "a-1", BRK_CHECK_ROLLBACK));
+    assert_int_equal(ask(f->pc, "a-1"), BRK_CHECK_ROLLBACK);
+    /* One fresh start of the (only) slot, not an error per check forever. */
+    assert_int_equal(stats(f->pc).reconnects, first == BRK_CHECK_ERROR ? 1 : 0);
+}
+
+static void server_killed_mid_run_answers_error_then_recovers(void **state)
+{
+    fx *f = *state;
+    new_db("pc_kill", true);
+    put_txn("pc_kill", "k-1", "rollback");
+    open_ok(f, "pc_kill", NULL);
+    assert_int_equal(ask(f->pc, "k-1"), BRK_CHECK_ROLLBACK);
+
+    assert_int_equal(pgh_kill(g_pg), 0);
+    bool saw_error = ask_until(f->pc, "k-1", BRK_CHECK_ERROR);
+    /* Down: every answer is ERROR, none a wrong verdict. */
+    for (int i = 0; i < 5 && saw_error; i++)
+        if (ask(f->pc, "k-1") != BRK_CHECK_ERROR) saw_error = false;
+    assert_int_equal(pgh_restart(g_pg), 0);
+    assert_true(saw_error);
+
+    assert_true(ask_until(f->pc, "k-1", BRK_CHECK_ROLLBACK));
+    sc_pgcheck_stats s = stats(f->pc);
+    assert_true(s.reconnects >= 1);
+    assert_true(s.answers[BRK_CHECK_ERROR] >= 6);
+    assert_non_null(strstr(log_text(f), "lost the database connection"));
+}
+
+/* ---- concurrency ---------------------------------------------------------------- */
+
+#define CC_THREADS 8
+#define CC_TXIDS   64
+#define CC_CHECKS  150
+
+typedef struct cc_arg {
+    sc_pgcheck *pc;
+    unsigned seed;
+    unsigned wrong;
+} cc_arg;
+
+static brk_check_result cc_want(unsigned i)
+{
+    return i % 4 == 0 ? BRK_CHECK_COMMIT : i % 4 == 1 ? BRK_CHECK_ROLLBACK
+                                                      : BRK_CHECK_UNKNOWN;
+}
+
+static void *cc_main(void *p)
+{
+    cc_arg *a = p;
+    for (unsigned k = 0; k < CC_CHECKS; k++) {
+        unsigned i = (a->seed * 31 + k * 17) % CC_TXIDS;
+        char txid[32];
+        snprintf(txid, sizeof txid, "cc-%u", i);
+        if (ask(a->pc, txid) != cc_want(i)) a->wrong++;
+    }
+    return NULL;
+}
+
+static void concurrent_checks_share_a_pool_of_two(void **state)
+{
+    fx *f = *state;
+    new_db("pc_conc", true);
+    char text[8192];
+    size_t o = (size_t)snprintf(text, sizeof text,
+                                "INSERT INTO outbox.transactions (txid, state) VALUES ");
+    bool first = true;
+    for (unsigned i = 0; i < CC_TXIDS; i++) {
+        /* i % 4 == 3: no row at all. */
+        if (i % 4 == 3) continue;
+        o += (size_t)snprintf(text + o, sizeof text - o, "%s('cc-%u', '%s')",
+                              first ? "" : ",", i,
+                              i % 4 == 0 ? "commit" : i % 4 == 1 ? "rollback" : "pending");
+        first = false;
+    }
+    sql("pc_conc", text);
+    f->o.pool_size = 2;
+    open_ok(f, "pc_conc", NULL);
+
+    pthread_t th[CC_THREADS];
+    cc_arg args[CC_THREADS];
+    for (unsigned t = 0; t < CC_THREADS; t++) {
+        args[t] = (cc_arg){ f->pc, t + 1, 0 };
+        assert_int_equal(pthread_create(&th[t], NULL, cc_main, &args[t]), 0);
+    }
+    unsigned wrong = 0;
+    for (unsigned t = 0; t < CC_THREADS; t++) {
+        pthread_join(th[t], NULL);
+        wrong += args[t].wrong;
+    }
+    assert_int_equal(wrong, 0);
+    sc_pgcheck_stats s = stats(f->pc);
+    assert_int_equal(s.queries, CC_THREADS * CC_CHECKS);
+    assert_int_equal(s.answers[BRK_CHECK_ERROR], 0);
+    assert_true(s.connected >= 1 && s.connected <= 2);
+    assert_int_equal(pgh_sql_int(g_pg, "postgres",
+                                 "SELECT count(*) FROM pg_stat_activity"
+                                 " WHERE datname = 'pc_conc'"
+                                 " AND application_name = 'outboxd'"),
+                     s.connected);
+}
+
+/* ---- the transaction level ------------------------------------------------------ */
+
+
+static void tx_open(txfx *x, sc_pgcheck *pc)
+{
+    char err[256];
+    assert_int_equal(brk_tmpdir_new("pc_txn", x->dir, sizeof x->dir), 0);
+    brk_store_opts so;
+    brk_store_opts_init(&so);                 /* real files, system clock */
+    brk_status st = brk_store_open(&x->s, x->dir, &so, err, sizeof err);
+    if (st != BRK_OK) fail_msg("store open: %s: %s", brk_status_name(st), err);
+    assert_int_equal(brk_topic_create(x->s, "orders", 2), BRK_OK);
+    assert_int_equal(brk_topic_create(x->s, "order-expired", 1), BRK_OK);
+    brk_txn_opts to;
+    brk_txn_opts_init(&to);
+    to.checker = sc_pgcheck_checker(pc);
+    to.default_policy.first_check_ms = 100;
+    to.default_policy.interval_ms = 100;
+    to.default_policy.max_checks = 3;
+    to.default_policy.on_exhausted = BRK_EXHAUSTED_ROLLBACK;
+    to.error_backoff_min_ms = 50;
+    to.error_backoff_max_ms = 200;
+    st = brk_txn_open(&x->t, x->s, &to, err, sizeof err);   /* scheduler on */
+    if (st != BRK_OK) fail_msg("txn open: %s: %s", brk_status_name(st), err);
+}
+
+static void tx_close(txfx *x)
+{
+    brk_status a = x->t ? brk_txn_close(x->t) : BRK_OK;
+    brk_status b = x->s ? brk_store_close(x->s) : BRK_OK;
+    if (x->dir[0]) brk_tmpdir_remove(x->dir);
+    memset(x, 0, sizeof *x);
+    assert_int_equal(a, BRK_OK);
+    assert_int_equal(b, BRK_OK);
+}
+
+static brk_txn_result tx_prepare(txfx *x, const char *txid, const char *body,
+                                 const char *expiry_topic)
+{
+    brk_check_policy pol;
+    brk_check_policy_init(&pol);
+    pol.first_check_ms = 100;
+    pol.interval_ms = 100;
+    pol.max_checks = 3;
+    pol.on_exhausted = BRK_EXHAUSTED_ROLLBACK;
+    pol.expiry_topic = expiry_topic;
+    brk_txn_prepare_req r;
+    memset(&r, 0, sizeof r);
+    r.topic = "orders";
+    r.txid = txid;
+    r.key = (brk_bytes){ txid, strlen(txid) };
+    r.body = (brk_bytes){ body, strlen(body) };
+    r.policy = &pol;
+    brk_txn_result res;
+    brk_status st = brk_txn_prepare(x->t, &r, &res);
+    if (st != BRK_OK) fail_msg("prepare %s: %s", txid, brk_status_name(st));
+    assert_int_equal(res.state, BRK_TXN_PREPARED);
+    return res;
+}
+
+static brk_txn_info tx_get(txfx *x, const char *txid)
+{
+    brk_txn_info i;
+    assert_int_equal(brk_txn_get(x->t, txid, &i), BRK_OK);
+    return i;
+}
+
+/* Wait (at most 30 s) until the transaction is resolved. */
+static brk_txn_info tx_wait_resolved(txfx *x, const char *txid)
+{
+    int64_t end = now_ms() + 30000;
+    brk_txn_info i = tx_get(x, txid);
+    while (i.state == BRK_TXN_PREPARED && now_ms() < end) {
+        sleep_ms(20);
+        i = tx_get(x, txid);
+    }
+    return i;
+}
+
+/* Messages of a topic whose body contains `needle`; the last one's id. */
+static size_t tx_find(txfx *x, const char *topic, const char *needle,
+                      uint8_t id_out[BRK_UUID_LEN])
+{
+    brk_topic_info ti;
+    assert_int_equal(brk_topic_get(x->s, topic, &ti), BRK_OK);
+    size_t found = 0;
+    for (uint16_t q = 0; q < ti.queues; q++) {
+        uint64_t min, max;
+        assert_int_equal(brk_store_queue_range(x->s, topic, q, &min, &max), BRK_OK);
+        for (uint64_t next = min; next < max;) {
+            brk_batch *b = NULL;
+            assert_int_equal(brk_store_read(x->s, topic, q, next, 64, &b), BRK_OK);
+            for (size_t i = 0; i < b->count; i++) {
+                const brk_record *r = &b->recs[i];
+                if (memmem(r->body.ptr, r->body.len, needle, strlen(needle))) {
+                    found++;
+                    if (id_out) memcpy(id_out, r->msg_id, BRK_UUID_LEN);
+                }
+            }
+            next = b->next_offset;
+            brk_batch_free(b);
+        }
+    }
+    return found;
+}
+
+/* The issue's rule, end to end: PostgreSQL is down for longer than the
+ * whole check schedule (100 ms + 3 x 100 ms); nothing is rolled back and
+ * no check is counted; when it is back and the row says commit, the
+ * transaction commits and its message is readable.
+ *
+ * The checker logs in as a role that is NOLOGIN from just before the stop
+ * until the row is updated after the restart: from the checker's side
+ * that is one outage (every check answers ERROR), and it keeps the test
+ * from racing psql's UPDATE against three quick "pending" answers. */
+static void txn_outage_longer_than_schedule_then_commit(void **state)
+{
+    fx *f = *state;
+    new_db("pc_txn", true);
+    sql("postgres", "SET client_min_messages = warning; DROP ROLE IF EXISTS pc_chk; CREATE ROLE pc_chk LOGIN IN ROLE outbox_sidecar");
+    put_txn("pc_txn", "order-1001", "pending");
+    pgh_url(g_pg, "pc_txn", "pc_chk", NULL, f->url, sizeof f->url);
+    f->o.pg.connect_timeout_ms = 2000;
+    int rc = open_pc(f, f->url, NULL);
+    if (rc != 0) fail_msg("open: %d: %s", rc, f->err);
+    assert_int_equal(ask(f->pc, "order-1001"), BRK_CHECK_UNKNOWN);
+
+    txfx *x = &f->x;
+    tx_open(x, f->pc);
+
+    sql("postgres", "ALTER ROLE pc_chk NOLOGIN");
+    assert_int_equal(pgh_stop(g_pg), 0);
+    brk_txn_result pr = tx_prepare(x, "order-1001", "{\"order\":1001}", NULL);
+    sleep_ms(2000);                     /* > 100 + 3 * 100 ms */
+
+    brk_txn_info i = tx_get(x, "order-1001");
+    brk_txn_stats ts;
+    brk_txn_get_stats(x->t, &ts);
+    bool still_prepared = i.state == BRK_TXN_PREPARED && i.checks == 0;
+    uint64_t errors = ts.checks_error_total;
+
+    assert_int_equal(pgh_restart(g_pg), 0);
+    sql("pc_txn", "UPDATE outbox.transactions SET state = 'commit' WHERE txid = 'order-1001'");
+    sql("postgres", "ALTER ROLE pc_chk LOGIN");
+    if (!still_prepared || errors < 2) {
+        fail_msg("during the outage: state %d, checks %u, ERROR answers %llu",
+                 i.state, i.checks, (unsigned long long)errors);
+    }
+
+    i = tx_wait_resolved(x, "order-1001");
+    assert_int_equal(i.state, BRK_TXN_COMMITTED);
+    assert_false(i.expired);
+    assert_true(i.checks <= 3);
+    brk_txn_get_stats(x->t, &ts);
+    assert_int_equal(ts.rolled_back_total, 0);
+    assert_int_equal(ts.checks_commit_total, 1);
+
+    uint8_t id[BRK_UUID_LEN];
+    assert_int_equal(tx_find(x, "orders", "{\"order\":1001}", id), 1);
+    assert_memory_equal(id, pr.msg_id, BRK_UUID_LEN);
+    sc_pgcheck_stats s = stats(f->pc);
+    assert_true(s.reconnects >= 1);
+    assert_true(s.answers[BRK_CHECK_COMMIT] >= 1);
+}
+
+/* The converse: a row that stays pending is rolled back after exactly
+ * max_checks counted answers, and the expiry event is published. */
+static void txn_pending_forever_rolls_back_with_expiry_event(void **state)
+{
+    fx *f = *state;
+    new_db("pc_txn_exp", true);
+    put_txn("pc_txn_exp", "order-2002", "pending");
+    open_ok(f, "pc_txn_exp", NULL);
+
+    txfx *x = &f->x;
+    tx_open(x, f->pc);
+    tx_prepare(x, "order-2002", "{\"order\":2002}", "order-expired");
+    brk_txn_info i = tx_wait_resolved(x, "order-2002");
+    assert_int_equal(i.state, BRK_TXN_ROLLED_BACK);
+    assert_true(i.expired);
+    assert_int_equal(i.checks, 3);
+
+    assert_int_equal(tx_find(x, "orders", "{\"order\":2002}", NULL), 0);
+    assert_int_equal(tx_find(x, "order-expired", "order-2002", NULL), 1);
+    sc_pgcheck_stats s = stats(f->pc);
+    assert_int_equal(s.answers[BRK_CHECK_UNKNOWN], 3);
+    assert_int_equal(s.answers[BRK_CHECK_ERROR], 0);
+}
+
+/* ---- main ----------------------------------------------------------------------- */
+
+static int group_setup(void **state)
+{
+    (void)state;
+    /* Only what a test sets itself may steer libpq. */
+    static const char *const vars[] = { "PGHOST", "PGHOSTADDR", "PGPORT",
+        "PGDATABASE", "PGUSER", "PGPASSWORD", "PGPASSFILE", "PGSERVICE",
+        "PGSSLMODE", "PGOPTIONS", "PGCONNECT_TIMEOUT" };
+    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) unsetenv(vars[i]);
+    g_pg = pgh_start(OUTBOXD_SOURCE_DIR);
+    return g_pg ? 0 : -1;
+}
+
+static int group_teardown(void **state)
+{
+    (void)state;
+    pgh_destroy(g_pg);
+    return 0;
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+#define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
+        T(default_query_maps_each_state),
+        T(custom_answers_map_ignoring_case_and_blanks),
+        T(garbage_answer_is_error_and_logged_without_txid),
+        T(more_than_one_row_is_error),
+        T(pending_past_deadline_is_rollback),
+        T(txids_with_sql_metacharacters_are_harmless),
+        T(custom_query_over_application_table_needs_no_outbox_schema),
+        T(statement_timeout_answers_error_and_keeps_the_connection),
+        T(bad_custom_queries_fail_with_78_and_a_clear_message),
+        T(default_query_without_schema_says_run_migrate),
+        T(pool_size_out_of_range_is_78),
+        T(wrong_password_is_78_without_the_password),
+        T(password_file_supplies_the_password),
+        T(pg_environment_is_used_when_conninfo_is_empty),
+        T(unreachable_at_start_answers_error_then_recovers),
+        T(invalid_query_found_after_start_makes_every_check_error),
+        T(schema_installed_after_start_is_picked_up),
+        T(altered_table_is_prepared_afresh),
+        T(server_killed_mid_run_answers_error_then_recovers),
+        T(concurrent_checks_share_a_pool_of_two),
+        T(txn_outage_longer_than_schedule_then_commit),
+        T(txn_pending_forever_rolls_back_with_expiry_event),
+#undef T
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
