@@ -22,6 +22,8 @@
  *                                                       summed per topic
  *   outboxd_idempotency_keys, _idempotency_replays_total api_idem_get_stats
  *   outboxd_ready, outboxd_build_info{version}
+ *   then whatever api_config.metrics_ext writes (the sidecar's database
+ *   families), rendered into a memory stream and appended as is
  *
  * The store's fsync histogram counts per bucket; Prometheus buckets are
  * cumulative, so they are summed here.
@@ -503,6 +505,26 @@ static void render_groups(sbuf *b, const grp_gather *g, int64_t now)
     }
 }
 
+/* The caller's families: its FILE is a memory stream, copied in after. */
+static void render_ext(sbuf *b, const api_metrics_ext *ext)
+{
+    if (!ext || !ext->render || b->oom)
+        return;
+    char *text = NULL;
+    size_t n = 0;
+    FILE *f = open_memstream(&text, &n);
+    if (!f) {
+        b->oom = true;
+        return;
+    }
+    ext->render(ext->ctx, f);
+    if (fclose(f) != 0)
+        b->oom = true;
+    else if (n)
+        sb_printf(b, "%.*s", (int)n, text);
+    free(text);
+}
+
 char *api_metrics_render(api_metrics *m, const api_metrics_src *src,
                          size_t *len)
 {
@@ -537,6 +559,7 @@ char *api_metrics_render(api_metrics *m, const api_metrics_src *src,
     sb_printf(&b, "outboxd_build_info{version=\"");
     sb_label(&b, OUTBOXD_VERSION);
     sb_printf(&b, "\"} 1\n");
+    render_ext(&b, src->ext);
     if (b.oom || !gok) {
         free(b.p);
         return NULL;

@@ -50,6 +50,7 @@ typedef struct api_metrics_src {
     api_idem   *idem;               /* may be NULL */
     bool        ready;              /* outboxd_ready */
     int64_t     now_ms;             /* for the age gauges */
+    const api_metrics_ext *ext;     /* appended last; may be NULL */
 } api_metrics_src;
 
 /* The whole page in Prometheus text format 0.0.4, malloc'ed and

@@ -6,7 +6,8 @@
  *                  once draining (Retry-After 5), 503 {"status":
  *                  "store_failed"} when the store refuses writes.  Not tied
  *                  to PostgreSQL or a downstream.
- *   GET /metrics   Prometheus text 0.0.4 (metrics.c)
+ *   GET /metrics   Prometheus text 0.0.4 (metrics.c), plus the families
+ *                  of api_config.metrics_ext
  */
 #include "api_priv.h"
 
@@ -54,6 +55,7 @@ api_outcome api_route_metrics(api_call *c)
         .idem = h->idem,
         .ready = !api_handler_draining(h) && !store_failed(h),
         .now_ms = c->now_ms,
+        .ext = h->cfg.metrics_ext,
     };
     size_t len = 0;
     char *text = api_metrics_render(h->metrics, &src, &len);

@@ -15,7 +15,12 @@
  *      environment is shared with other programs and tools of this project;
  *   5. the flags, left to right;
  *   6. cross-option rules (token vs token_file, non-loopback listen needs a
- *      token, idempotency window within retention) and the token file.
+ *      token, idempotency window within retention, relay and check_query
+ *      need a database) and the files named (token, database password).
+ * DATABASE_URL, the variable most platforms set for an attached database,
+ * fills database_url at the environment layer when OUTBOXD_DATABASE_URL is
+ * not set; "configured" also counts libpq's own PGHOST, PGHOSTADDR,
+ * PGDATABASE and PGSERVICE, read from envp like everything else.
  * Each value is checked as it is applied, so an error names the layer it
  * came from even when a higher layer would have replaced it.
  */
@@ -34,6 +39,8 @@ typedef enum sc_type {
     T_STR,       /* any text (data_dir must not be empty) */
     T_LISTEN,    /* host:port */
     T_TOKEN,     /* bearer token: "" or 16..1024 printable bytes */
+    T_URL,       /* a PostgreSQL URL or conninfo; never echoed */
+    T_SQL,       /* "" or a query using $1 */
     T_BOOL,
     T_UINT,
     T_SIZE,
@@ -124,6 +131,36 @@ static const sc_opt OPTS[] = {
       "threads asking the check-back source" },
     { "delay_max", T_DUR, F(delay_max_ms), "40d", false, MS_S, 3650 * MS_D,
       NULL, "longest delay a send or commit may ask for" },
+    /* ---- PostgreSQL (check-backs, relay) ---- */
+    { "database_url", T_URL, F(database_url), "", true, 0, 0, NULL,
+      "PostgreSQL that answers check-backs: a postgresql:// URL or "
+      "\"key=value\" conninfo (may hold a password: prefer the environment "
+      "or database_password_file).  Also read from DATABASE_URL when "
+      "OUTBOXD_DATABASE_URL is unset.  Empty: libpq's PG* variables when "
+      "PGHOST, PGHOSTADDR, PGDATABASE or PGSERVICE is set, else no database" },
+    { "database_password_file", T_STR, F(database_password_file), "", false,
+      0, 0, NULL, "file whose first line is the database password; wins "
+      "over one in the URL; read at each connect" },
+    { "db_pool", T_UINT, F(db_pool), "2", false, 1, 64, NULL,
+      "PostgreSQL connections answering check-backs" },
+    { "db_statement_timeout", T_DUR, F(db_statement_timeout_ms), "5s", false,
+      1, MS_H, NULL, "statement_timeout of outboxd's queries; a check-back "
+      "cut by it is an error (retried, never counted as a check)" },
+    { "db_connect_timeout", T_DUR, F(db_connect_timeout_ms), "5s", false,
+      MS_S, 10 * MS_M, NULL, "PostgreSQL connect timeout; also about how "
+      "soon a dead server is noticed (TCP keepalives)" },
+    { "check_query", T_SQL, F(check_query), "", false, 0, 0, NULL,
+      "check-back query: parameter $1 is the txid; one text column: commit, "
+      "rollback, pending, or no row (= not known yet).  Empty: SELECT "
+      "outbox.check_transaction($1).  Needs a database" },
+    { "relay", T_BOOL, F(relay), "false", false, 0, 0, NULL,
+      "relay rows of outbox.messages into the store (one leader among "
+      "replicas; needs a database)" },
+    { "relay_batch", T_UINT, F(relay_batch), "500", false, 1, 10000, NULL,
+      "rows the relay stores per PostgreSQL transaction" },
+    { "relay_poll_interval", T_DUR, F(relay_poll_interval_ms), "1s", false,
+      10, MS_H, NULL, "relay: poll this often when no NOTIFY arrives; a "
+      "standby replica tries for leadership this often" },
     /* ---- consumer groups ---- */
     { "invisible_default", T_DUR, F(invisible_default_ms), "30s", false, MS_S,
       12 * MS_H, NULL, "invisibility of a received message when the receive "
@@ -153,6 +190,7 @@ _Static_assert(sizeof OPTS / sizeof OPTS[0] == SC_OPT_COUNT,
 /* State of one sc_config_load call. */
 typedef struct load_ctx {
     sc_config *c;
+    char **envp;                           /* for the PG* variables */
     char *err;
     size_t errlen;
     char where[SC_OPT_COUNT][WHERE_MAX];   /* source text of each value */
@@ -490,6 +528,8 @@ static void format_value(const sc_config *c, const sc_opt *o, char *buf,
     case T_STR:
     case T_LISTEN:
     case T_TOKEN:
+    case T_URL:
+    case T_SQL:
         if (o->secret && p[0])
             snprintf(buf, cap, "********");
         else if (needs_quotes(p))
@@ -546,6 +586,8 @@ static const char *parse_into(sc_config *c, const sc_opt *o, const char *v,
     case T_STR:
     case T_LISTEN:
     case T_TOKEN:
+    case T_URL:
+    case T_SQL:
         if (strlen(v) >= o->size) {
             snprintf(what, wl, "too long (at most %zu bytes)", o->size - 1);
             return what;
@@ -563,6 +605,13 @@ static const char *parse_into(sc_config *c, const sc_opt *o, const char *v,
         }
         if (o->type == T_TOKEN && check_token(v, "token", what, wl))
             return what;
+        /* A quick check only: PostgreSQL prepares the query at start-up
+         * and says precisely what does not fit. */
+        if (o->type == T_SQL && *v && !strstr(v, "$1")) {
+            snprintf(what, wl, "must use the txid as parameter $1 (e.g. "
+                     "SELECT state FROM orders WHERE id = $1)");
+            return what;
+        }
         memcpy(p, v, strlen(v) + 1);
         return NULL;
     case T_BOOL:
@@ -728,6 +777,12 @@ static int load_env(load_ctx *x, char **envp)
         char name[64], where[80];
         env_name(&OPTS[i], name, sizeof name);
         const char *v = env_get(envp, name);
+        /* The unprefixed name platforms set for an attached database; the
+         * OUTBOXD_ one wins when both are there. */
+        if ((!v || !*v) && OPTS[i].off == offsetof(sc_config, database_url)) {
+            snprintf(name, sizeof name, "DATABASE_URL");
+            v = env_get(envp, name);
+        }
         if (!v || !*v)
             continue;
         snprintf(where, sizeof where, "env %s", name);
@@ -795,19 +850,34 @@ static int scan_flag(load_ctx *x, int argc, char **argv, int *i,
     return 0;
 }
 
-static int scan_command(load_ctx *x, const char *a, bool *have)
+/* Positional words: one command; `db` takes one subcommand after it.
+ * *have: 0 none yet, 1 a command, 2 `db` waiting for its subcommand. */
+static int scan_command(load_ctx *x, const char *a, int *have)
 {
+    if (*have == 2) {
+        *have = 1;
+        if (strcmp(a, "migrate") == 0)
+            x->c->command = SC_CMD_DB_MIGRATE;
+        else if (strcmp(a, "status") == 0)
+            x->c->command = SC_CMD_DB_STATUS;
+        else
+            return fail(x, EX_USAGE, "outboxd: unknown db command \"%s\" "
+                        "(db commands: migrate, status)", a);
+        return 0;
+    }
     if (*have)
         return fail(x, EX_USAGE, "outboxd: unexpected argument \"%s\" (see "
                     "outboxd --help)", a);
-    *have = true;
+    *have = 1;
     if (strcmp(a, "run") == 0)
         x->c->command = SC_CMD_RUN;
     else if (strcmp(a, "config") == 0)
         x->c->command = SC_CMD_CONFIG;
+    else if (strcmp(a, "db") == 0)
+        *have = 2;
     else
         return fail(x, EX_USAGE, "outboxd: unknown command \"%s\" (commands: "
-                    "run, config)", a);
+                    "run, config, db)", a);
     return 0;
 }
 
@@ -816,7 +886,7 @@ static int scan_command(load_ctx *x, const char *a, bool *have)
 static int scan_args(load_ctx *x, int argc, char **argv, flag_val *fv,
                      size_t *nflags, const char **config_path)
 {
-    bool have_cmd = false;
+    int have_cmd = 0;
     *nflags = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -838,6 +908,9 @@ static int scan_args(load_ctx *x, int argc, char **argv, flag_val *fv,
         if (rc)
             return rc;
     }
+    if (have_cmd == 2)
+        return fail(x, EX_USAGE, "outboxd: db needs a command: migrate or "
+                    "status (see outboxd --help)");
     return 0;
 }
 
@@ -897,6 +970,69 @@ static int read_token_file(load_ctx *x)
     return 0;
 }
 
+/* Read access and a non-empty first line; the password itself is left in
+ * the file (pg.c reads it at each connect, so a rotated one is used on the
+ * next reconnect) and never printed. */
+static int check_password_file(load_ctx *x)
+{
+    const sc_config *c = x->c;
+    int i = idx_of(offsetof(sc_config, database_password_file));
+    const char *path = c->database_password_file;
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return fail(x, EX_CONFIG, "outboxd: config: %s: "
+                    "database_password_file: cannot read %s: %s", x->where[i],
+                    path, strerror(errno));
+    char buf[1024];
+    bool got = fgets(buf, sizeof buf, f) != NULL;
+    int e = ferror(f) ? errno : 0;
+    fclose(f);
+    bool empty = !got || strcspn(buf, "\r\n") == 0;
+    volatile char *wipe = buf;
+    for (size_t k = 0; k < sizeof buf; k++)
+        wipe[k] = 0;
+    if (e)
+        return fail(x, EX_CONFIG, "outboxd: config: %s: "
+                    "database_password_file: cannot read %s: %s", x->where[i],
+                    path, strerror(e));
+    if (empty)
+        return fail(x, EX_CONFIG, "outboxd: config: %s: "
+                    "database_password_file: %s has no password on its "
+                    "first line", x->where[i], path);
+    return 0;
+}
+
+static bool env_set(char **envp, const char *name)
+{
+    const char *v = env_get(envp, name);
+    return v && *v;
+}
+
+/* PostgreSQL options: is there a database, and do the options that need
+ * one have it. */
+static int validate_db(load_ctx *x)
+{
+    sc_config *c = x->c;
+    c->db_configured = c->database_url[0] || env_set(x->envp, "PGHOST") ||
+                       env_set(x->envp, "PGHOSTADDR") ||
+                       env_set(x->envp, "PGDATABASE") ||
+                       env_set(x->envp, "PGSERVICE");
+    int re = idx_of(offsetof(sc_config, relay));
+    int cq = idx_of(offsetof(sc_config, check_query));
+    if (c->relay && !c->db_configured)
+        return fail(x, EX_CONFIG, "outboxd: config: %s: relay: relay mode "
+                    "needs a database (set database_url or DATABASE_URL, or "
+                    "PGHOST/PGDATABASE/PGSERVICE)", x->where[re]);
+    if (c->check_query[0] && !c->db_configured)
+        return fail(x, EX_CONFIG, "outboxd: config: %s: check_query: a check "
+                    "query needs a database (set database_url or "
+                    "DATABASE_URL, or PGHOST/PGDATABASE/PGSERVICE)",
+                    x->where[cq]);
+    if (c->database_password_file[0])
+        return check_password_file(x);
+    return 0;
+}
+
 static int validate(load_ctx *x)
 {
     sc_config *c = x->c;
@@ -937,7 +1073,7 @@ static int validate(load_ctx *x)
                     "would outlive the log they are kept in", x->where[b],
                     OPTS[b].name, w, r);
     }
-    return 0;
+    return validate_db(x);
 }
 
 /* ---- public ------------------------------------------------------------------ */
@@ -958,6 +1094,7 @@ int sc_config_load(sc_config *out, int argc, char **argv, char **envp,
     }
     memset(out, 0, sizeof *out);
     x->c = out;
+    x->envp = envp;
     x->err = err;
     x->errlen = errlen;
     if (err && errlen)
@@ -1014,6 +1151,8 @@ static const char *metavar(const sc_opt *o, char *buf, size_t cap)
     switch (o->type) {
     case T_LISTEN: return "HOST:PORT";
     case T_TOKEN:  return "TOKEN";
+    case T_URL:    return "URL";
+    case T_SQL:    return "SQL";
     case T_BOOL:   return "BOOL";
     case T_UINT:   return "N";
     case T_SIZE:   return "SIZE";
@@ -1031,13 +1170,20 @@ static const char *metavar(const sc_opt *o, char *buf, size_t cap)
 
 void sc_config_usage(FILE *f)
 {
-    fputs("usage: outboxd [run | config] [--option=value | --option value ...]\n"
+    fputs("usage: outboxd [run | config | db migrate | db status] "
+          "[--option=value | --option value ...]\n"
           "       outboxd --help | --version\n"
           "\n"
           "commands:\n"
-          "  run      start the daemon (the default)\n"
-          "  config   print the effective configuration (secrets masked), "
+          "  run         start the daemon (the default)\n"
+          "  config      print the effective configuration (secrets masked), "
           "then exit\n"
+          "  db migrate  install or upgrade the outbox schema in the database "
+          "(database_url,\n"
+          "              DATABASE_URL or PG*): applies the pending migrations, "
+          "prints each\n"
+          "  db status   print the database's schema version and the pending "
+          "migrations\n"
           "\n"
           "Each option is set, lowest precedence first, by its default, the "
           "config file\n"
@@ -1061,7 +1207,11 @@ void sc_config_usage(FILE *f)
     }
     fputs("\nexit codes: 0 ok, 64 usage, 69 port unavailable, 70 internal, "
           "73 cannot create\nthe data directory, 75 data directory locked by "
-          "another process, 78 configuration\n", f);
+          "another process, 78 configuration\n(also: PostgreSQL refused the "
+          "connection, the check query does not fit, the\nschema is missing).  "
+          "db migrate/status: 65 the database is newer than this\noutboxd or a "
+          "migration failed, 69 PostgreSQL unreachable, 78 refused or no "
+          "database.\n", f);
 }
 
 const char *sc_config_from(const sc_config *c, const char *name)
@@ -1075,9 +1225,11 @@ const char *sc_config_from(const sc_config *c, const char *name)
 
 void sc_config_wipe(sc_config *c)
 {
-    volatile char *t = c->token, *a = c->auth_token;
+    volatile char *t = c->token, *a = c->auth_token, *u = c->database_url;
     for (size_t i = 0; i < sizeof c->token; i++)
         t[i] = 0;
     for (size_t i = 0; i < sizeof c->auth_token; i++)
         a[i] = 0;
+    for (size_t i = 0; i < sizeof c->database_url; i++)
+        u[i] = 0;
 }

@@ -12,13 +12,22 @@
  * OUTBOXD_CONFIG; `key = value` lines) < environment < command-line flags.
  *
  * Types and their syntax
- *   string    taken verbatim (file values may be "double-quoted")
+ *   string    taken verbatim (file values may be "double-quoted"); also
+ *             database_url (a secret: masked, never echoed in errors) and
+ *             check_query (must contain $1)
  *   bool      true/false, yes/no, on/off, 1/0
  *   uint      decimal digits
  *   size      digits with B, KiB, MiB, GiB, TiB (binary; also k/K, M, G, T);
  *             no unit = bytes
  *   duration  digits with ms, s, m, h or d; a bare 0 is allowed
  *   enum      one of a fixed list of words
+ *
+ * PostgreSQL (issue 6) is "configured" when database_url is set (also from
+ * the unprefixed DATABASE_URL variable when OUTBOXD_DATABASE_URL is not),
+ * or when the environment has PGHOST, PGHOSTADDR, PGDATABASE or PGSERVICE:
+ * then libpq's PG* variables say where to connect.  sc_config_load reads
+ * them from `envp` into db_configured; nothing else looks at the process
+ * environment.
  *
  * Errors: every invalid value is one line
  *   "outboxd: config: <source>: <name>: <what is wrong>"
@@ -38,13 +47,17 @@
 #define SC_LISTEN_MAX    128
 #define SC_TOKEN_MIN     16
 #define SC_TOKEN_MAX     1024
-#define SC_OPT_COUNT     30      /* rows in the option table */
+#define SC_URL_MAX       4096    /* database_url, bytes */
+#define SC_QUERY_MAX     4096    /* check_query, bytes */
+#define SC_OPT_COUNT     39      /* rows in the option table */
 
 typedef enum sc_command {
     SC_CMD_RUN = 0,              /* `outboxd` or `outboxd run` */
     SC_CMD_CONFIG,               /* `outboxd config` */
     SC_CMD_HELP,                 /* `--help` / `-h` */
-    SC_CMD_VERSION               /* `--version` */
+    SC_CMD_VERSION,              /* `--version` */
+    SC_CMD_DB_MIGRATE,           /* `outboxd db migrate` (migrate.h) */
+    SC_CMD_DB_STATUS             /* `outboxd db status` */
 } sc_command;
 
 /* Where an option's value came from (the `# from` column of `config`). */
@@ -91,6 +104,15 @@ typedef struct sc_config {
     unsigned check_on_exhausted;     /* SC_EXHAUSTED_* */
     uint64_t check_workers;
     int64_t  delay_max_ms;
+    char     database_url[SC_URL_MAX];     /* secret: may hold a password */
+    char     database_password_file[SC_PATH_MAX];
+    uint64_t db_pool;                /* check-back connections */
+    int64_t  db_statement_timeout_ms;
+    int64_t  db_connect_timeout_ms;
+    char     check_query[SC_QUERY_MAX];    /* "" = the built-in query */
+    bool     relay;                  /* relay outbox.messages into the store */
+    uint64_t relay_batch;
+    int64_t  relay_poll_interval_ms;
     int64_t  invisible_default_ms;
     int64_t  default_wait_ms;
     int64_t  idempotency_window_ms;
@@ -104,6 +126,9 @@ typedef struct sc_config {
     bool     loopback;               /* bind_host is 127.0.0.0/8 or ::1 */
     char     auth_token[SC_TOKEN_MAX + 1]; /* token or token_file's content;
                                         "" = no authentication */
+    bool     db_configured;          /* database_url set, or PGHOST,
+                                        PGHOSTADDR, PGDATABASE or PGSERVICE
+                                        in the environment */
     unsigned char from[SC_OPT_COUNT];/* sc_source of each option */
 } sc_config;
 
@@ -114,7 +139,9 @@ typedef struct sc_config {
  * or combination), 64 (EX_USAGE: bad command line) or 70 (out of memory);
  * on error `err` holds
  * the one-line message (no newline).  --help and --version return at once,
- * before any value is checked.  Reads the token file, when one is set. */
+ * before any value is checked.  Reads the token file, when one is set, and
+ * checks that database_password_file can be read (its content is left to
+ * the connection, so a rotated password is picked up on reconnect). */
 int sc_config_load(sc_config *out, int argc, char **argv, char **envp,
                    char *err, size_t errlen);
 
@@ -130,7 +157,8 @@ void sc_config_usage(FILE *f);
  * an unknown name. */
 const char *sc_config_from(const sc_config *c, const char *name);
 
-/* Overwrite the secrets held in *c (before freeing or exiting). */
+/* Overwrite the secrets held in *c (the token, the database URL) before
+ * freeing or exiting. */
 void sc_config_wipe(sc_config *c);
 
 #endif /* SC_CONFIG_H */

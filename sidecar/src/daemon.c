@@ -17,7 +17,11 @@
  *                   retention.
  *   delay           one thread sleeping until the next due time.
  *   transactions    one scheduler thread plus `check_workers` check-back
- *                   threads (idle until a check-back source exists, issue 6).
+ *                   threads; with a database they run the check query on
+ *                   the pgcheck pool (`db_pool` connections, no threads of
+ *                   its own); without one they stay idle.
+ *   relay           with `relay = true`, one thread moving rows of
+ *                   outbox.messages into the store (relay.h).
  *   groups          one thread: invisibility timeouts, long-poll deadlines,
  *                   progress persistence.
  * SIGTERM, SIGINT and SIGHUP are blocked before the first thread starts, so
@@ -32,8 +36,11 @@
  *   2. api_server_wait_idle up to shutdown_grace, in short slices so that a
  *      second SIGTERM/SIGINT skips the rest of the grace.
  *   3. close in reverse build order: HTTP server (exchanges still running
- *      are cut), groups (progress persisted), transactions (checks in
- *      flight finish), delays (state saved), store (flush + checkpoint).
+ *      are cut), relay (finishes the batch in hand: it writes to the
+ *      store, so it stops before the store does), groups (progress
+ *      persisted), transactions (checks in flight finish), the check-back
+ *      pool (after txn, whose workers call it), delays (state saved),
+ *      store (flush + checkpoint).
  *      A failed close is logged and the sequence goes on; only the store's
  *      matters to the exit code, as only it can lose acknowledged data
  *      (pending transactions and timers stay in the log; unpersisted group
@@ -41,6 +48,19 @@
  *   4. exit 0 (70 when the store's final flush failed).
  * Nothing acknowledged depends on step 3 in SYNC mode: a 2xx is only sent
  * after fdatasync, so SIGKILL at any moment loses nothing acknowledged.
+ * The relay deletes a row only after the store fdatasync'ed it, and finds
+ * rows stored before a crash by msg_id, so SIGKILL loses no row and stores
+ * none twice.
+ *
+ * PostgreSQL at start-up (when configured)
+ *   pgcheck open connects one connection and prepares the check query: a
+ *   refused connection or a query that does not fit is exit 78; an
+ *   unreachable server is a warning and the daemon starts (checks answer
+ *   ERROR, which broker_core retries without counting).  Then one short
+ *   probe connection names the server in the log and, when the built-in
+ *   query or the relay needs the outbox schema, reads its version: none
+ *   is 78 ("run `outboxd db migrate`"), newer than this binary knows is a
+ *   warning (migrations only add).
  */
 #include "daemon.h"
 
@@ -59,6 +79,9 @@
 #include "broker/store.h"
 #include "broker/txn.h"
 #include "http_api/api.h"
+#include "migrate.h"
+#include "pgcheck.h"
+#include "relay.h"
 
 #ifndef OUTBOXD_VERSION
 #define OUTBOXD_VERSION "unknown"
@@ -73,6 +96,9 @@ struct sc_daemon {
     brk_delay *delay;
     brk_txn *txn;
     brk_groups *groups;
+    sc_pgcheck *pgcheck;       /* NULL without a database */
+    sc_relay *relay;           /* NULL unless relay = true */
+    api_metrics_ext metrics;   /* the database families of /metrics */
     api_server *srv;
     unsigned threads;          /* HTTP workers actually asked for */
     char bound[SC_LISTEN_MAX]; /* "host:port" with the bound port */
@@ -235,7 +261,7 @@ static int open_txn(sc_daemon *d, char *err, size_t errlen)
     brk_txn_opts o;
     brk_txn_opts_init(&o);
     policy_from(d->cfg, &o.default_policy);
-    o.checker = NULL;          /* issue 6 adds the PostgreSQL checker */
+    o.checker = d->pgcheck ? sc_pgcheck_checker(d->pgcheck) : NULL;
     o.delay = d->delay;
     o.workers = (uint32_t)d->cfg->check_workers;
     brk_status st = brk_txn_open(&d->txn, d->store, &o, why, sizeof why);
@@ -246,9 +272,221 @@ static int open_txn(sc_daemon *d, char *err, size_t errlen)
     brk_txn_get_stats(d->txn, &ts);
     sc_log_kv(d->log, API_LOG_INFO, "transactions recovered",
               "pending", u64s(n, ts.pending), NULL);
-    sc_log_kv(d->log, API_LOG_WARN, "no check-back source configured: "
-              "prepared transactions wait for a verdict", NULL);
+    if (!d->pgcheck)
+        sc_log_kv(d->log, API_LOG_WARN, "no check-back source configured: "
+                  "prepared transactions wait for a verdict", NULL);
     return 0;
+}
+
+/* ---- PostgreSQL ------------------------------------------------------------------ */
+
+void sc_daemon_pg_opts(const sc_config *c, const brk_clock *clock,
+                       sc_pg_opts *o)
+{
+    sc_pg_opts_init(o);
+    o->conninfo = c->database_url;
+    o->password_file = c->database_password_file;
+    o->statement_timeout_ms = c->db_statement_timeout_ms;
+    o->connect_timeout_ms = c->db_connect_timeout_ms;
+    o->clock = clock;
+}
+
+/* The adapters' status code as the daemon's exit code: 78 stays 78 (the
+ * operator has to change something), anything else is 70. */
+static int pg_failed(char *err, size_t errlen, int rc, const char *why)
+{
+    return errf(err, errlen, rc == EX_CONFIG ? EX_CONFIG : EX_SOFTWARE,
+                "postgres", why[0] ? why : "cannot start");
+}
+
+/* Whether what runs needs the outbox schema: the built-in check query
+ * calls outbox.check_transaction, the relay reads outbox.messages. */
+static bool needs_schema(const sc_config *c)
+{
+    return !c->check_query[0] || c->relay;
+}
+
+/* One short connection after the pool opened: say where we are connected
+ * (never the password) and check the schema version.  Skipped when the
+ * pool could not connect (another attempt would only wait out the connect
+ * timeout again); an unreachable server is a warning only, the pool keeps
+ * trying and validates its query on the first connection. */
+static int probe_db(sc_daemon *d, char *err, size_t errlen)
+{
+    const sc_config *c = d->cfg;
+    sc_pgcheck_stats ps;
+    sc_pgcheck_get_stats(d->pgcheck, &ps);
+    if (ps.connected == 0) {
+        sc_log_kv(d->log, API_LOG_WARN, "PostgreSQL unreachable at start: "
+                  "check-backs answer error (retried, never counted) until "
+                  "it answers", NULL);
+        return 0;
+    }
+    char why[1024] = "", target[300] = "", v[24], latest[24];
+    sc_pg_opts o;
+    sc_daemon_pg_opts(c, brk_store_clock(d->store), &o);
+    o.application_name = "outboxd";
+    sc_pg_fail fail = SC_PG_OK;
+    PGconn *conn = sc_pg_connect(&o, &fail, why, sizeof why);
+    if (!conn) {
+        if (fail == SC_PG_REFUSED)
+            return errf(err, errlen, EX_CONFIG, "postgres", why);
+        sc_log_kv(d->log, API_LOG_WARN, "PostgreSQL unreachable at start: "
+                  "check-backs answer error (retried, never counted) until "
+                  "it answers", "error", why, NULL);
+        return 0;
+    }
+    sc_pg_describe(conn, target, sizeof target);
+    sc_log_kv(d->log, API_LOG_INFO, "postgres connected", "target", target,
+              NULL);
+    int rc = 0;
+    int version = 0;
+    if (needs_schema(c)) {
+        if (sc_db_schema_version(conn, &version, why, sizeof why) != 0) {
+            sc_log_kv(d->log, API_LOG_WARN, "cannot read the outbox schema "
+                      "version", "error", why, NULL);
+        } else if (version == 0) {
+            rc = errf(err, errlen, EX_CONFIG, "postgres", "database has no "
+                      "outbox schema; run `outboxd db migrate`");
+        } else if (version > sc_migrations_latest()) {
+            sc_log_kv(d->log, API_LOG_WARN, "the database's outbox schema is "
+                      "newer than this outboxd knows", "version",
+                      u64s(v, (uint64_t)version), "known",
+                      u64s(latest, (uint64_t)sc_migrations_latest()), NULL);
+        }
+    }
+    PQfinish(conn);
+    return rc;
+}
+
+/* The check-back pool, before txn (whose workers call it). */
+static int open_pgcheck(sc_daemon *d, char *err, size_t errlen)
+{
+    const sc_config *c = d->cfg;
+    if (!c->db_configured)
+        return 0;
+    char why[1024] = "", pool[24];
+    sc_pgcheck_opts o;
+    sc_pgcheck_opts_init(&o);
+    sc_daemon_pg_opts(c, brk_store_clock(d->store), &o.pg);
+    o.pg.application_name = "outboxd check";
+    o.pool_size = (unsigned)c->db_pool;
+    o.query = c->check_query[0] ? c->check_query : NULL;
+    o.log = d->log;
+    int rc = sc_pgcheck_open(&d->pgcheck, &o, why, sizeof why);
+    if (rc != 0) {
+        d->pgcheck = NULL;
+        return pg_failed(err, errlen, rc, why);
+    }
+    sc_log_kv(d->log, API_LOG_INFO, "check-backs answered by PostgreSQL",
+              "pool", u64s(pool, c->db_pool),
+              "check_query", c->check_query[0] ? "custom" : "default",
+              "relay", c->relay ? "on" : "off", NULL);
+    return probe_db(d, err, errlen);
+}
+
+/* The relay, once the store it writes to is open. */
+static int open_relay(sc_daemon *d, char *err, size_t errlen)
+{
+    const sc_config *c = d->cfg;
+    if (!c->relay)
+        return 0;
+    char why[1024] = "", batch[24], poll[24];
+    sc_relay_opts o;
+    sc_relay_opts_init(&o);
+    sc_daemon_pg_opts(c, brk_store_clock(d->store), &o.pg);
+    o.pg.application_name = "outboxd relay";
+    o.store = d->store;
+    o.batch = (uint32_t)c->relay_batch;
+    o.poll_interval_ms = c->relay_poll_interval_ms;
+    o.log = d->log;
+    int rc = sc_relay_open(&d->relay, &o, why, sizeof why);
+    if (rc != 0) {
+        d->relay = NULL;
+        return pg_failed(err, errlen, rc, why);
+    }
+    sc_log_kv(d->log, API_LOG_INFO, "relay started",
+              "batch", u64s(batch, c->relay_batch),
+              "poll_interval_ms", u64s(poll, (uint64_t)c->relay_poll_interval_ms),
+              NULL);
+    return 0;
+}
+
+/* /metrics, the database side (api_metrics_ext): counters of the pool and
+ * the relay.  Runs on HTTP threads; both get_stats calls are thread-safe,
+ * and both handles outlive the HTTP server (closed after it). */
+static void render_db_metrics(void *ctx, FILE *out)
+{
+    sc_daemon *d = ctx;
+    if (d->pgcheck) {
+        sc_pgcheck_stats st;
+        sc_pgcheck_get_stats(d->pgcheck, &st);
+        fprintf(out,
+                "# HELP outboxd_db_up 1 when at least one check-back "
+                "connection to PostgreSQL is healthy.\n"
+                "# TYPE outboxd_db_up gauge\n"
+                "outboxd_db_up %d\n"
+                "# HELP outboxd_db_connections Healthy check-back connections "
+                "to PostgreSQL.\n"
+                "# TYPE outboxd_db_connections gauge\n"
+                "outboxd_db_connections %u\n"
+                "# HELP outboxd_check_queries_total Check-back queries by "
+                "answer (error: not answered; retried, never counted).\n"
+                "# TYPE outboxd_check_queries_total counter\n"
+                "outboxd_check_queries_total{answer=\"commit\"} %llu\n"
+                "outboxd_check_queries_total{answer=\"rollback\"} %llu\n"
+                "outboxd_check_queries_total{answer=\"unknown\"} %llu\n"
+                "outboxd_check_queries_total{answer=\"error\"} %llu\n"
+                "# HELP outboxd_check_timeouts_total Check-back queries cut "
+                "by db_statement_timeout.\n"
+                "# TYPE outboxd_check_timeouts_total counter\n"
+                "outboxd_check_timeouts_total %llu\n"
+                "# HELP outboxd_db_reconnects_total Successful check-back "
+                "reconnects after the first connect.\n"
+                "# TYPE outboxd_db_reconnects_total counter\n"
+                "outboxd_db_reconnects_total %llu\n",
+                st.connected > 0 ? 1 : 0, st.connected,
+                (unsigned long long)st.answers[BRK_CHECK_COMMIT],
+                (unsigned long long)st.answers[BRK_CHECK_ROLLBACK],
+                (unsigned long long)st.answers[BRK_CHECK_UNKNOWN],
+                (unsigned long long)st.answers[BRK_CHECK_ERROR],
+                (unsigned long long)st.timeouts,
+                (unsigned long long)st.reconnects);
+    }
+    if (d->relay) {
+        sc_relay_stats st;
+        sc_relay_get_stats(d->relay, &st);
+        fprintf(out,
+                "# HELP outboxd_relay_leader 1 when this outboxd holds the "
+                "relay leadership (the advisory lock).\n"
+                "# TYPE outboxd_relay_leader gauge\n"
+                "outboxd_relay_leader %d\n"
+                "# HELP outboxd_relay_rows_total Rows of outbox.messages "
+                "handled: stored, duplicate (already stored before a crash), "
+                "rejected (kept in __relay_rejected).\n"
+                "# TYPE outboxd_relay_rows_total counter\n"
+                "outboxd_relay_rows_total{result=\"stored\"} %llu\n"
+                "outboxd_relay_rows_total{result=\"duplicate\"} %llu\n"
+                "outboxd_relay_rows_total{result=\"rejected\"} %llu\n"
+                "# HELP outboxd_relay_batches_total Relay batches committed.\n"
+                "# TYPE outboxd_relay_batches_total counter\n"
+                "outboxd_relay_batches_total %llu\n"
+                "# HELP outboxd_relay_errors_total Relay batches that failed "
+                "(rows stay in the table and are retried).\n"
+                "# TYPE outboxd_relay_errors_total counter\n"
+                "outboxd_relay_errors_total %llu\n"
+                "# HELP outboxd_relay_lag_seconds Age of the newest row of the "
+                "last batch when it was stored.\n"
+                "# TYPE outboxd_relay_lag_seconds gauge\n"
+                "outboxd_relay_lag_seconds %.3f\n",
+                st.leader ? 1 : 0,
+                (unsigned long long)st.rows_stored,
+                (unsigned long long)st.rows_duplicate,
+                (unsigned long long)st.rows_rejected,
+                (unsigned long long)st.batches,
+                (unsigned long long)st.errors,
+                st.lag_ms > 0 ? (double)st.lag_ms / 1000 : 0.0);
+    }
 }
 
 static int open_groups(sc_daemon *d, char *err, size_t errlen)
@@ -283,6 +521,11 @@ static int open_http(sc_daemon *d, char *err, size_t errlen)
     a.default_wait_ms = (uint32_t)c->default_wait_ms;
     policy_from(c, &a.default_check);
     a.logger = sc_log_api(d->log);
+    if (d->pgcheck || d->relay) {
+        d->metrics.render = render_db_metrics;
+        d->metrics.ctx = d;
+        a.metrics_ext = &d->metrics;
+    }
     api_broker b = { d->store, d->txn, d->delay, d->groups };
     brk_status st = api_server_open(&d->srv, &a, &b, why, sizeof why);
     if (st != BRK_OK)
@@ -349,8 +592,10 @@ int sc_daemon_open(sc_daemon **out, const sc_config *cfg, sc_log *log,
     warn_if_token_file_open(d);
     int rc = open_store(d, err, errlen);
     if (rc == 0) rc = open_delay(d, err, errlen);
+    if (rc == 0) rc = open_pgcheck(d, err, errlen);
     if (rc == 0) rc = open_txn(d, err, errlen);
     if (rc == 0) rc = open_groups(d, err, errlen);
+    if (rc == 0) rc = open_relay(d, err, errlen);
     if (rc == 0) rc = open_http(d, err, errlen);
     if (rc != 0) {
         sc_daemon_close(d);
@@ -440,10 +685,18 @@ int sc_daemon_close(sc_daemon *d)
         api_server_close(d->srv);
         closed(d, "http", BRK_OK);
     }
+    if (d->relay) {
+        sc_relay_close(d->relay);
+        closed(d, "relay", BRK_OK);
+    }
     if (d->groups)
         closed(d, "groups", brk_groups_close(d->groups));
     if (d->txn)
         closed(d, "txn", brk_txn_close(d->txn));
+    if (d->pgcheck) {
+        sc_pgcheck_close(d->pgcheck);
+        closed(d, "pgcheck", BRK_OK);
+    }
     if (d->delay)
         closed(d, "delay", brk_delay_close(d->delay));
     if (d->store) {

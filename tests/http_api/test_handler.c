@@ -1051,6 +1051,60 @@ static void metrics_page_names_every_family_and_counts(void **state)
     res_free(&r);
 }
 
+/* api_config.metrics_ext: its families come after http_api's own, on
+ * every scrape, with the ctx it was given. */
+typedef struct ext_ctx {
+    atomic_int calls;
+} ext_ctx;
+
+static void ext_render(void *ctx, FILE *out)
+{
+    ext_ctx *e = ctx;
+    int n = atomic_fetch_add(&e->calls, 1) + 1;
+    fprintf(out, "# HELP outboxd_test_ext Written by the test's hook.\n"
+                 "# TYPE outboxd_test_ext gauge\n"
+                 "outboxd_test_ext{call=\"%d\"} 1\n", n);
+}
+
+static void metrics_ext_families_are_appended_to_the_page(void **state)
+{
+    fx *f = *state;
+    char err[256];
+    ext_ctx e = { 0 };
+    api_metrics_ext ext = { ext_render, &e };
+    api_handler_close(f->h);
+    f->cfg.metrics_ext = &ext;
+    api_broker b = { f->s, f->t, f->d, f->g };
+    assert_int_equal(api_handler_open(&f->h, &f->cfg, &b, err, sizeof err),
+                     BRK_OK);
+    res r;
+    call(f, "GET", "/metrics", NULL, &r);
+    expect_status(&r, 200);
+    assert_true(has_line(r.body, "outboxd_test_ext{call=\"1\"} 1"));
+    assert_true(has_line(r.body, "# TYPE outboxd_test_ext gauge"));
+    /* after every family of http_api's own */
+    assert_true(strstr(r.body, "outboxd_build_info") <
+                strstr(r.body, "# HELP outboxd_test_ext "));
+    res_free(&r);
+    call(f, "GET", "/metrics", NULL, &r);
+    assert_true(has_line(r.body, "outboxd_test_ext{call=\"2\"} 1"));
+    assert_int_equal(atomic_load(&e.calls), 2);
+    res_free(&r);
+    /* other routes never call it */
+    call(f, "GET", "/healthz", NULL, &r);
+    expect_status(&r, 200);
+    res_free(&r);
+    assert_int_equal(atomic_load(&e.calls), 2);
+    /* the handler is closed (teardown) before `ext` goes out of scope */
+    api_handler_close(f->h);
+    f->cfg.metrics_ext = NULL;
+    assert_int_equal(api_handler_open(&f->h, &f->cfg, &b, err, sizeof err),
+                     BRK_OK);
+    call(f, "GET", "/metrics", NULL, &r);
+    assert_null(strstr(r.body, "outboxd_test_ext"));
+    res_free(&r);
+}
+
 /* ---- concurrency (TSan) ---------------------------------------------------------------------- */
 
 typedef struct worker {
@@ -1184,6 +1238,7 @@ int main(void)
         T(writes_while_draining_are_503_and_reads_still_work),
         T(readyz_is_ready_then_503_after_drain_and_healthz_stays_ok),
         T(metrics_page_names_every_family_and_counts),
+        T(metrics_ext_families_are_appended_to_the_page),
         T(concurrent_sends_receives_and_scrapes_are_consistent),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

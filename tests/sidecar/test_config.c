@@ -3,7 +3,8 @@
  *
  * Everything runs in-process through sc_config_load with argv and envp built
  * by the test (never the real environment); config files go to a scratch
- * directory.
+ * directory.  The PostgreSQL options (issue 6) are at the end: the
+ * DATABASE_URL and PG* rules, ranges, conflicts, `db` commands, secrets.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -128,6 +129,16 @@ static void defaults_apply_when_nothing_is_set(void **state)
     assert_int_equal(c->idempotency_max_keys, 100000);
     assert_int_equal(c->shutdown_grace_ms, 20000);
     assert_int_equal(c->log_level, 1);
+    assert_string_equal(c->database_url, "");
+    assert_string_equal(c->database_password_file, "");
+    assert_int_equal(c->db_pool, 2);
+    assert_int_equal(c->db_statement_timeout_ms, 5000);
+    assert_int_equal(c->db_connect_timeout_ms, 5000);
+    assert_string_equal(c->check_query, "");
+    assert_false(c->relay);
+    assert_int_equal(c->relay_batch, 500);
+    assert_int_equal(c->relay_poll_interval_ms, 1000);
+    assert_false(c->db_configured);
     assert_string_equal(sc_config_from(c, "threads"), "default");
     assert_string_equal(sc_config_from(c, "log_level"), "default");
     assert_null(sc_config_from(c, "no_such_option"));
@@ -417,7 +428,7 @@ static void unknown_command_is_64(void **state)
     fixture *f = *state;
     assert_int_equal(load(f, ARGS("serve"), NONE), EX_USAGE);
     assert_string_equal(f->err, "outboxd: unknown command \"serve\" (commands: "
-                        "run, config)");
+                        "run, config, db)");
     assert_int_equal(load(f, ARGS("run", "config"), NONE), EX_USAGE);
 }
 
@@ -760,6 +771,272 @@ static void usage_lists_every_option_with_env_and_default(void **state)
     free(buf);
 }
 
+/* ---- PostgreSQL ------------------------------------------------------------------ */
+
+#define URL "postgresql://app:s3cr3t-pw@db.internal:5432/orders"
+
+static void database_url_comes_from_DATABASE_URL_when_outboxd_one_is_unset(
+    void **state)
+{
+    fixture *f = *state;
+    assert_int_equal(load(f, NONE, ARGS("DATABASE_URL=" URL)), 0);
+    assert_string_equal(f->cfg.database_url, URL);
+    assert_string_equal(sc_config_from(&f->cfg, "database_url"), "env");
+    assert_true(f->cfg.db_configured);
+    /* empty counts as unset, like every OUTBOXD_ variable */
+    assert_int_equal(load(f, NONE, ARGS("OUTBOXD_DATABASE_URL=",
+                                        "DATABASE_URL=" URL)), 0);
+    assert_string_equal(f->cfg.database_url, URL);
+    assert_int_equal(load(f, NONE, ARGS("DATABASE_URL=")), 0);
+    assert_false(f->cfg.db_configured);
+}
+
+static void outboxd_database_url_beats_DATABASE_URL_and_a_flag_beats_both(
+    void **state)
+{
+    fixture *f = *state;
+    assert_int_equal(load(f, NONE, ARGS("DATABASE_URL=postgresql://a/x",
+                                        "OUTBOXD_DATABASE_URL=postgresql://b/y")),
+                     0);
+    assert_string_equal(f->cfg.database_url, "postgresql://b/y");
+    assert_int_equal(load(f, ARGS("--database-url=host=c dbname=z"),
+                          ARGS("DATABASE_URL=postgresql://a/x")), 0);
+    assert_string_equal(f->cfg.database_url, "host=c dbname=z");
+    assert_string_equal(sc_config_from(&f->cfg, "database_url"), "flag");
+    /* the file is below the environment */
+    const char *p = write_file(f, "db.conf", "database_url = postgresql://f/f\n");
+    assert_int_equal(load(f, ARGS("--config", p),
+                          ARGS("DATABASE_URL=postgresql://a/x")), 0);
+    assert_string_equal(f->cfg.database_url, "postgresql://a/x");
+}
+
+static void pg_variables_make_a_database_configured(void **state)
+{
+    fixture *f = *state;
+    static const char *const yes[] = { "PGHOST=/run/postgresql",
+                                       "PGHOSTADDR=10.0.0.5", "PGDATABASE=orders",
+                                       "PGSERVICE=outbox", NULL };
+    for (size_t i = 0; yes[i]; i++) {
+        assert_int_equal(load(f, NONE, ARGS(yes[i])), 0);
+        if (!f->cfg.db_configured)
+            fail_msg("%s does not configure a database", yes[i]);
+        assert_string_equal(f->cfg.database_url, "");
+    }
+    /* a user, port or password alone says nothing about which server */
+    assert_int_equal(load(f, NONE, ARGS("PGUSER=app", "PGPORT=5433",
+                                        "PGPASSWORD=x", "PGHOST=")), 0);
+    assert_false(f->cfg.db_configured);
+}
+
+static void database_options_parse_and_their_bounds_are_inclusive(void **state)
+{
+    fixture *f = *state;
+    assert_int_equal(load(f, ARGS("--db-pool=64", "--db-statement-timeout=1ms",
+                                  "--db-connect-timeout=10m", "--relay",
+                                  "--relay-batch=10000",
+                                  "--relay-poll-interval=10ms",
+                                  "--check-query=SELECT s FROM o WHERE id = $1"),
+                          ARGS("PGDATABASE=orders")), 0);
+    sc_config *c = &f->cfg;
+    assert_int_equal(c->db_pool, 64);
+    assert_int_equal(c->db_statement_timeout_ms, 1);
+    assert_int_equal(c->db_connect_timeout_ms, 600000);
+    assert_true(c->relay);
+    assert_int_equal(c->relay_batch, 10000);
+    assert_int_equal(c->relay_poll_interval_ms, 10);
+    assert_string_equal(c->check_query, "SELECT s FROM o WHERE id = $1");
+    assert_int_equal(load(f, ARGS("--db-pool=1", "--db-statement-timeout=1h",
+                                  "--db-connect-timeout=1s", "--relay-batch=1",
+                                  "--relay-poll-interval=1h"), NONE), 0);
+    assert_int_equal(f->cfg.db_pool, 1);
+    assert_int_equal(f->cfg.db_statement_timeout_ms, 3600000);
+    assert_int_equal(f->cfg.db_connect_timeout_ms, 1000);
+    assert_int_equal(f->cfg.relay_batch, 1);
+    assert_int_equal(f->cfg.relay_poll_interval_ms, 3600000);
+}
+
+static void database_options_out_of_range_are_78(void **state)
+{
+    fixture *f = *state;
+    static const struct { const char *arg, *msg; } bad[] = {
+        { "--db-pool=0", "db_pool: out of range: must be between 1 and 64" },
+        { "--db-pool=65", "db_pool: out of range: must be between 1 and 64" },
+        { "--db-statement-timeout=0", "db_statement_timeout: out of range: "
+          "must be between 1ms and 1h" },
+        { "--db-statement-timeout=61m", "db_statement_timeout: out of range" },
+        { "--db-connect-timeout=999ms", "db_connect_timeout: out of range: "
+          "must be between 1s and 10m" },
+        { "--db-connect-timeout=601s", "db_connect_timeout: out of range" },
+        { "--relay-batch=0", "relay_batch: out of range: must be between 1 "
+          "and 10000" },
+        { "--relay-batch=10001", "relay_batch: out of range" },
+        { "--relay-poll-interval=9ms", "relay_poll_interval: out of range: "
+          "must be between 10ms and 1h" },
+        { "--relay-poll-interval=2h", "relay_poll_interval: out of range" },
+        { "--db-pool=two", "db_pool: not a number" },
+        { "--db-statement-timeout=5", "db_statement_timeout: bad duration" },
+        { "--relay=sometimes", "relay: bad boolean" },
+        { NULL, NULL }
+    };
+    for (size_t i = 0; bad[i].arg; i++) {
+        int rc = load(f, ARGS(bad[i].arg), ARGS("PGDATABASE=orders"));
+        if (rc != EX_CONFIG)
+            fail_msg("%s: exit %d, want 78", bad[i].arg, rc);
+        assert_prefix(f->err, "outboxd: config: flag --");
+        assert_contains(f->err, bad[i].msg);
+    }
+}
+
+static void check_query_without_the_txid_parameter_is_78(void **state)
+{
+    fixture *f = *state;
+    expect_78(f, ARGS("--check-query=SELECT 'commit'"),
+              ARGS("PGDATABASE=orders"), "outboxd: config: flag "
+              "--check-query: check_query: must use the txid as parameter $1",
+              NULL);
+    expect_78(f, NONE, ARGS("PGDATABASE=orders",
+                            "OUTBOXD_CHECK_QUERY=SELECT state FROM t WHERE id = $2"),
+              "outboxd: config: env OUTBOXD_CHECK_QUERY: check_query: must use",
+              NULL);
+}
+
+static void relay_without_a_database_is_78(void **state)
+{
+    fixture *f = *state;
+    expect_78(f, ARGS("--relay"), NONE, "outboxd: config: flag --relay: relay: "
+              "relay mode needs a database", "DATABASE_URL");
+    const char *p = write_file(f, "r.conf", "relay = on\n");
+    char prefix[700];
+    snprintf(prefix, sizeof prefix, "outboxd: config: %s:1: relay: relay mode "
+             "needs a database", p);
+    expect_78(f, ARGS("--config", p), NONE, prefix, NULL);
+    assert_int_equal(load(f, ARGS("--relay"), ARGS("DATABASE_URL=" URL)), 0);
+    assert_true(f->cfg.relay);
+    /* relay = false needs nothing */
+    assert_int_equal(load(f, ARGS("--relay=false"), NONE), 0);
+}
+
+static void check_query_without_a_database_is_78(void **state)
+{
+    fixture *f = *state;
+    expect_78(f, NONE, ARGS("OUTBOXD_CHECK_QUERY=SELECT s FROM o WHERE id = $1"),
+              "outboxd: config: env OUTBOXD_CHECK_QUERY: check_query: a check "
+              "query needs a database", NULL);
+    assert_int_equal(load(f, NONE, ARGS("OUTBOXD_CHECK_QUERY=SELECT s FROM o "
+                                        "WHERE id = $1", "PGSERVICE=orders")), 0);
+}
+
+static void unreadable_or_empty_password_file_is_78(void **state)
+{
+    fixture *f = *state;
+    expect_78(f, ARGS("--database-password-file=/nonexistent/pw"),
+              ARGS("DATABASE_URL=" URL), "outboxd: config: flag "
+              "--database-password-file: database_password_file: cannot read "
+              "/nonexistent/pw: ", "No such file");
+    expect_78(f, ARGS("--database-password-file", f->dir),
+              ARGS("DATABASE_URL=" URL), "outboxd: config: flag "
+              "--database-password-file: database_password_file: cannot read ",
+              "Is a directory");
+    char arg[700];
+    const char *p = write_file(f, "pw-empty", "\n");
+    snprintf(arg, sizeof arg, "--database-password-file=%s", p);
+    expect_78(f, ARGS(arg), ARGS("DATABASE_URL=" URL), "outboxd: config: flag "
+              "--database-password-file: database_password_file: ",
+              "has no password on its first line");
+    p = write_file(f, "pw-void", "");
+    snprintf(arg, sizeof arg, "--database-password-file=%s", p);
+    expect_78(f, ARGS(arg), ARGS("DATABASE_URL=" URL), "outboxd: config: flag "
+              "--database-password-file: database_password_file: ",
+              "has no password");
+}
+
+/* The file is checked, not copied: its content appears nowhere. */
+static void password_file_is_checked_but_never_held_or_printed(void **state)
+{
+    fixture *f = *state;
+    char arg[700];
+    const char *p = write_file(f, "pw", "pw-s3cr3t-value\n");
+    snprintf(arg, sizeof arg, "--database-password-file=%s", p);
+    assert_int_equal(load(f, ARGS(arg), ARGS("PGHOST=127.0.0.1")), 0);
+    assert_string_equal(f->cfg.database_password_file, p);
+    assert_null(memmem(&f->cfg, sizeof f->cfg, "pw-s3cr3t", 9));
+    char *out = print_config(&f->cfg);
+    assert_null(strstr(out, "pw-s3cr3t"));
+    assert_non_null(strstr(out, "\ndatabase_password_file = "));
+    free(out);
+}
+
+static void database_url_is_masked_in_output_and_errors_and_wiped(void **state)
+{
+    fixture *f = *state;
+    assert_int_equal(load(f, NONE, ARGS("DATABASE_URL=" URL)), 0);
+    char *out = print_config(&f->cfg);
+    assert_null(strstr(out, "s3cr3t"));
+    assert_non_null(strstr(out, "\ndatabase_url = ********  # from env\n"));
+    free(out);
+    sc_config_wipe(&f->cfg);
+    assert_null(memmem(&f->cfg, sizeof f->cfg, "s3cr3t", 6));
+    /* too long: the error names the option, not the value */
+    size_t n = SC_URL_MAX + 40;
+    char *big = malloc(n);
+    assert_non_null(big);
+    int k = snprintf(big, n, "DATABASE_URL=%s/", URL);
+    memset(big + k, 'd', n - (size_t)k - 1);
+    big[n - 1] = '\0';
+    assert_int_equal(load(f, NONE, ARGS(big)), EX_CONFIG);
+    assert_prefix(f->err, "outboxd: config: env DATABASE_URL: database_url: "
+                  "too long");
+    assert_null(strstr(f->err, "s3cr3t"));
+    free(big);
+    /* a failed load wipes what it had read */
+    assert_int_equal(load(f, ARGS("--threads=x"), ARGS("DATABASE_URL=" URL)),
+                     EX_CONFIG);
+    assert_null(memmem(&f->cfg, sizeof f->cfg, "s3cr3t", 6));
+}
+
+static void db_commands_parse_and_need_a_subcommand(void **state)
+{
+    fixture *f = *state;
+    assert_int_equal(load(f, ARGS("db", "migrate"), ARGS("DATABASE_URL=" URL)),
+                     0);
+    assert_int_equal(f->cfg.command, SC_CMD_DB_MIGRATE);
+    assert_int_equal(load(f, ARGS("--db-connect-timeout=2s", "db", "status"),
+                          NONE), 0);
+    assert_int_equal(f->cfg.command, SC_CMD_DB_STATUS);
+    assert_int_equal(f->cfg.db_connect_timeout_ms, 2000);
+    assert_false(f->cfg.db_configured);     /* main.c says so, 78 */
+    assert_int_equal(load(f, ARGS("db"), NONE), EX_USAGE);
+    assert_string_equal(f->err, "outboxd: db needs a command: migrate or "
+                        "status (see outboxd --help)");
+    assert_int_equal(load(f, ARGS("db", "drop"), NONE), EX_USAGE);
+    assert_string_equal(f->err, "outboxd: unknown db command \"drop\" (db "
+                        "commands: migrate, status)");
+    assert_int_equal(load(f, ARGS("db", "migrate", "now"), NONE), EX_USAGE);
+    assert_prefix(f->err, "outboxd: unexpected argument \"now\"");
+    assert_int_equal(load(f, ARGS("migrate"), NONE), EX_USAGE);
+    assert_int_equal(load(f, ARGS("run", "db"), NONE), EX_USAGE);
+}
+
+static void usage_describes_db_commands_and_DATABASE_URL(void **state)
+{
+    (void)state;
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *m = open_memstream(&buf, &len);
+    sc_config_usage(m);
+    fclose(m);
+    assert_non_null(strstr(buf, "  db migrate  "));
+    assert_non_null(strstr(buf, "  db status   "));
+    assert_non_null(strstr(buf, "--database-url=URL  (OUTBOXD_DATABASE_URL, "
+                                "default none)"));
+    assert_non_null(strstr(buf, "Also read from DATABASE_URL"));
+    assert_non_null(strstr(buf, "--check-query=SQL  (OUTBOXD_CHECK_QUERY, "
+                                "default none)"));
+    assert_non_null(strstr(buf, "--db-pool=N  (OUTBOXD_DB_POOL, default 2)"));
+    assert_non_null(strstr(buf, "--relay=BOOL  (OUTBOXD_RELAY, default false)"));
+    free(buf);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -818,6 +1095,19 @@ int main(void)
         T(config_output_loads_back_to_the_same_values),
         T(config_output_quotes_values_that_need_it),
         T(usage_lists_every_option_with_env_and_default),
+        T(database_url_comes_from_DATABASE_URL_when_outboxd_one_is_unset),
+        T(outboxd_database_url_beats_DATABASE_URL_and_a_flag_beats_both),
+        T(pg_variables_make_a_database_configured),
+        T(database_options_parse_and_their_bounds_are_inclusive),
+        T(database_options_out_of_range_are_78),
+        T(check_query_without_the_txid_parameter_is_78),
+        T(relay_without_a_database_is_78),
+        T(check_query_without_a_database_is_78),
+        T(unreadable_or_empty_password_file_is_78),
+        T(password_file_is_checked_but_never_held_or_printed),
+        T(database_url_is_masked_in_output_and_errors_and_wiped),
+        T(db_commands_parse_and_need_a_subcommand),
+        T(usage_describes_db_commands_and_DATABASE_URL),
 #undef T
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -92,7 +92,7 @@ static void unknown_flag_and_command_exit_64(void **state)
     p = run_cmd(ARGS("serve"), NULL);
     assert_int_equal(p->status, 64);
     assert_string_equal(p->err, "outboxd: unknown command \"serve\" (commands: "
-                        "run, config)\n");
+                        "run, config, db)\n");
 }
 
 static void version_help_and_config_print_and_exit_0(void **state)

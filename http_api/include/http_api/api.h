@@ -30,6 +30,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "broker/delay.h"
 #include "broker/group.h"
@@ -59,6 +60,20 @@ typedef struct api_logger {
                 const api_log_field *fields, size_t nfields);
     void *ctx;
 } api_logger;
+
+/* ---- metrics seam --------------------------------------------------------- */
+
+/* More families for GET /metrics from outside http_api (the sidecar's
+ * PostgreSQL adapters).  render() writes complete families (# HELP, # TYPE,
+ * samples) in Prometheus text format 0.0.4 to `out`; they are appended after
+ * http_api's own.  It runs on an HTTP thread for every scrape, possibly on
+ * several at once, so it must be thread-safe and quick (read counters; no
+ * I/O besides `out`).  The struct and ctx are borrowed and must outlive
+ * the handler/server. */
+typedef struct api_metrics_ext {
+    void (*render)(void *ctx, FILE *out);
+    void *ctx;
+} api_metrics_ext;
 
 /* ---- configuration --------------------------------------------------------- */
 
@@ -101,6 +116,7 @@ typedef struct api_config {
                                         leaves out; brk_check_policy_init().
                                         expiry_topic is borrowed. */
     const api_logger *logger;        /* NULL: silent */
+    const api_metrics_ext *metrics_ext; /* NULL: none; see above */
 } api_config;
 
 /* Fill with the defaults above. */

@@ -1,0 +1,881 @@
+/*
+ * test_daemon_pg.c - the real outboxd binary (OUTBOXD_BIN) against a real
+ * PostgreSQL (pg_harness: one throwaway server for the whole program, one
+ * database per test), driven over HTTP (daemon_harness.h).
+ *
+ * What is pinned:
+ *   - the payment-timeout flow end to end: the application's row in
+ *     outbox.transactions decides the half message through the check-back
+ *     (paid in time, paid and POSTed, never paid -> rollback and expiry
+ *     message, crash after the DB commit, failed DB transaction);
+ *   - a PostgreSQL outage longer than the whole check schedule rolls
+ *     nothing back, and the commit made afterwards is applied;
+ *   - relay mode across a SIGTERM restart and across kill -9 in the middle
+ *     of a large batch: every row in the store exactly once (msg_id sets
+ *     compared);
+ *   - start-up errors: one line on stderr, exit 78, no password printed;
+ *     an unreachable server is a warning and the daemon works once it is
+ *     up;
+ *   - `outboxd db migrate` / `db status` through the binary;
+ *   - /metrics shows the database families moving.
+ *
+ * Timing: check policies use 300 ms steps so the file stays short; nothing
+ * asserts on speed.  Each wait polls for a state with a generous deadline
+ * and fails at once when a wrong terminal state shows up.  The outage test
+ * does wait out the schedule on purpose (that is its point).
+ */
+/* daemon_harness.h holds static definitions written for test_daemon.c;
+ * this file uses most, not all of them. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
+#include "daemon_harness.h"
+#pragma GCC diagnostic pop
+
+#include "pg_harness.h"
+#include "tmpdir.h"
+
+static pgh *pg;                       /* one server for every test */
+static bool pg_down;                  /* stopped by the running test */
+
+#define POLICY "{\"first_check_ms\":300,\"interval_ms\":300,\"max_checks\":5," \
+               "\"on_exhausted\":\"rollback\",\"expiry_topic\":\"orders.expired\"}"
+#define PW_USER  "daemon_pw_user"
+#define PW_RIGHT "right-s3cr3t-pw"
+#define PW_WRONG "wrong-s3cr3t-pw"
+
+/* ---- fixture ------------------------------------------------------------------- */
+
+typedef struct fixture {
+    char dir[512];                    /* scratch; data dir is <dir>/data */
+    char data[600];
+    char db[64];                      /* this test's database */
+    char env_url[400];                /* "DATABASE_URL=postgresql://..." */
+} fixture;
+
+static int test_no;
+
+static int setup(void **state)
+{
+    fixture *f = calloc(1, sizeof *f);
+    if (!f || brk_tmpdir_new("sc_daemon_pg", f->dir, sizeof f->dir) != 0)
+        return -1;
+    snprintf(f->data, sizeof f->data, "%s/data", f->dir);
+    snprintf(f->db, sizeof f->db, "dpg_%d", ++test_no);
+    char url[300];
+    pgh_url(pg, f->db, NULL, NULL, url, sizeof url);
+    snprintf(f->env_url, sizeof f->env_url, "DATABASE_URL=%s", url);
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    fixture *f = *state;
+    reap_all();
+    /* a test that failed during its outage must not take the server away
+     * from the next ones */
+    if (pg_down && pgh_restart(pg) == 0)
+        pg_down = false;
+    brk_tmpdir_remove(f->dir);
+    free(f);
+    return 0;
+}
+
+/* This test's database, with the outbox schema when `migrate`. */
+static void make_db(fixture *f, bool migrate)
+{
+    if (pgh_create_db(pg, f->db, migrate) != 0)
+        fail_msg("cannot create database %s", f->db);
+}
+
+static void sql(fixture *f, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static void sql(fixture *f, const char *fmt, ...)
+{
+    char q[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(q, sizeof q, fmt, ap);
+    va_end(ap);
+    if (pgh_sql(pg, f->db, q, NULL, 0) != 0)
+        fail_msg("SQL failed: %s", q);
+}
+
+static void stop_pg(void)
+{
+    assert_int_equal(pgh_stop(pg), 0);
+    pg_down = true;
+}
+
+static void restart_pg(void)
+{
+    assert_int_equal(pgh_restart(pg), 0);
+    pg_down = false;
+}
+
+static proc *start_pg(fixture *f, const char *const *more)
+{
+    return start_daemon(f->data, more, ARGS(f->env_url));
+}
+
+/* ---- HTTP helpers ----------------------------------------------------------------- */
+
+/* POST /v1/transactions for `txid` in topic "orders" with POLICY (or
+ * `policy`); returns the msg_id into msg_id[64]. */
+static void prepare(uint16_t port, const char *txid, const char *policy,
+                    char msg_id[64])
+{
+    char body[1024];
+    snprintf(body, sizeof body, "{\"topic\":\"orders\",\"txid\":\"%s\","
+             "\"key\":\"%s\",\"body\":{\"order\":\"%s\"},\"check\":%s}", txid,
+             txid, txid, policy ? policy : POLICY);
+    resp r;
+    http(NULL, port, "POST", "/v1/transactions", body, NULL, &r);
+    if (r.status != 201)
+        fail_msg("prepare %s: %ld %s", txid, r.status, r.body ? r.body : "");
+    json_t *j = resp_json(&r);
+    snprintf(msg_id, 64, "%s", json_string_value(json_object_get(j, "msg_id")));
+    json_decref(j);
+    resp_free(&r);
+}
+
+typedef struct txn_view {
+    char state[32];
+    long long checks, check_errors;
+} txn_view;
+
+static void get_txn(uint16_t port, const char *txid, txn_view *v)
+{
+    char path[256];
+    snprintf(path, sizeof path, "/v1/transactions/%s", txid);
+    resp r;
+    http(NULL, port, "GET", path, NULL, NULL, &r);
+    if (r.status != 200)
+        fail_msg("GET %s: %ld %s", path, r.status, r.body ? r.body : "");
+    json_t *j = resp_json(&r);
+    snprintf(v->state, sizeof v->state, "%s",
+             json_string_value(json_object_get(j, "state")));
+    v->checks = json_integer_value(json_object_get(j, "checks"));
+    v->check_errors = json_integer_value(json_object_get(j, "check_errors"));
+    json_decref(j);
+    resp_free(&r);
+}
+
+/* Poll until the transaction is in `want`; a different final state (or
+ * the deadline) fails the test at once. */
+static void wait_state(uint16_t port, const char *txid, const char *want,
+                       int timeout_ms, txn_view *v)
+{
+    int64_t end = now_ms() + timeout_ms;
+    for (;;) {
+        get_txn(port, txid, v);
+        if (strcmp(v->state, want) == 0)
+            return;
+        if (strcmp(v->state, "prepared") != 0)
+            fail_msg("%s became %s, want %s (checks %lld)", txid, v->state,
+                     want, v->checks);
+        if (now_ms() > end)
+            fail_msg("%s still prepared after %d ms (checks %lld, errors "
+                     "%lld), want %s", txid, timeout_ms, v->checks,
+                     v->check_errors, want);
+        sleep_ms(25);
+    }
+}
+
+typedef struct ids {
+    char (*v)[64];
+    size_t n, cap;
+} ids;
+
+static void ids_add(ids *s, const char *id)
+{
+    if (s->n == s->cap) {
+        s->cap = s->cap ? s->cap * 2 : 256;
+        s->v = realloc(s->v, s->cap * sizeof *s->v);
+    }
+    snprintf(s->v[s->n++], sizeof s->v[0], "%s", id);
+}
+
+static int ids_cmp(const void *a, const void *b)
+{
+    return strcmp(a, b);
+}
+
+/* Every distinct id once?  Sorts. */
+static size_t ids_distinct(ids *s)
+{
+    qsort(s->v, s->n, sizeof s->v[0], ids_cmp);
+    size_t d = 0;
+    for (size_t i = 0; i < s->n; i++)
+        if (i == 0 || strcmp(s->v[i], s->v[i - 1]) != 0)
+            d++;
+    return d;
+}
+
+/* Receive (and ack) from `topic` as `group` until `want` messages came,
+ * then once more briefly, so that anything beyond `want` (a duplicate)
+ * is caught too.  The msg_ids go into *out. */
+static void receive_all(uint16_t port, const char *group, const char *topic,
+                        size_t want, ids *out, int timeout_ms)
+{
+    char path[256], body[256];
+    snprintf(path, sizeof path, "/v1/groups/%s/receive", group);
+    int64_t end = now_ms() + timeout_ms;
+    bool last = false;
+    for (;;) {
+        bool reached = out->n >= want;
+        snprintf(body, sizeof body, "{\"topic\":\"%s\",\"max\":256,"
+                 "\"wait_ms\":%d}", topic, reached ? 300 : 500);
+        resp r;
+        http(NULL, port, "POST", path, body, NULL, &r);
+        if (r.status != 200)
+            fail_msg("receive: %ld %s", r.status, r.body ? r.body : "");
+        json_t *j = resp_json(&r);
+        json_t *msgs = json_object_get(j, "messages");
+        json_t *receipts = json_array();
+        for (size_t i = 0; i < json_array_size(msgs); i++) {
+            json_t *m = json_array_get(msgs, i);
+            ids_add(out, json_string_value(json_object_get(m, "msg_id")));
+            json_array_append(receipts, json_object_get(m, "receipt"));
+        }
+        size_t got = json_array_size(msgs);
+        if (got) {
+            json_t *ack = json_pack("{s:O}", "receipts", receipts);
+            char *ab = json_dumps(ack, JSON_COMPACT);
+            char apath[256];
+            snprintf(apath, sizeof apath, "/v1/groups/%s/ack", group);
+            assert_int_equal(status_of(port, "POST", apath, ab, NULL), 200);
+            free(ab);
+            json_decref(ack);
+        }
+        json_decref(receipts);
+        json_decref(j);
+        resp_free(&r);
+        if (last && got == 0)
+            return;
+        if (out->n >= want)
+            last = true;            /* one more round for extras */
+        else if (now_ms() > end)
+            return;
+    }
+}
+
+/* The value of the sample `name` whose labels hold `label` (NULL: any);
+ * -1 when absent. */
+static double sample(const char *text, const char *name, const char *label)
+{
+    size_t nl = strlen(name);
+    for (const char *line = text; line && *line; line = strchr(line, '\n')) {
+        if (*line == '\n')
+            line++;
+        if (strncmp(line, name, nl) != 0 || (line[nl] != '{' && line[nl] != ' '))
+            continue;
+        const char *eol = strchr(line, '\n');
+        size_t len = eol ? (size_t)(eol - line) : strlen(line);
+        char buf[512];
+        snprintf(buf, sizeof buf, "%.*s",
+                 (int)(len < sizeof buf ? len : sizeof buf - 1), line);
+        if (label && !strstr(buf, label))
+            continue;
+        const char *sp = strrchr(buf, ' ');
+        return sp ? strtod(sp + 1, NULL) : -1;
+    }
+    return -1;
+}
+
+static double metric(uint16_t port, const char *name, const char *label)
+{
+    resp r;
+    http(NULL, port, "GET", "/metrics", NULL, NULL, &r);
+    assert_int_equal(r.status, 200);
+    double v = sample(r.body, name, label);
+    resp_free(&r);
+    return v;
+}
+
+/* msg_ids of `INSERT ... RETURNING msg_id` into *out. */
+static void insert_rows(fixture *f, const char *topic, int from, int to,
+                        ids *out)
+{
+    char q[512];
+    size_t cap = (size_t)(to - from + 1) * 40 + 64;
+    char *buf = malloc(cap);
+    assert_non_null(buf);
+    snprintf(q, sizeof q, "INSERT INTO outbox.messages (topic, key, body) "
+             "SELECT '%s', 'k' || (i %% 7), jsonb_build_object('i', i) FROM "
+             "generate_series(%d, %d) i RETURNING msg_id", topic, from, to);
+    if (pgh_sql(pg, f->db, q, buf, cap) != 0)
+        fail_msg("insert failed");
+    for (char *s = buf, *nl; *s; s = nl ? nl + 1 : s + strlen(s)) {
+        nl = strchr(s, '\n');
+        if (nl)
+            *nl = '\0';
+        if (*s)
+            ids_add(out, s);
+    }
+    free(buf);
+}
+
+static void assert_same_ids(ids *got, ids *want)
+{
+    size_t dg = ids_distinct(got);
+    ids_distinct(want);
+    if (got->n != want->n || dg != got->n)
+        fail_msg("received %zu messages (%zu distinct), inserted %zu rows",
+                 got->n, dg, want->n);
+    for (size_t i = 0; i < got->n; i++)
+        if (strcmp(got->v[i], want->v[i]) != 0)
+            fail_msg("received %s, inserted %s", got->v[i], want->v[i]);
+}
+
+/* Last line of the child's stderr into buf. */
+static const char *err_line(proc *p, char *buf, size_t cap)
+{
+    return last_line(p->err, buf, cap);
+}
+
+/* ---- the payment-timeout flow --------------------------------------------------------- */
+
+/* (a) The order is pending; the customer pays before the checks run out:
+ * the next check-back commits, with no POST commit at all. */
+static void paid_in_time_is_committed_by_the_check_back(void **state)
+{
+    fixture *f = *state;
+    make_db(f, true);
+    proc *p = start_pg(f, NULL);
+    char msg_id[64];
+    prepare(p->port, "order-a", NULL, msg_id);
+    sql(f, "INSERT INTO outbox.transactions (txid) VALUES ('order-a')");
+    txn_view v;
+    int64_t end = now_ms() + 20000;
+    do {                             /* pending answers were counted */
+        get_txn(p->port, "order-a", &v);
+        assert_string_equal(v.state, "prepared");
+        sleep_ms(20);
+    } while (v.checks < 1 && now_ms() < end);
+    assert_true(v.checks >= 1);
+    sql(f, "UPDATE outbox.transactions SET state = 'commit' WHERE txid = "
+        "'order-a'");
+    wait_state(p->port, "order-a", "committed", 20000, &v);
+    ids got = { 0 };
+    receive_all(p->port, "shipping", "orders", 1, &got, 20000);
+    assert_int_equal(got.n, 1);
+    assert_string_equal(got.v[0], msg_id);
+    free(got.v);
+    stop_daemon(p);
+}
+
+/* (b) Paid, and the application also POSTs commit: committed at once. */
+static void paid_and_posted_commit_is_committed_at_once(void **state)
+{
+    fixture *f = *state;
+    make_db(f, true);
+    proc *p = start_pg(f, NULL);
+    char msg_id[64];
+    prepare(p->port, "order-b", NULL, msg_id);
+    sql(f, "BEGIN; INSERT INTO outbox.transactions (txid) VALUES ('order-b'); "
+        "UPDATE outbox.transactions SET state = 'commit' WHERE txid = "
+        "'order-b'; COMMIT;");
+    resp r;
+    http(NULL, p->port, "POST", "/v1/transactions/order-b/commit", NULL, NULL,
+         &r);
+    assert_int_equal(r.status, 200);
+    json_t *j = resp_json(&r);
+    assert_string_equal(json_string_value(json_object_get(j, "state")),
+                        "committed");
+    json_decref(j);
+    resp_free(&r);
+    ids got = { 0 };
+    receive_all(p->port, "shipping", "orders", 1, &got, 20000);
+    assert_int_equal(got.n, 1);
+    assert_string_equal(got.v[0], msg_id);
+    free(got.v);
+    stop_daemon(p);
+}
+
+/* (c) Never paid: after max_checks pending answers it is rolled back and
+ * the expiry message goes to orders.expired; nothing reaches orders. */
+static void never_paid_is_rolled_back_and_publishes_the_expiry(void **state)
+{
+    fixture *f = *state;
+    make_db(f, true);
+    proc *p = start_pg(f, NULL);
+    char msg_id[64];
+    prepare(p->port, "order-c", NULL, msg_id);
+    sql(f, "INSERT INTO outbox.transactions (txid) VALUES ('order-c')");
+    txn_view v;
+    wait_state(p->port, "order-c", "rolled_back", 30000, &v);
+    assert_int_equal(v.checks, 5);
+    ids exp = { 0 }, orders = { 0 };
+    receive_all(p->port, "billing", "orders.expired", 1, &exp, 20000);
+    assert_int_equal(exp.n, 1);
+    receive_all(p->port, "shipping", "orders", 0, &orders, 0);
+    assert_int_equal(orders.n, 0);
+    free(exp.v);
+    free(orders.v);
+    stop_daemon(p);
+}
+
+/* (d) The application committed its row and "crashed" before POSTing
+ * commit: the first check-back commits.  /metrics counts the answer. */
+static void crash_after_the_db_commit_is_committed_by_the_check_back(
+    void **state)
+{
+    fixture *f = *state;
+    make_db(f, true);
+    proc *p = start_pg(f, NULL);
+    assert_int_equal(metric(p->port, "outboxd_db_up", NULL), 1);
+    double before = metric(p->port, "outboxd_check_queries_total",
+                           "answer=\"commit\"");
+    assert_true(before >= 0);
+    char msg_id[64];
+    sql(f, "INSERT INTO outbox.transactions (txid, state) VALUES ('order-d', "
+        "'commit')");
+    prepare(p->port, "order-d", NULL, msg_id);
+    txn_view v;
+    wait_state(p->port, "order-d", "committed", 20000, &v);
+    assert_int_equal(v.checks, 0);           /* decided by the first check */
+    ids got = { 0 };
+    receive_all(p->port, "shipping", "orders", 1, &got, 20000);
+    assert_int_equal(got.n, 1);
+    assert_string_equal(got.v[0], msg_id);
+    free(got.v);
+    assert_true(metric(p->port, "outboxd_check_queries_total",
+                       "answer=\"commit\"") >= before + 1);
+    stop_daemon(p);
+}
+
+/* (e) The application's transaction failed: with no row ever written the
+ * checks answer unknown until max_checks, then it is rolled back; with a
+ * 'rollback' row it is rolled back at the first check. */
+static void failed_db_transaction_is_rolled_back(void **state)
+{
+    fixture *f = *state;
+    make_db(f, true);
+    proc *p = start_pg(f, NULL);
+    char id1[64], id2[64];
+    sql(f, "INSERT INTO outbox.transactions (txid, state) VALUES ('order-e2', "
+        "'rollback')");
+    prepare(p->port, "order-e1", NULL, id1);
+    prepare(p->port, "order-e2", NULL, id2);
+    txn_view v;
+    wait_state(p->port, "order-e2", "rolled_back", 20000, &v);
+    assert_int_equal(v.checks, 0);
+    wait_state(p->port, "order-e1", "rolled_back", 30000, &v);
+    assert_int_equal(v.checks, 5);
+    ids got = { 0 };
+    receive_all(p->port, "shipping", "orders", 0, &got, 0);
+    assert_int_equal(got.n, 0);
+    free(got.v);
+    assert_true(metric(p->port, "outboxd_check_queries_total",
+                       "answer=\"unknown\"") >= 5);
+    assert_true(metric(p->port, "outboxd_check_queries_total",
+                       "answer=\"rollback\"") >= 1);
+    stop_daemon(p);
+}
+
+/* ---- outages --------------------------------------------------------------------- */
+
+/* PostgreSQL down for longer than first_check + interval * max_checks:
+ * the checks answer error, which never counts, so the transaction is still
+ * prepared when the server is back, and the commit made then is applied. */
+static void outage_longer_than_the_schedule_never_rolls_back(void **state)
+{
+    fixture *f = *state;
+    make_db(f, true);
+    proc *p = start_pg(f, NULL);
+    char msg_id[64];
+    sql(f, "INSERT INTO outbox.transactions (txid) VALUES ('order-out')");
+    prepare(p->port, "order-out", NULL, msg_id);
+    txn_view v;
+    int64_t end = now_ms() + 20000;
+    do {
+        get_txn(p->port, "order-out", &v);
+        sleep_ms(20);
+    } while (v.checks < 1 && now_ms() < end);
+    assert_string_equal(v.state, "prepared");
+    assert_true(v.checks >= 1);
+    long long checks_before = v.checks;
+
+    stop_pg();
+    int64_t down = now_ms();
+    /* the whole schedule is 300 + 300 * 5 ms; wait it out twice over, and
+     * until the outage was seen */
+    end = down + 30000;
+    do {
+        get_txn(p->port, "order-out", &v);
+        assert_string_equal(v.state, "prepared");
+        sleep_ms(50);
+    } while ((now_ms() - down < 3600 || v.check_errors < 1) && now_ms() < end);
+    assert_true(v.check_errors >= 1);
+    assert_int_equal(v.checks, checks_before);   /* errors never count */
+    assert_int_equal(metric(p->port, "outboxd_db_up", NULL), 0);
+    assert_int_equal(status_of(p->port, "GET", "/readyz", NULL, NULL), 200);
+
+    restart_pg();
+    sql(f, "UPDATE outbox.transactions SET state = 'commit' WHERE txid = "
+        "'order-out'");
+    wait_state(p->port, "order-out", "committed", 60000, &v);
+    ids got = { 0 };
+    receive_all(p->port, "shipping", "orders", 1, &got, 20000);
+    assert_int_equal(got.n, 1);
+    assert_string_equal(got.v[0], msg_id);
+    free(got.v);
+    assert_true(metric(p->port, "outboxd_check_queries_total",
+                       "answer=\"error\"") >= 1);
+    stop_daemon(p);
+}
+
+/* Unreachable at start is not an error: the daemon serves, warns, and
+ * answers check-backs once the server is up. */
+static void unreachable_at_start_warns_and_works_once_up(void **state)
+{
+    fixture *f = *state;
+    make_db(f, true);
+    stop_pg();
+    proc *p = start_pg(f, NULL);
+    assert_int_equal(status_of(p->port, "GET", "/healthz", NULL, NULL), 200);
+    json_t *w = proc_find_log(p, "PostgreSQL unreachable at start: check-backs "
+                                 "answer error (retried, never counted) until "
+                                 "it answers");
+    if (!w)
+        fail_msg("no warning; stderr:\n%s", p->err);
+    assert_string_equal(json_string_value(json_object_get(w, "level")), "warn");
+    json_decref(w);
+    char msg_id[64];
+    prepare(p->port, "order-late", "{\"first_check_ms\":0,\"interval_ms\":300,"
+            "\"max_checks\":50}", msg_id);
+    restart_pg();
+    sql(f, "INSERT INTO outbox.transactions (txid, state) VALUES "
+        "('order-late', 'commit')");
+    txn_view v;
+    wait_state(p->port, "order-late", "committed", 60000, &v);
+    stop_daemon(p);
+}
+
+/* ---- relay ------------------------------------------------------------------------- */
+
+/* Rows written while outboxd runs are relayed; rows written (and a
+ * transaction committed) while it is stopped are relayed and applied
+ * after the restart; every row is in the store exactly once. */
+static void relay_and_check_back_survive_a_restart(void **state)
+{
+    fixture *f = *state;
+    make_db(f, true);
+    static const char *const more[] = { "--relay", "--relay-poll-interval=100ms",
+                                        NULL };
+    proc *p = start_pg(f, more);
+    ids rows = { 0 }, got = { 0 };
+    insert_rows(f, "relayed", 1, 20, &rows);
+    receive_all(p->port, "g1", "relayed", 20, &got, 30000);
+    assert_int_equal(got.n, 20);
+    assert_true(metric(p->port, "outboxd_relay_leader", NULL) == 1);
+    assert_true(metric(p->port, "outboxd_relay_rows_total",
+                       "result=\"stored\"") >= 20);
+    char msg_id[64];
+    sql(f, "INSERT INTO outbox.transactions (txid) VALUES ('order-r')");
+    prepare(p->port, "order-r", "{\"first_check_ms\":300,\"interval_ms\":300,"
+            "\"max_checks\":1000}", msg_id);
+    stop_daemon(p);
+
+    insert_rows(f, "relayed", 21, 50, &rows);
+    sql(f, "UPDATE outbox.transactions SET state = 'commit' WHERE txid = "
+        "'order-r'");
+    p = start_pg(f, more);
+    txn_view v;
+    wait_state(p->port, "order-r", "committed", 30000, &v);
+    /* a new group reads the topic from its start: the store's content */
+    ids all = { 0 };
+    receive_all(p->port, "g2", "relayed", 50, &all, 30000);
+    assert_same_ids(&all, &rows);
+    /* the table is empty: every row was taken */
+    assert_int_equal(pgh_sql_int(pg, f->db, "SELECT count(*) FROM "
+                                 "outbox.messages"), 0);
+    ids order = { 0 };
+    receive_all(p->port, "shipping", "orders", 1, &order, 20000);
+    assert_int_equal(order.n, 1);
+    assert_string_equal(order.v[0], msg_id);
+    free(rows.v);
+    free(got.v);
+    free(all.v);
+    free(order.v);
+    stop_daemon(p);
+}
+
+/* kill -9 while a 2 000-row insert is being relayed (small batches, so
+ * the kill lands between and inside them): after the restart every row is
+ * in the store exactly once; rows stored before the kill whose DELETE
+ * never committed are found by msg_id, not stored again. */
+static void kill_9_during_relaying_stores_every_row_once(void **state)
+{
+    fixture *f = *state;
+    make_db(f, true);
+    static const char *const more[] = { "--relay", "--relay-batch=20",
+                                        "--relay-poll-interval=100ms", NULL };
+    proc *p = start_pg(f, more);
+    ids rows = { 0 };
+    insert_rows(f, "bulk", 1, 2000, &rows);
+    assert_int_equal(rows.n, 2000);
+    int64_t end = now_ms() + 30000;
+    double stored = 0;
+    while ((stored = metric(p->port, "outboxd_relay_rows_total",
+                            "result=\"stored\"")) < 100 && now_ms() < end)
+        sleep_ms(2);
+    kill(p->pid, SIGKILL);
+    assert_int_equal(wait_exit(p, 20000), 128 + SIGKILL);
+    long long left = pgh_sql_int(pg, f->db, "SELECT count(*) FROM "
+                                 "outbox.messages");
+    print_message("killed after %.0f rows stored; %lld rows left in the "
+                  "table\n", stored, left);
+
+    p = start_pg(f, more);
+    end = now_ms() + 60000;
+    while (pgh_sql_int(pg, f->db, "SELECT count(*) FROM outbox.messages") != 0
+           && now_ms() < end)
+        sleep_ms(50);
+    ids got = { 0 };
+    receive_all(p->port, "g", "bulk", 2000, &got, 60000);
+    assert_same_ids(&got, &rows);
+    free(rows.v);
+    free(got.v);
+    stop_daemon(p);
+}
+
+/* ---- start-up errors ------------------------------------------------------------------ */
+
+/* The role that must authenticate (pgtmp.sh: members of password_required),
+ * with outboxd's least privilege. */
+static void make_password_user(void)
+{
+    char q[512];
+    snprintf(q, sizeof q, "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles "
+             "WHERE rolname = '%s') THEN CREATE ROLE %s LOGIN PASSWORD '%s' "
+             "IN ROLE password_required, outbox_sidecar; END IF; END $$;",
+             PW_USER, PW_USER, PW_RIGHT);
+    if (pgh_sql(pg, "postgres", q, NULL, 0) != 0)
+        fail_msg("cannot create role %s", PW_USER);
+}
+
+static void wrong_password_is_78_and_never_printed(void **state)
+{
+    fixture *f = *state;
+    make_db(f, true);
+    make_password_user();
+    char url[400], env[420], line[2048];
+    pgh_url(pg, f->db, PW_USER, PW_WRONG, url, sizeof url);
+    snprintf(env, sizeof env, "DATABASE_URL=%s", url);
+    char data[700];
+    snprintf(data, sizeof data, "--data-dir=%s", f->data);
+    proc *p = run_cmd(ARGS("run", data, "--listen=127.0.0.1:0"), ARGS(env));
+    assert_int_equal(p->status, 78);
+    err_line(p, line, sizeof line);
+    if (strncmp(line, "outboxd: postgres: ", 19) != 0)
+        fail_msg("last line: %s", line);
+    assert_non_null(strstr(line, PW_USER));
+    assert_null(strstr(p->err, PW_WRONG));
+    assert_null(p->out ? strstr(p->out, PW_WRONG) : NULL);
+}
+
+/* The right password from database_password_file, as the least-privilege
+ * role: the daemon answers check-backs and logs where it is connected,
+ * never the password. */
+static void password_file_and_sidecar_role_work_and_nothing_leaks(
+    void **state)
+{
+    fixture *f = *state;
+    make_db(f, true);
+    make_password_user();
+    char pwfile[700], pwarg[800], url[400], env[420];
+    snprintf(pwfile, sizeof pwfile, "%s/pw", f->dir);
+    FILE *fp = fopen(pwfile, "w");
+    assert_non_null(fp);
+    fputs(PW_RIGHT "\n", fp);
+    fclose(fp);
+    snprintf(pwarg, sizeof pwarg, "--database-password-file=%s", pwfile);
+    pgh_url(pg, f->db, PW_USER, NULL, url, sizeof url);
+    snprintf(env, sizeof env, "DATABASE_URL=%s", url);
+    proc *p = start_daemon(f->data, ARGS(pwarg), ARGS(env));
+    json_t *j = proc_find_log(p, "postgres connected");
+    if (!j)
+        fail_msg("no \"postgres connected\"; stderr:\n%s", p->err);
+    assert_non_null(strstr(json_string_value(json_object_get(j, "target")),
+                           PW_USER));
+    json_decref(j);
+    char msg_id[64];
+    sql(f, "INSERT INTO outbox.transactions (txid, state) VALUES ('order-pw', "
+        "'commit')");
+    prepare(p->port, "order-pw", "{\"first_check_ms\":0,\"interval_ms\":300,"
+            "\"max_checks\":5}", msg_id);
+    txn_view v;
+    wait_state(p->port, "order-pw", "committed", 20000, &v);
+    assert_int_equal(metric(p->port, "outboxd_db_connections", NULL) >= 1, 1);
+    stop_daemon(p);
+    assert_null(strstr(p->err, PW_RIGHT));
+}
+
+static void bad_custom_check_query_is_78(void **state)
+{
+    fixture *f = *state;
+    make_db(f, true);
+    char data[700], line[2048];
+    snprintf(data, sizeof data, "--data-dir=%s", f->data);
+    /* no $1: refused by the configuration already */
+    proc *p = run_cmd(ARGS("run", data, "--listen=127.0.0.1:0",
+                           "--check-query=SELECT 1"), ARGS(f->env_url));
+    assert_int_equal(p->status, 78);
+    err_line(p, line, sizeof line);
+    if (strncmp(line, "outboxd: config: flag --check-query: check_query: ", 50))
+        fail_msg("last line: %s", line);
+    /* PostgreSQL's prepare: wrong column type, unknown table */
+    static const char *const bad[] = {
+        "--check-query=SELECT 1 WHERE $1 = 'x'",
+        "--check-query=SELECT state FROM no_such_table WHERE id = $1",
+        NULL
+    };
+    for (size_t i = 0; bad[i]; i++) {
+        p = run_cmd(ARGS("run", data, "--listen=127.0.0.1:0", bad[i]),
+                    ARGS(f->env_url));
+        if (p->status != 78)
+            fail_msg("%s: exit %d; stderr:\n%s", bad[i], p->status, p->err);
+        err_line(p, line, sizeof line);
+        if (strncmp(line, "outboxd: postgres: ", 19) != 0)
+            fail_msg("%s: last line: %s", bad[i], line);
+    }
+}
+
+static void default_query_without_the_schema_is_78_naming_db_migrate(
+    void **state)
+{
+    fixture *f = *state;
+    make_db(f, false);
+    char data[700], line[2048];
+    snprintf(data, sizeof data, "--data-dir=%s", f->data);
+    proc *p = run_cmd(ARGS("run", data, "--listen=127.0.0.1:0"),
+                      ARGS(f->env_url));
+    assert_int_equal(p->status, 78);
+    err_line(p, line, sizeof line);
+    if (strncmp(line, "outboxd: postgres: ", 19) != 0 ||
+        !strstr(line, "outboxd db migrate"))
+        fail_msg("last line: %s", line);
+    /* exactly one error line: the log lines before it are JSON */
+    assert_int_equal(line[0], 'o');
+    size_t plain = 0;
+    for (const char *s = p->err; s && *s; s = strchr(s, '\n') + 1) {
+        plain += *s != '{';
+        if (!strchr(s, '\n'))
+            break;
+    }
+    assert_int_equal(plain, 1);
+}
+
+static void relay_without_a_database_is_78(void **state)
+{
+    fixture *f = *state;
+    char data[700], line[2048];
+    snprintf(data, sizeof data, "--data-dir=%s", f->data);
+    proc *p = run_cmd(ARGS("run", data, "--relay"), NULL);
+    assert_int_equal(p->status, 78);
+    err_line(p, line, sizeof line);
+    static const char want[] = "outboxd: config: flag --relay: relay: relay "
+                               "mode needs a database";
+    if (strncmp(line, want, sizeof want - 1) != 0)
+        fail_msg("last line: %s", line);
+}
+
+/* ---- outboxd db ---------------------------------------------------------------------- */
+
+static void db_migrate_and_status_through_the_binary(void **state)
+{
+    fixture *f = *state;
+    make_db(f, false);
+    proc *p = run_cmd(ARGS("db", "status"), ARGS(f->env_url));
+    assert_int_equal(p->status, 0);
+    assert_non_null(strstr(p->out, "pending: 0001_outbox"));
+
+    p = run_cmd(ARGS("db", "migrate"), ARGS(f->env_url));
+    if (p->status != 0)
+        fail_msg("db migrate: exit %d; stderr:\n%s", p->status, p->err);
+    assert_non_null(strstr(p->out, "applied 0001_outbox\n"));
+    assert_non_null(strstr(p->out, "applied 0002_roles\n"));
+    assert_int_equal(pgh_sql_int(pg, f->db, "SELECT max(version) FROM "
+                                 "outbox.schema_version"), 2);
+
+    p = run_cmd(ARGS("db", "migrate"), ARGS(f->env_url));
+    assert_int_equal(p->status, 0);
+    assert_non_null(strstr(p->out, "up to date"));
+    assert_null(strstr(p->out, "applied"));
+
+    p = run_cmd(ARGS("db", "status"), ARGS(f->env_url));
+    assert_int_equal(p->status, 0);
+    assert_non_null(strstr(p->out, "database schema version: 2\n"));
+    assert_non_null(strstr(p->out, "pending: none\n"));
+
+    /* a database newer than this outboxd */
+    sql(f, "INSERT INTO outbox.schema_version (version, name) VALUES (99, "
+        "'0099_future')");
+    char line[2048];
+    p = run_cmd(ARGS("db", "migrate"), ARGS(f->env_url));
+    assert_int_equal(p->status, 65);
+    err_line(p, line, sizeof line);
+    if (strncmp(line, "outboxd: db migrate: ", 21) != 0 || !strstr(line, "99"))
+        fail_msg("last line: %s", line);
+    p = run_cmd(ARGS("db", "status"), ARGS(f->env_url));
+    assert_int_equal(p->status, 65);
+    /* ... which the daemon only warns about */
+    proc *d = start_pg(f, NULL);
+    json_t *w = proc_find_log(d, "the database's outbox schema is newer than "
+                                 "this outboxd knows");
+    if (!w)
+        fail_msg("no warning; stderr:\n%s", d->err);
+    json_decref(w);
+    stop_daemon(d);
+
+    /* no database at all */
+    p = run_cmd(ARGS("db", "migrate"), NULL);
+    assert_int_equal(p->status, 78);
+    assert_string_equal(p->err, "outboxd: db migrate: no database configured "
+                        "(set database_url or DATABASE_URL)\n");
+}
+
+/* ---- main ------------------------------------------------------------------------------ */
+
+int main(void)
+{
+    /* The children inherit this environment: no stray database settings. */
+    static const char *const vars[] = { "DATABASE_URL", "PGHOST", "PGHOSTADDR",
+                                        "PGDATABASE", "PGSERVICE", "PGUSER",
+                                        "PGPASSWORD", "PGPORT", NULL };
+    for (size_t i = 0; vars[i]; i++)
+        unsetenv(vars[i]);
+    pg = pgh_start(OUTBOXD_SOURCE_DIR);
+    if (!pg) {
+        fprintf(stderr, "test_daemon_pg: cannot start PostgreSQL (see above); "
+                "skipped\n");
+        return 77;
+    }
+    curl_global_init(CURL_GLOBAL_DEFAULT);
+#define T(name) cmocka_unit_test_setup_teardown(name, setup, teardown)
+    const struct CMUnitTest tests[] = {
+        T(paid_in_time_is_committed_by_the_check_back),
+        T(paid_and_posted_commit_is_committed_at_once),
+        T(never_paid_is_rolled_back_and_publishes_the_expiry),
+        T(crash_after_the_db_commit_is_committed_by_the_check_back),
+        T(failed_db_transaction_is_rolled_back),
+        T(outage_longer_than_the_schedule_never_rolls_back),
+        T(unreachable_at_start_warns_and_works_once_up),
+        T(relay_and_check_back_survive_a_restart),
+        T(kill_9_during_relaying_stores_every_row_once),
+        T(wrong_password_is_78_and_never_printed),
+        T(password_file_and_sidecar_role_work_and_nothing_leaks),
+        T(bad_custom_check_query_is_78),
+        T(default_query_without_the_schema_is_78_naming_db_migrate),
+        T(relay_without_a_database_is_78),
+        T(db_migrate_and_status_through_the_binary),
+    };
+#undef T
+    int rc = cmocka_run_group_tests(tests, NULL, NULL);
+    curl_global_cleanup();
+    pgh_destroy(pg);
+    return rc;
+}
