@@ -80,15 +80,18 @@ bench: build
 	done < "$$list"
 
 # First the daemon walk-through (http_demo.sh starts outboxd itself, in its
-# own temporary folder); then each library demo (storage_demo, txn_demo,
-# group_demo) gets its own fresh temporary directory as its only argument;
-# all must pass.
+# own temporary folder), then the order-service walk-through with PostgreSQL
+# (order_demo.sh starts its own PostgreSQL and outboxd); then each library
+# demo (storage_demo, txn_demo, group_demo) gets its own fresh temporary
+# directory as its only argument; all must pass.
 DEMOS := storage_demo txn_demo group_demo
 
 demo: build
 	@set -euo pipefail; \
 	echo "==> demo: examples/http_demo.sh"; \
 	bash examples/http_demo.sh "$(BUILD)/sidecar/outboxd"; \
+	echo "==> demo: examples/order_demo.sh"; \
+	bash examples/order_demo.sh "$(BUILD)/sidecar/outboxd"; \
 	for name in $(DEMOS); do \
 	    prog=$$(grep -E "/$$name\$$" "$(BUILD)/examples/programs.txt" 2>/dev/null || true); \
 	    if [[ -z "$$prog" ]]; then echo "demo: $$name is not built (examples/$$name.c missing, or OUTBOXD_EXAMPLES=OFF)" >&2; exit 1; fi; \

@@ -17,6 +17,7 @@ PACKAGES=(
     postgresql postgresql-15-pgtap       # check-back tests, sql/ pgTAP tests
     redis-server nats-server             # spool and sink integration tests
     curl jq                              # API smoke tests and examples
+    python3 python3-psycopg2             # examples/order_service.py
     clang libclang-rt-14-dev             # libFuzzer target (scripts/fuzz.sh)
 )
 
