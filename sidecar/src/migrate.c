@@ -65,16 +65,6 @@ int sc_migrations_latest(void)
     return n ? sc_migrations_embedded[n - 1].version : 0;
 }
 
-/* s, flattened onto one line (PostgreSQL's messages may span several). */
-static void one_line(char *s)
-{
-    size_t n = strlen(s);
-    while (n && (s[n - 1] == '\n' || s[n - 1] == ' ' || s[n - 1] == '\r'))
-        s[--n] = '\0';
-    for (char *p = s; *p; p++)
-        if (*p == '\n' || *p == '\r' || *p == '\t') *p = ' ';
-}
-
 /* The reason a result failed, one line: the server's primary message when
  * there is one, else libpq's (connection trouble). */
 static void result_reason(PGconn *c, const PGresult *res, char *out, size_t cap)
@@ -84,7 +74,7 @@ static void result_reason(PGconn *c, const PGresult *res, char *out, size_t cap)
                      : (res && *PQresultErrorMessage(res)) ? PQresultErrorMessage(res)
                      : c ? PQerrorMessage(c) : "no connection";
     snprintf(out, cap, "%s", text && *text ? text : "unknown error");
-    one_line(out);
+    sc_pg_one_line(out);
 }
 
 /* Exit code for a query that failed: the connection's trouble is 69 (the

@@ -38,8 +38,7 @@ static int read_password(const char *path, char *out, size_t cap)
     return 0;
 }
 
-/* One line: libpq's messages end in newlines and may span several. */
-static void one_line(char *s)
+void sc_pg_one_line(char *s)
 {
     char *w = s;
     bool blank = false;
@@ -162,7 +161,7 @@ PGconn *sc_pg_connect(const sc_pg_opts *o, sc_pg_fail *fail, char *err,
         char where[300], why[512];
         sc_pg_describe(c, where, sizeof where);
         snprintf(why, sizeof why, "%s", PQerrorMessage(c));
-        one_line(why);
+        sc_pg_one_line(why);
         *fail = refused_by_server(why) ? SC_PG_REFUSED : SC_PG_UNREACHABLE;
         snprintf(err, errlen, "cannot connect to PostgreSQL at %s: %s", where, why);
         PQfinish(c);

@@ -70,6 +70,10 @@ sc_pg_fail sc_pg_result_fail(PGconn *c, const PGresult *res);
 /* True when res failed because statement_timeout cancelled it (57014). */
 bool sc_pg_is_timeout(const PGresult *res);
 
+/* Flatten PostgreSQL's (or libpq's) message onto one line: runs of blanks
+ * and line breaks become one space, none at either end. */
+void sc_pg_one_line(char *s);
+
 /* "host:port/db as user" for messages; never the password. */
 void sc_pg_describe(PGconn *c, char *out, size_t cap);
 

@@ -153,15 +153,6 @@ static double jitter(sc_pgcheck *c)
     return (double)(z >> 11) * (1.0 / 9007199254740992.0);
 }
 
-static void one_line(char *s)
-{
-    size_t n = strlen(s);
-    while (n && (s[n - 1] == '\n' || s[n - 1] == ' ' || s[n - 1] == '\r'))
-        s[--n] = '\0';
-    for (char *p = s; *p; p++)
-        if (*p == '\n' || *p == '\r' || *p == '\t') *p = ' ';
-}
-
 /* "SQLSTATE: message" of a failed result, on one line, with every
  * occurrence of the txid (the server quotes input it could not convert)
  * replaced by "<txid>". */
@@ -177,7 +168,7 @@ static void result_why(const PGresult *r, const char *txid, char *out,
         snprintf(msg, sizeof msg, "%s", PQresultErrorMessage(r));
     else
         snprintf(msg, sizeof msg, "no result (out of memory or connection lost)");
-    one_line(msg);
+    sc_pg_one_line(msg);
     char red[512];
     size_t o = 0, tl = txid ? strlen(txid) : 0;
     for (const char *p = msg; *p && o + 1 < sizeof red;) {

@@ -220,14 +220,6 @@ static double jitter(sc_relay *r)
     return (double)(z >> 11) / 9007199254740992.0;
 }
 
-static void one_line(char *s)
-{
-    size_t n = strlen(s);
-    while (n && (s[n - 1] == '\n' || s[n - 1] == ' ')) s[--n] = '\0';
-    for (char *p = s; *p; p++)
-        if (*p == '\n' || *p == '\t') *p = ' ';
-}
-
 static void fmt(char *out, size_t cap, const char *f, ...)
     __attribute__((format(printf, 3, 4)));
 
@@ -251,7 +243,7 @@ static void set_error(sc_relay *r, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
-    one_line(buf);
+    sc_pg_one_line(buf);
     pthread_mutex_lock(&r->mu);
     memcpy(r->st.last_error, buf, sizeof buf);
     r->st.errors++;
@@ -280,7 +272,7 @@ static void pg_message(PGconn *c, const PGresult *res, char *out, size_t cap)
     const char *m = res ? PQresultErrorMessage(res) : NULL;
     if (!m || !*m) m = c ? PQerrorMessage(c) : "no connection";
     fmt(out, cap, "%s", m && *m ? m : "unknown error");
-    one_line(out);
+    sc_pg_one_line(out);
 }
 
 static int64_t ld_be64(const char *p)
