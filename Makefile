@@ -8,8 +8,10 @@
 #   make crash   build, then the full crash explorations (store, transactions, delays, groups)
 #   make bench   build, then run every benchmark program
 #   make demo    build, then run examples/http_demo.sh (outboxd over HTTP with
-#                curl: the main walk-through), then examples/storage_demo,
-#                txn_demo and group_demo, each in its own temporary directory
+#                curl), examples/order_demo.sh (the order service against a
+#                throwaway PostgreSQL: check-backs, payment timeout, inbox,
+#                relay), then examples/storage_demo, txn_demo and group_demo,
+#                each in its own temporary directory
 #   make clean   remove every build tree
 #
 # Variables: BUILD (build), BUILD_ASAN (build-asan), BUILD_TSAN (build-tsan),

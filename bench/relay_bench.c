@@ -26,6 +26,14 @@
  * (clock_timestamp() at INSERT, just before the commit), so it includes
  * the writer's own commit.  Goal p99 <= 1 s.
  *
+ *   phase 3  a restart with a backlog: BACKLOG rows are inserted at once,
+ *            a relay stores one batch of them and "dies" before its COMMIT
+ *            (fail_before_commit_test), and a new relay on the same store
+ *            (which holds phase 2's messages) drains them.  Only the rows
+ *            of that unfinished batch are looked up by msg_id (stats
+ *            lookups, expected: one batch), so the drain rate stays close
+ *            to phase 2's instead of paying a store-wide lookup per row.
+ *
  * Everything (PostgreSQL, 64 clients, the relay) shares this machine's
  * CPUs: on a small machine phase 2's inserts are slower than phase 1's,
  * which is why both ratios are printed.  The exit status is 0 even when a
@@ -50,6 +58,7 @@
 #define DB      "bench"
 #define CLIENTS 64
 #define TOPIC   "bench"
+#define BACKLOG 20000
 
 static double g_seconds = 10.0;
 
@@ -298,6 +307,48 @@ int main(int argc, char **argv)
     brk_store_stats ss;
     brk_store_get_stats(s, &ss);
 
+    /* ---- phase 3: restart after an unfinished batch, with a backlog ---- */
+    char q3[256];
+    snprintf(q3, sizeof q3, "INSERT INTO outbox.messages (topic, key, body)"
+             " SELECT '" TOPIC "3', 'key-' || (g %% 1000),"
+             " jsonb_build_object('g', g) FROM generate_series(1, %d) g",
+             BACKLOG);
+    if (pgh_sql(pg, DB, q3, NULL, 0) != 0) goto out;
+    sc_relay_opts ro3 = ro;
+    ro3.no_thread = true;
+    ro3.fail_before_commit_test = 1;
+    if (sc_relay_open(&r, &ro3, err, sizeof err) != 0
+        || sc_relay_run_once(r, NULL) != -1) {
+        fprintf(stderr, "relay_bench: phase 3: the failing batch did not "
+                "fail\n");
+        goto out;
+    }
+    sc_relay_close(r);
+    r = NULL;
+    double t30 = now_s();
+    if (sc_relay_open(&r, &ro, err, sizeof err) != 0) {
+        fprintf(stderr, "relay_bench: relay: %s\n", err);
+        goto out;
+    }
+    sc_relay_stats rs3;
+    double t31 = 0;
+    give_up = now_s() + 120;
+    while (now_s() < give_up) {
+        sc_relay_get_stats(r, &rs3);
+        if (rs3.rows_stored + rs3.rows_duplicate >= BACKLOG) {
+            t31 = now_s();
+            break;
+        }
+        sleep_ms(5);
+    }
+    sc_relay_close(r);
+    r = NULL;
+    if (!t31) {
+        fprintf(stderr, "relay_bench: phase 3 did not drain within 120 s "
+                "(%llu rows)\n", (unsigned long long)rs3.rows_stored);
+        goto out;
+    }
+
     double ins2 = (double)p2.txns / (p2.t1 - p2.t0);
     double during = (double)stored_t1 / (p2.t1 - p2.t0);
     double drained = (double)p2.txns / (t2 - p2.t0);
@@ -328,6 +379,14 @@ int main(int argc, char **argv)
            (double)body_bytes / (double)n);
     printf("commit -> stored latency (ms): p50 %lld, p99 %lld, max %lld\n",
            (long long)p50, (long long)p99, (long long)mx);
+    printf("msg_id lookups in phase 2: %llu (only rows of unfinished "
+           "batches are looked up)\n", (unsigned long long)rs.lookups);
+    printf("\nphase 3: restart after an unfinished batch of %u rows, %d-row "
+           "backlog, store holding phase 2's %zu messages:\n  drained in "
+           "%.2f s (%.0f rows/s), lookups %llu, duplicates found %llu\n",
+           (unsigned)(ro.batch ? ro.batch : 500), BACKLOG, n, t31 - t30,
+           (double)BACKLOG / (t31 - t30), (unsigned long long)rs3.lookups,
+           (unsigned long long)rs3.rows_duplicate);
     double ratio = drained / ins1, keeps = during / ins2;
     printf("\nratio relay (until drained) / inserts alone: %.2f  goal >= 1.0  %s\n",
            ratio, ratio >= 1.0 ? "met" : "MISSED");

@@ -21,10 +21,11 @@
 #   8. SIGTERM: outboxd exits 0
 #
 # Check-back intervals are short here (1 s) so the whole walk-through takes
-# about half a minute; the real-life payment policy is 60 s / 60 s / 10
+# about 20 seconds; the real-life payment policy is 60 s / 60 s / 10
 # checks.  The binary defaults to ${BUILD:-build}/sidecar/outboxd.  Exits
-# non-zero at the first claim that does not hold; the temporary folder,
-# outboxd and PostgreSQL (both by PID) are cleaned up on any exit.
+# non-zero at the first claim that does not hold; every wait polls with a
+# deadline.  The temporary folder, outboxd and PostgreSQL (both by PID) are
+# cleaned up on any exit, also Ctrl-C.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -48,6 +49,9 @@ PG_STARTED=""
 cleanup() {
     if [[ -n "$PID" ]] && kill -0 "$PID" 2>/dev/null; then
         kill -TERM "$PID" 2>/dev/null || true
+        # a graceful exit takes well under the 20 s grace; never hang here
+        for _ in $(seq 1 300); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$PID" 2>/dev/null || true
         wait "$PID" 2>/dev/null || true
     fi
     [[ -z "$PG_STARTED" ]] || bash "$ROOT/scripts/pgtmp.sh" stop "$TMP/pg" || true
@@ -62,6 +66,18 @@ fail() {
     exit 1
 }
 ok() { echo "   ok: $*"; }
+
+# until SECONDS COMMAND...: run COMMAND (quietly) until it succeeds; 1 when
+# SECONDS pass first.
+until_ok() {
+    local secs=$1
+    shift
+    local end=$((${EPOCHREALTIME//[!0-9]/} + secs * 1000000))   # microseconds
+    until "$@" >/dev/null 2>&1; do
+        ((${EPOCHREALTIME//[!0-9]/} < end)) || return 1
+        sleep 0.1
+    done
+}
 
 # sql QUERY: run as the superuser (the demo inspecting the database); one
 # value per line.
@@ -125,17 +141,22 @@ expect_sql() {
     ok "$1 -> $2"
 }
 
+# expect_sql_soon QUERY WANT SECONDS: the same, for a state that follows
+# shortly (polled).
+sql_is() { [[ "$(sql "$1")" == "$2" ]]; }
+expect_sql_soon() {
+    until_ok "$3" sql_is "$1" "$2" || fail "$1: expected '$2' within $3 s, got '$(sql "$1")'"
+    ok "$1 -> $2"
+}
+
 # wait_txn TXID JQ-CONDITION SECONDS: poll GET /v1/transactions/TXID
 # quietly until the condition holds, then show the final answer.
+txn_is() { curl -sS "$BASE/v1/transactions/$1" | jq -e "$2"; }
 wait_txn() {
-    local txid=$1 cond=$2 secs=$3 i body
+    local txid=$1 cond=$2 secs=$3
     echo
     echo "   (waiting up to ${secs} s for $cond)"
-    for ((i = 0; i < secs * 10; i++)); do
-        body=$(curl -sS "$BASE/v1/transactions/$txid" || true)
-        jq -e "$cond" >/dev/null 2>&1 <<<"$body" && break
-        sleep 0.1
-    done
+    until_ok "$secs" txn_is "$txid" "$cond" || true   # expect says what it got
     call GET "/v1/transactions/$txid"
     expect 200 "$cond"
 }
@@ -147,8 +168,8 @@ metric() {
 
 # ------------------------------------------------------------------- set-up
 step "0. a throwaway PostgreSQL, the outbox schema, the service's roles and tables, outboxd"
+PG_STARTED=1            # set first: a start that fails halfway is stopped too
 PORT=$(bash "$ROOT/scripts/pgtmp.sh" start "$TMP/pg")
-PG_STARTED=1
 SUPER="postgresql://postgres@127.0.0.1:$PORT/postgres"
 SUPER_DB="postgresql://postgres@127.0.0.1:$PORT/shop"
 echo "PostgreSQL on 127.0.0.1:$PORT (data in $TMP/pg, trust authentication on loopback)"
@@ -203,20 +224,14 @@ echo "  (default check policy shortened for the demo: first check after 1 s, eve
 PID=$!
 
 # The "listening" log line carries the bound address.
-ADDR=""
-for _ in $(seq 1 100); do
-    ADDR=$(grep '"listening"' "$LOG" 2>/dev/null | grep -oE '127\.0\.0\.1:[0-9]+' | head -n1 || true)
-    [[ -n "$ADDR" ]] && break
-    kill -0 "$PID" 2>/dev/null || { PID=""; fail "outboxd exited at start-up"; }
-    sleep 0.1
-done
-[[ -n "$ADDR" ]] || fail "outboxd did not start listening"
+listening() { grep -q '"listening"' "$LOG" || ! kill -0 "$PID"; }
+until_ok 20 listening || fail "outboxd did not start listening within 20 s"
+kill -0 "$PID" 2>/dev/null || { PID=""; fail "outboxd exited at start-up"; }
+ADDR=$(grep '"listening"' "$LOG" | grep -oE '127\.0\.0\.1:[0-9]+' | head -n1)
 BASE="http://$ADDR"
 export OUTBOXD_URL="$BASE"
-for _ in $(seq 1 100); do
-    [[ "$(curl -s -o /dev/null -w '%{http_code}' "$BASE/readyz")" == 200 ]] && break
-    sleep 0.1
-done
+ready() { [[ "$(curl -s -o /dev/null -w '%{http_code}' "$BASE/readyz")" == 200 ]]; }
+until_ok 10 ready || true       # the call below shows what it answers
 call GET /readyz
 expect 200 '.status == "ready"'
 
@@ -260,6 +275,7 @@ echo
 echo "   ...and if the service also crashes before POSTing rollback:"
 svc place order-1004 8.00 --fail-db --crash-before-commit
 expect_result '. == "crashed"'
+expect_sql "SELECT count(*) FROM outbox.transactions WHERE txid = 'order-1004'" "0"
 echo "   (no row in outbox.transactions: every check-back answers 'not known yet';"
 echo "    after the last of 3 checks outboxd rolls back)"
 wait_txn order-1004 '.state == "rolled_back"' 20
@@ -272,6 +288,7 @@ svc place-awaiting-payment order-1005 99.00 --first-check-ms 1000 --interval-ms 
 call GET /v1/transactions/order-1005
 expect 200 '.state == "prepared"' '.check.max_checks == 5' '.check.expiry_topic == "orders.expired"'
 wait_txn order-1005 '.checks >= 1' 10
+expect 200 '.state == "prepared"'
 echo "   (checked: the row says 'pending', so the message waits; the customer pays now)"
 svc pay order-1005
 wait_txn order-1005 '.state == "committed"' 10
@@ -292,16 +309,19 @@ expect_sql "SELECT status FROM orders WHERE id = 'order-1006'" "cancelled"
 # ------------------------------------------------------------------- 6
 step "6. a consumer receives a duplicate and processes it once"
 echo "   (committed orders so far: order-1001, order-1002, order-1005; the shipping"
-echo "    consumer ships them, then crashes before acking)"
-svc consume shipping orders 3 --invisible-ms 1000 --crash-before-ack
-expect_result '.processed == 3' '.duplicates == 0' '.acked == 0'
+echo "    consumer ships them in its database, then its next step fails - the courier's"
+echo "    API is down, say - so it gives the messages back: a nack asking for"
+echo "    redelivery in 1 s.  A consumer that crashes before acking gets them back"
+echo "    the same way, after their invisibility and the group's first retry delay.)"
+svc consume shipping orders 3 --nack-ms 1000
+expect_result '.processed == 3' '.duplicates == 0' '.acked == 0' '.nacked == 3' \
+              '.deliveries == [1, 1, 1]'
 FIRST=$RESULT
 expect_sql "SELECT count(*) FROM shipments" "3"
 echo
-echo "   (their 1 s of invisibility runs out unacked; outboxd redelivers them after its"
-echo "    first retry delay, 10 s, to the restarted consumer)"
-svc consume shipping orders 3 --wait-ms 5000 --timeout 30
-expect_result '.processed == 0' '.duplicates == 3' '.acked == 3'
+echo "   (1 s later the same messages come again: delivery 2)"
+svc consume shipping orders 3 --wait-ms 5000 --timeout 20
+expect_result '.processed == 0' '.duplicates == 3' '.acked == 3' '.deliveries == [2, 2, 2]'
 jq -e --argjson a "$FIRST" '(.msg_ids | sort) == ($a.msg_ids | sort)' >/dev/null <<<"$RESULT" ||
     fail "the redelivered messages are not the ones processed first"
 ok "the same 3 msg_ids, delivered twice"
@@ -319,12 +339,14 @@ expect 200 '.messages | length == 1' ".messages[0].msg_id == \"$ROW_ID\"" \
 RECEIPT=$(jq -r '.messages[0].receipt' <<<"$BODY")
 call POST /v1/groups/notifier/ack "{\"receipts\":[\"$RECEIPT\"]}"
 expect 200 '.acked == 1'
-expect_sql "SELECT count(*) FROM outbox.messages" "0"
+expect_sql_soon "SELECT count(*) FROM outbox.messages" "0" 10
 echo "   (the relay stored the row in outboxd and deleted it from outbox.messages)"
 
 # ------------------------------------------------------------------- 8
 step "8. SIGTERM: graceful shutdown"
 kill -TERM "$PID"
+gone() { ! kill -0 "$PID"; }
+until_ok 30 gone || fail "outboxd still runs 30 s after SIGTERM"
 rc=0
 wait "$PID" || rc=$?
 PID=""

@@ -271,18 +271,27 @@ class OrderService:
         return f"nothing to do for event {event!r}"
 
     def consume(self, group, topic, n, wait_ms=5000, invisible_ms=None,
-                crash_before_ack=False, timeout_s=20.0):
+                crash_before_ack=False, timeout_s=20.0, nack_ms=None):
         """Receive up to n messages of `topic` as consumer group `group`,
         process each at most once, ack them.
 
         Each message is processed in one database transaction that starts
         with outbox.inbox_claim(group, msg_id): the first delivery does the
         work, a redelivery of a message already processed is skipped (the
-        claim says false) and only acked.  crash_before_ack: stop after the
-        database work, before the ack, as a crash would: outboxd redelivers
-        the messages once their invisibility (invisible_ms) runs out.
-        Returns {"processed", "duplicates", "acked", "msg_ids"}."""
-        done = {"processed": 0, "duplicates": 0, "acked": 0, "msg_ids": []}
+        claim says false) and only acked.
+
+        Two ways to end up with a duplicate, for the walk-through:
+        crash_before_ack stops after the database work, before the ack, as
+        a crash would: outboxd redelivers the messages once their
+        invisibility (invisible_ms) has run out and the group's first retry
+        delay (10 s) has passed.  nack_ms: the step after the database work
+        fails (a courier's API is down, say), so the consumer gives the
+        messages back with a nack asking for redelivery after nack_ms
+        (rounded up to a delay level: 1 s, 5 s, ...).
+        Returns {"processed", "duplicates", "acked", "nacked", "msg_ids",
+        "deliveries"} (the delivery_count of each message received)."""
+        done = {"processed": 0, "duplicates": 0, "acked": 0, "nacked": 0,
+                "msg_ids": [], "deliveries": []}
         deadline = time.monotonic() + timeout_s
         while len(done["msg_ids"]) < n and time.monotonic() < deadline:
             req = {"topic": topic, "max": n - len(done["msg_ids"]),
@@ -312,11 +321,23 @@ class OrderService:
                         f"is a duplicate: the inbox says it was processed; "
                         f"skipped")
                 done["msg_ids"].append(mid)
+                done["deliveries"].append(msg["delivery_count"])
                 receipts.append(msg["receipt"])
             if crash_before_ack:
                 if receipts:
                     say(f"{group}: crashes before acking {len(receipts)} "
                         f"message(s); outboxd will redeliver them")
+                continue
+            if nack_ms is not None:
+                if receipts:
+                    nack = self.outboxd.call(
+                        "POST", f"/v1/groups/{group}/nack",
+                        {"receipts": receipts, "delay_ms": nack_ms,
+                         "reason": "courier API unavailable"})
+                    done["nacked"] += nack["nacked"]
+                    say(f"{group}: the next step failed after the database "
+                        f"commit; nacked {nack['nacked']}, redelivery asked "
+                        f"in {nack_ms} ms")
                 continue
             if receipts:
                 ack = self.outboxd.call("POST", f"/v1/groups/{group}/ack",
@@ -362,6 +383,9 @@ def main(argv=None):
     p.add_argument("--wait-ms", type=int, default=5000)
     p.add_argument("--invisible-ms", type=int)
     p.add_argument("--crash-before-ack", action="store_true")
+    p.add_argument("--nack-ms", type=int,
+                   help="nack instead of ack, asking for redelivery after "
+                        "this many ms")
     p.add_argument("--timeout", type=float, default=20.0)
 
     p = sub.add_parser("relay-write", help="write an outbox.messages row")
@@ -387,7 +411,8 @@ def main(argv=None):
             out = svc.pay(a.order_id)
         elif a.cmd == "consume":
             out = svc.consume(a.group, a.topic, a.n, a.wait_ms,
-                              a.invisible_ms, a.crash_before_ack, a.timeout)
+                              a.invisible_ms, a.crash_before_ack, a.timeout,
+                              a.nack_ms)
         else:
             out = str(svc.write_relay_row(a.topic, a.key, json.loads(a.body)))
     except (OutboxdError, psycopg2.Error, RuntimeError) as e:

@@ -1,9 +1,22 @@
 # embed_sql.cmake - compile sql/migrations/*.sql into outboxd.
 #
-#   cmake -DSQL_DIR=<sql/migrations> -DOUT=<migrations_gen.c> -P embed_sql.cmake
+# Two uses:
 #
-# Run at build time by the custom command in sidecar/CMakeLists.txt, so
-# editing a migration rebuilds outboxd.  Writes a C file defining
+#   include(embed_sql.cmake)                      (sidecar/CMakeLists.txt)
+#   sidecar_embed_migrations(<sql dir> <out.c>)   the build rule for <out.c>
+#
+#   cmake -DSQL_DIR=<sql/migrations> -DOUT=<migrations_gen.c> -P embed_sql.cmake
+#                                                 what that rule runs
+#
+# The rule regenerates <out.c> whenever a migration is edited, added,
+# renamed or removed, or this script changes.  Added: the glob is
+# CONFIGURE_DEPENDS, so the build re-runs CMake first.  Renamed or removed:
+# no remaining input is newer than <out.c>, and make does not re-run a rule
+# only because its list of inputs changed, so the list itself is an input
+# too: <out.c>.inputs, rewritten by CMake (only) when the list differs.
+# `make clean` removes <out.c>, so a clean build always regenerates it.
+#
+# The script writes a C file defining
 #
 #   const sc_migration sc_migrations_embedded[];      by ascending version
 #   const size_t       sc_migrations_embedded_count;
@@ -18,6 +31,30 @@
 # and no repeat (outbox.schema_version records the number, so a gap or a
 # duplicate would make "the database is at version N" ambiguous); no file
 # holds a NUL byte (the text is passed to PostgreSQL as a C string).
+
+if(NOT CMAKE_SCRIPT_MODE_FILE)
+    function(sidecar_embed_migrations sql_dir out)
+        set(script "${CMAKE_CURRENT_FUNCTION_LIST_FILE}")
+        file(GLOB migrations CONFIGURE_DEPENDS "${sql_dir}/*.sql")
+        list(SORT migrations)
+        string(JOIN "\n" listing ${migrations})
+        set(inputs "${out}.inputs")
+        set(old "")
+        if(EXISTS "${inputs}")
+            file(READ "${inputs}" old)
+        endif()
+        if(NOT old STREQUAL "${listing}\n")
+            file(WRITE "${inputs}" "${listing}\n")
+        endif()
+        add_custom_command(
+            OUTPUT "${out}"
+            COMMAND ${CMAKE_COMMAND} "-DSQL_DIR=${sql_dir}" "-DOUT=${out}" -P "${script}"
+            DEPENDS ${migrations} "${inputs}" "${script}"
+            COMMENT "Embedding ${sql_dir} into outboxd"
+            VERBATIM)
+    endfunction()
+    return()
+endif()
 
 if(NOT SQL_DIR OR NOT OUT)
     message(FATAL_ERROR "embed_sql.cmake: usage: cmake -DSQL_DIR=<dir> -DOUT=<file.c> -P embed_sql.cmake")

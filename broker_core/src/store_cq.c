@@ -528,11 +528,35 @@ brk_status brk__idx_writeout(brk_store *s, uint64_t below)
     return BRK_OK;
 }
 
-static bool idx_entry_plausible(const uint8_t *p, uint64_t ckpt, brk_seg *seg)
+/* Whether index entry p of seg describes a record that is there: below
+ * the checkpoint, in the segment, and the log holds a record with that id
+ * at that offset.  A hole or a torn entry a crash left fails.  (Ids are
+ * not checked for a UUID version: callers may give any id, and the relay
+ * stores PostgreSQL's version-4 ids.)  Reading the record costs one or two
+ * preads, and trimming reads only the entries at the end of the file. */
+static bool idx_entry_valid(brk_store *s, const uint8_t *p, uint64_t ckpt,
+                            brk_seg *seg)
 {
     uint64_t off = brk_ld64(p + BRK_UUID_LEN);
-    /* A v7 id has version nibble 7; an all-zero hole from a crash has not. */
-    return (p[6] >> 4) == 7 && off < ckpt && off >= seg->base;
+    if (off >= ckpt || off < seg->base || !seg->log)
+        return false;
+    uint8_t hdr[4];
+    if (brk__pread_full(s, seg->log, hdr, sizeof hdr, off - seg->base) != BRK_OK)
+        return false;
+    uint32_t size = brk_record_peek_len(hdr, sizeof hdr);
+    if (size < BRK_REC_HEADER_LEN || size > BRK_REC_MAX || off + size > ckpt)
+        return false;
+    uint8_t *buf = malloc(size);
+    if (!buf)
+        return false;
+    brk_record rec;
+    size_t len = 0;
+    bool ok = brk__pread_full(s, seg->log, buf, size, off - seg->base) == BRK_OK
+              && brk_record_decode(buf, size, off, &rec, &len) == BRK_OK
+              && len == size
+              && memcmp(rec.msg_id, p, BRK_UUID_LEN) == 0;
+    free(buf);
+    return ok;
 }
 
 brk_status brk__idx_trim(brk_store *s, brk_seg *seg, uint64_t ckpt)
@@ -564,7 +588,7 @@ brk_status brk__idx_trim(brk_store *s, brk_seg *seg, uint64_t ckpt)
                                         (n - 1) * BRK_IDX_ENTRY_LEN);
         if (st != BRK_OK)
             return st;
-        if (idx_entry_plausible(e, ckpt, seg))
+        if (idx_entry_valid(s, e, ckpt, seg))
             break;
         n--;
     }
@@ -583,17 +607,41 @@ brk_status brk__idx_trim(brk_store *s, brk_seg *seg, uint64_t ckpt)
     return BRK_OK;
 }
 
-/* Scan one segment's index (file, then the memory tail) for `id`; the newest
- * match wins.  Returns true and *off when found. */
+/* The first of the index file's `count` entries whose log offset is >=
+ * since.  Entries are in log order (one per record, appended as the log
+ * grows), so a binary search of single-entry reads finds it.  A read error
+ * gives 0: the caller then scans the whole file, which is only slower. */
+static uint64_t idx_first_at(brk_store *s, brk_file *f, uint64_t count,
+                             uint64_t since)
+{
+    uint64_t lo = 0, hi = count;
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        uint8_t e[BRK_IDX_ENTRY_LEN];
+        if (brk__pread_full(s, f, e, sizeof e, mid * BRK_IDX_ENTRY_LEN)
+            != BRK_OK)
+            return 0;
+        if (brk_ld64(e + BRK_UUID_LEN) < since)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* Scan one segment's index (the memory tail, then the file) for `id`,
+ * considering only entries at log offsets >= since; the newest match wins.
+ * Returns true and *off when found. */
 bool brk__idx_search(brk_store *s, brk_seg *seg, const uint8_t *id,
-                     uint64_t *off)
+                     uint64_t since, uint64_t *off)
 {
     bool found = false;
     pthread_mutex_lock(&s->mu);
     uint64_t seg_end = seg->base + seg->size;
+    uint64_t from = since > seg->base ? since : seg->base;
     for (size_t i = s->idx_tail_len; i-- > 0;) {
         const brk_idx_pending *p = &s->idx_tail[i];
-        if (p->log_offset >= seg->base && p->log_offset < seg_end
+        if (p->log_offset >= from && p->log_offset < seg_end
             && memcmp(p->id, id, BRK_UUID_LEN) == 0) {
             *off = p->log_offset;
             found = true;
@@ -603,22 +651,24 @@ bool brk__idx_search(brk_store *s, brk_seg *seg, const uint8_t *id,
     uint64_t count = seg->idx_count;
     brk_file *f = seg->idx;
     pthread_mutex_unlock(&s->mu);
-    if (found || !f)
+    if (found || !f || count == 0)
         return found;
     /* Entries [0, count) in the file never change, so read them unlocked. */
+    uint64_t first = since > seg->base ? idx_first_at(s, f, count, since) : 0;
     enum { CHUNK = 4096 };
     uint8_t *buf = malloc(CHUNK * BRK_IDX_ENTRY_LEN);
     if (!buf)
         return false;
-    for (uint64_t at = 0; at < count; at += CHUNK) {
+    for (uint64_t at = first; at < count; at += CHUNK) {
         uint64_t k = count - at < CHUNK ? count - at : CHUNK;
         if (brk__pread_full(s, f, buf, k * BRK_IDX_ENTRY_LEN,
                             at * BRK_IDX_ENTRY_LEN) != BRK_OK)
             break;
         for (uint64_t i = 0; i < k; i++) {
             const uint8_t *p = buf + i * BRK_IDX_ENTRY_LEN;
-            if (memcmp(p, id, BRK_UUID_LEN) == 0) {
-                *off = brk_ld64(p + BRK_UUID_LEN);
+            uint64_t o = brk_ld64(p + BRK_UUID_LEN);
+            if (o >= since && memcmp(p, id, BRK_UUID_LEN) == 0) {
+                *off = o;
                 found = true;   /* keep going: a later entry is newer */
             }
         }

@@ -244,7 +244,7 @@ brk_status brk__idx_push(brk_store *s, const uint8_t id[BRK_UUID_LEN],
 brk_status brk__idx_writeout(brk_store *s, uint64_t below);  /* mu held */
 brk_status brk__idx_trim(brk_store *s, brk_seg *seg, uint64_t ckpt);
 bool brk__idx_search(brk_store *s, brk_seg *seg, const uint8_t *id,
-                     uint64_t *off);
+                     uint64_t since, uint64_t *off);
 
 /* ---- store_recover.c ---- */
 brk_status brk__recover(brk_store *s, char *errbuf, size_t errlen);

@@ -1,6 +1,7 @@
 /*
  * store_read.c - reading the store: queue ranges, consume-queue entries,
- * message batches, reads by log offset and lookup by message id.
+ * message batches, reads by log offset and lookup by message id (from a
+ * log offset on).
  *
  * Readers hold mu only to copy consume-queue entries; records are read
  * with pread after taking a reference on their segment, so retention can
@@ -247,25 +248,36 @@ brk_status brk_store_read_at(brk_store *s, uint64_t log_offset,
 brk_status brk_store_lookup(brk_store *s, const uint8_t id[BRK_UUID_LEN],
                             brk_batch **out)
 {
+    return brk_store_lookup_since(s, id, 0, out);
+}
+
+brk_status brk_store_lookup_since(brk_store *s, const uint8_t id[BRK_UUID_LEN],
+                                  uint64_t since, brk_batch **out)
+{
     *out = NULL;
+    /* Segments are contiguous: segment i ends where segment i+1 begins, so
+     * the ones that end at or before `since` are left out here already. */
     pthread_rwlock_rdlock(&s->seg_lock);
-    size_t n = s->nsegs;
-    brk_seg **segs = malloc((n ? n : 1) * sizeof *segs);
+    size_t first = 0, n = s->nsegs;
+    while (first + 1 < n && s->segs[first + 1]->base <= since)
+        first++;
+    size_t k = n - first;
+    brk_seg **segs = malloc((k ? k : 1) * sizeof *segs);
     if (segs)
-        for (size_t i = 0; i < n; i++) {
-            segs[i] = s->segs[i];
+        for (size_t i = 0; i < k; i++) {
+            segs[i] = s->segs[first + i];
             atomic_fetch_add(&segs[i]->refs, 1);
         }
     pthread_rwlock_unlock(&s->seg_lock);
     if (!segs)
         return BRK_NOMEM;
     brk_status st = BRK_NOTFOUND;
-    for (size_t i = n; i-- > 0 && st == BRK_NOTFOUND;) {
+    for (size_t i = k; i-- > 0 && st == BRK_NOTFOUND;) {
         uint64_t off;
-        if (brk__idx_search(s, segs[i], id, &off))
+        if (brk__idx_search(s, segs[i], id, since, &off))
             st = brk_store_read_at(s, off, out);
     }
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < k; i++)
         brk__seg_put(s, segs[i]);
     free(segs);
     return st;

@@ -505,7 +505,9 @@ static void render_groups(sbuf *b, const grp_gather *g, int64_t now)
     }
 }
 
-/* The caller's families: its FILE is a memory stream, copied in after. */
+/* The caller's families: its FILE is a memory stream, copied in after.
+ * Each scrape has its own stream, so concurrent scrapes share nothing here
+ * (the hook itself must be thread-safe, api.h). */
 static void render_ext(sbuf *b, const api_metrics_ext *ext)
 {
     if (!ext || !ext->render || b->oom)
@@ -521,7 +523,8 @@ static void render_ext(sbuf *b, const api_metrics_ext *ext)
     if (fclose(f) != 0)
         b->oom = true;
     else if (n)
-        sb_printf(b, "%.*s", (int)n, text);
+        /* every line of the page ends with '\n', also the page's last */
+        sb_printf(b, "%.*s%s", (int)n, text, text[n - 1] == '\n' ? "" : "\n");
     free(text);
 }
 

@@ -23,6 +23,17 @@
  * PGDATABASE and PGSERVICE, read from envp like everything else.
  * Each value is checked as it is applied, so an error names the layer it
  * came from even when a higher layer would have replaced it.
+ *
+ * Secrets in messages: the token and database_url are never echoed.  A
+ * database_url is parsed here with libpq (PQconninfoParse, no I/O) so a
+ * malformed one is exit 78 with libpq's reason minus its quoted text
+ * (libpq quotes what it stumbled on, which may be the password or the
+ * whole URL).  Any other text a message would quote (a stray argument, an
+ * unknown key, a bad value) is replaced by a placeholder when it looks
+ * like a URL with credentials or a conninfo password (looks_secret): a
+ * URL passed where something else belongs must not be printed either.
+ * sc_config_hide_secrets then overwrites secret flag values in argv, so
+ * they do not stay visible in /proc/PID/cmdline.
  */
 #include "config.h"
 
@@ -34,6 +45,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sysexits.h>
+
+#include <libpq-fe.h>
 
 typedef enum sc_type {
     T_STR,       /* any text (data_dir must not be empty) */
@@ -260,6 +273,105 @@ static const char *env_get(char **envp, const char *name)
         if (strncmp(*e, name, n) == 0 && (*e)[n] == '=')
             return *e + n + 1;
     return NULL;
+}
+
+/* Whether `s` may carry a credential: a URL with a user part
+ * ("scheme://user:pw@host") or a conninfo "password=".  Such text is
+ * never quoted in a message, whichever option or argument it was given as. */
+static bool looks_secret(const char *s)
+{
+    const char *scheme = strstr(s, "://");
+    return (scheme && strchr(scheme, '@')) || strcasestr(s, "password");
+}
+
+/* `s` (n bytes) in double quotes for a message, or a placeholder when it
+ * looks_secret. */
+static const char *quoted(const char *s, size_t n, char *buf, size_t cap)
+{
+    char tmp[256];
+    snprintf(tmp, sizeof tmp, "%.*s", (int)(n < sizeof tmp ? n : sizeof tmp - 1),
+             s);
+    if (looks_secret(tmp) || (n >= sizeof tmp && looks_secret(s)))
+        snprintf(buf, cap, "<not shown: it looks like a database URL or "
+                 "password>");
+    else
+        snprintf(buf, cap, "\"%s%s\"", tmp, n >= sizeof tmp ? "..." : "");
+    volatile char *w = tmp;
+    for (size_t i = 0; i < sizeof tmp; i++)
+        w[i] = 0;
+    return buf;
+}
+
+/* A name (n bytes) as it is, or the placeholder when it looks_secret. */
+static const char *plain(const char *s, size_t n, char *buf, size_t cap)
+{
+    snprintf(buf, cap, "%.*s", (int)n, s);
+    if (looks_secret(buf))
+        snprintf(buf, cap, "<not shown: it looks like a database URL or "
+                 "password>");
+    return buf;
+}
+
+/* libpq's parse error, one line, with every quoted part longer than one
+ * character replaced by "..." (the one-character ones are syntax: "=",
+ * "]"); the rest of the sentence says what is wrong. */
+static void redact_quoted(const char *in, char *out, size_t cap)
+{
+    size_t n = 0;
+    for (const char *p = in; *p && n + 8 < cap; p++) {
+        if (*p == '"') {
+            /* an unclosed quote runs to the end */
+            const char *q = strchr(p + 1, '"');
+            if (!q)
+                q = p + strlen(p) - 1;
+            if (q - p - 1 > 1) {
+                n += (size_t)snprintf(out + n, cap - n, "\"...\"");
+            } else {
+                memcpy(out + n, p, (size_t)(q - p + 1));
+                n += (size_t)(q - p + 1);
+            }
+            p = q;
+            continue;
+        }
+        out[n++] = (*p == '\n' || *p == '\r' || *p == '\t') ? ' ' : *p;
+    }
+    while (n > 0 && out[n - 1] == ' ')
+        n--;
+    out[n] = '\0';
+}
+
+/* A database_url libpq can use: parsed (no I/O, no defaults), and none of
+ * the names a message or the log shows (host, port, database, user,
+ * service) holds a URL.  Only the top level of a conninfo is expanded, so
+ * "dbname=postgresql://u:pw@h/db" would name a database after the URL and
+ * have it printed back by the server and the log. */
+static const char *check_conninfo(const char *v, char *what, size_t wl)
+{
+    static const char *const shown_keys[] = { "host", "hostaddr", "port",
+                                              "dbname", "user", "service",
+                                              NULL };
+    char *perr = NULL;
+    PQconninfoOption *opts = PQconninfoParse(v, &perr);
+    if (!opts) {
+        char reason[300] = "";
+        if (perr)
+            redact_quoted(perr, reason, sizeof reason);
+        PQfreemem(perr);
+        snprintf(what, wl, "not a PostgreSQL URL or key=value conninfo%s%s%s",
+                 reason[0] ? " (" : "", reason, reason[0] ? ")" : "");
+        return what;
+    }
+    const char *bad = NULL;
+    for (PQconninfoOption *o = opts; o->keyword && !bad; o++)
+        for (size_t k = 0; shown_keys[k] && !bad; k++)
+            if (o->val && strcmp(o->keyword, shown_keys[k]) == 0 &&
+                strstr(o->val, "://"))
+                bad = shown_keys[k];
+    if (bad)
+        snprintf(what, wl, "its %s holds a URL (not shown): give the URL "
+                 "itself as database_url", bad);
+    PQconninfoFree(opts);
+    return bad ? what : NULL;
 }
 
 /* ---- value parsers: return NULL, or what is wrong in `what` ------------- */
@@ -605,6 +717,8 @@ static const char *parse_into(sc_config *c, const sc_opt *o, const char *v,
         }
         if (o->type == T_TOKEN && check_token(v, "token", what, wl))
             return what;
+        if (o->type == T_URL && *v && check_conninfo(v, what, wl))
+            return what;
         /* A quick check only: PostgreSQL prepares the query at start-up
          * and says precisely what does not fit. */
         if (o->type == T_SQL && *v && !strstr(v, "$1")) {
@@ -641,9 +755,15 @@ static int apply(load_ctx *x, const sc_opt *o, const char *value,
                  sc_source from, const char *where)
 {
     char what[512];
-    if (parse_into(x->c, o, value, what, sizeof what))
+    if (parse_into(x->c, o, value, what, sizeof what)) {
+        /* the T_URL and T_TOKEN messages never quote the value; the
+         * others do, unless it may hold a password */
+        if (o->type != T_URL && o->type != T_TOKEN && looks_secret(value))
+            snprintf(what, sizeof what, "invalid value <not shown: it looks "
+                     "like a database URL or password>");
         return fail(x, EX_CONFIG, "outboxd: config: %s: %s: %s", where,
                     o->name, what);
+    }
     int i = opt_index(o);
     x->c->from[i] = (unsigned char)from;
     snprintf(x->where[i], WHERE_MAX, "%s", where);
@@ -677,11 +797,13 @@ static int file_line(load_ctx *x, const char *path, unsigned lineno, char *line)
     /* "quoted" values keep '#' and spaces; after the closing quote, or in
      * an unquoted value, a '#' after whitespace starts a comment */
     char *rest = v;
+    char shown[300];
     if (*v == '"') {
         char *q = strchr(v + 1, '"');
         if (!q)
-            return fail(x, EX_CONFIG, "outboxd: config: %s: %.*s: missing "
-                        "closing quote", where, (int)(kend - k), k);
+            return fail(x, EX_CONFIG, "outboxd: config: %s: %s: missing "
+                        "closing quote", where,
+                        plain(k, (size_t)(kend - k), shown, sizeof shown));
         rest = q + 1;
     }
     vend = rest + strlen(rest);
@@ -693,8 +815,9 @@ static int file_line(load_ctx *x, const char *path, unsigned lineno, char *line)
     trim(&v, &vend);
     if (*v == '"') {
         if (vend != rest)
-            return fail(x, EX_CONFIG, "outboxd: config: %s: %.*s: text after "
-                        "the closing quote", where, (int)(kend - k), k);
+            return fail(x, EX_CONFIG, "outboxd: config: %s: %s: text after "
+                        "the closing quote", where,
+                        plain(k, (size_t)(kend - k), shown, sizeof shown));
         v++;
         vend--;
     }
@@ -703,7 +826,7 @@ static int file_line(load_ctx *x, const char *path, unsigned lineno, char *line)
     const sc_opt *o = find_opt(k, strlen(k), false);
     if (!o)
         return fail(x, EX_CONFIG, "outboxd: config: %s: %s: unknown option",
-                    where, k);
+                    where, plain(k, strlen(k), shown, sizeof shown));
     return apply(x, o, v, SC_FROM_FILE, where);
 }
 
@@ -824,9 +947,13 @@ static int scan_flag(load_ctx *x, int argc, char **argv, int *i,
     }
     const sc_opt *o = find_opt(a, n, true);
     bool is_config = n == 6 && strncmp(a, "config", 6) == 0;
-    if (!o && !is_config)
-        return fail(x, EX_USAGE, "outboxd: unknown option --%.*s (see "
-                    "outboxd --help)", (int)n, a);
+    if (!o && !is_config) {
+        char shown[300];
+        plain(a, n, shown, sizeof shown);
+        return fail(x, EX_USAGE, "outboxd: unknown option %s%s (see "
+                    "outboxd --help)", strncmp(shown, "<not shown", 10) ? "--" : "",
+                    shown);
+    }
     const char *v = eq ? eq + 1 : NULL;
     const char *next = *i + 1 < argc ? argv[*i + 1] : NULL;
     if (!v && o && o->type == T_BOOL) {
@@ -854,6 +981,7 @@ static int scan_flag(load_ctx *x, int argc, char **argv, int *i,
  * *have: 0 none yet, 1 a command, 2 `db` waiting for its subcommand. */
 static int scan_command(load_ctx *x, const char *a, int *have)
 {
+    char shown[300];
     if (*have == 2) {
         *have = 1;
         if (strcmp(a, "migrate") == 0)
@@ -861,13 +989,14 @@ static int scan_command(load_ctx *x, const char *a, int *have)
         else if (strcmp(a, "status") == 0)
             x->c->command = SC_CMD_DB_STATUS;
         else
-            return fail(x, EX_USAGE, "outboxd: unknown db command \"%s\" "
-                        "(db commands: migrate, status)", a);
+            return fail(x, EX_USAGE, "outboxd: unknown db command %s "
+                        "(db commands: migrate, status)",
+                        quoted(a, strlen(a), shown, sizeof shown));
         return 0;
     }
     if (*have)
-        return fail(x, EX_USAGE, "outboxd: unexpected argument \"%s\" (see "
-                    "outboxd --help)", a);
+        return fail(x, EX_USAGE, "outboxd: unexpected argument %s (see "
+                    "outboxd --help)", quoted(a, strlen(a), shown, sizeof shown));
     *have = 1;
     if (strcmp(a, "run") == 0)
         x->c->command = SC_CMD_RUN;
@@ -876,8 +1005,8 @@ static int scan_command(load_ctx *x, const char *a, int *have)
     else if (strcmp(a, "db") == 0)
         *have = 2;
     else
-        return fail(x, EX_USAGE, "outboxd: unknown command \"%s\" (commands: "
-                    "run, config, db)", a);
+        return fail(x, EX_USAGE, "outboxd: unknown command %s (commands: "
+                    "run, config, db)", quoted(a, strlen(a), shown, sizeof shown));
     return 0;
 }
 
@@ -900,8 +1029,9 @@ static int scan_args(load_ctx *x, int argc, char **argv, flag_val *fv,
             x->c->command = SC_CMD_HELP;
             rc = -1;
         } else if (a[0] == '-') {
+            char shown[300];
             rc = fail(x, EX_USAGE, "outboxd: unknown option %s (see outboxd "
-                      "--help)", a);
+                      "--help)", plain(a, strlen(a), shown, sizeof shown));
         } else {
             rc = scan_command(x, a, &have_cmd);
         }
@@ -1232,4 +1362,30 @@ void sc_config_wipe(sc_config *c)
         a[i] = 0;
     for (size_t i = 0; i < sizeof c->database_url; i++)
         u[i] = 0;
+}
+
+void sc_config_hide_secrets(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++) {
+        char *a = argv[i];
+        if (strncmp(a, "--", 2) != 0 || !a[2])
+            continue;
+        char *eq = strchr(a + 2, '=');
+        size_t n = eq ? (size_t)(eq - a - 2) : strlen(a + 2);
+        const sc_opt *o = find_opt(a + 2, n, true);
+        if (!o)
+            continue;
+        /* where the value is, as scan_flag finds it */
+        const char *next = i + 1 < argc ? argv[i + 1] : NULL;
+        char *v = NULL;
+        if (eq)
+            v = eq + 1;
+        else if (o->type == T_BOOL && looks_bool(next))
+            i++;                 /* "--relay true": not a command */
+        else if (o->type != T_BOOL && next && strncmp(next, "--", 2) != 0)
+            v = argv[++i];       /* "--token VALUE" */
+        if (o->secret && v)
+            for (; *v; v++)
+                *(volatile char *)v = '*';
+    }
 }

@@ -161,4 +161,13 @@ const char *sc_config_from(const sc_config *c, const char *name);
  * freeing or exiting. */
 void sc_config_wipe(sc_config *c);
 
+/* Overwrite, in place, the values of secret flags in argv (--token,
+ * --database-url: "--token=VALUE" or "--token VALUE", read the way
+ * sc_config_load reads them) with '*' of the same length, so that
+ * /proc/PID/cmdline (ps, top: readable by every user) no longer shows
+ * them.  Call after sc_config_load, which copied them.  There is a moment
+ * between exec and this call when they are visible: prefer the environment
+ * or a file for secrets. */
+void sc_config_hide_secrets(int argc, char **argv);
+
 #endif /* SC_CONFIG_H */

@@ -46,6 +46,12 @@
  *      (pending transactions and timers stay in the log; unpersisted group
  *      progress means redelivery).
  *   4. exit 0 (70 when the store's final flush failed).
+ *   During a PostgreSQL outage, step 3 waits for what is inside libpq: the
+ *   relay and each check in flight finish the connect they are in (at
+ *   most db_connect_timeout) before their component closes, so the exit
+ *   may come up to about twice db_connect_timeout after the grace; a
+ *   refused connect costs nothing, and the relay's backoff sleep is woken
+ *   by its close (test_daemon_pg: server stopped, server hung).
  * Nothing acknowledged depends on step 3 in SYNC mode: a 2xx is only sent
  * after fdatasync, so SIGKILL at any moment loses nothing acknowledged.
  * The relay deletes a row only after the store fdatasync'ed it, and finds
@@ -475,6 +481,10 @@ static void render_db_metrics(void *ctx, FILE *out)
                 "(rows stay in the table and are retried).\n"
                 "# TYPE outboxd_relay_errors_total counter\n"
                 "outboxd_relay_errors_total %llu\n"
+                "# HELP outboxd_relay_lookups_total Rows looked up in the "
+                "store because an unfinished batch may have stored them.\n"
+                "# TYPE outboxd_relay_lookups_total counter\n"
+                "outboxd_relay_lookups_total %llu\n"
                 "# HELP outboxd_relay_lag_seconds Age of the newest row of the "
                 "last batch when it was stored.\n"
                 "# TYPE outboxd_relay_lag_seconds gauge\n"
@@ -485,6 +495,7 @@ static void render_db_metrics(void *ctx, FILE *out)
                 (unsigned long long)st.rows_rejected,
                 (unsigned long long)st.batches,
                 (unsigned long long)st.errors,
+                (unsigned long long)st.lookups,
                 st.lag_ms > 0 ? (double)st.lag_ms / 1000 : 0.0);
     }
 }

@@ -44,7 +44,8 @@ static int db(const sc_config *cfg)
     const char *what = cfg->command == SC_CMD_DB_MIGRATE ? "migrate" : "status";
     if (!cfg->db_configured) {
         fprintf(stderr, "outboxd: db %s: no database configured (set "
-                "database_url or DATABASE_URL)\n", what);
+                "database_url or DATABASE_URL, or PGHOST, PGDATABASE or "
+                "PGSERVICE)\n", what);
         return EX_CONFIG;
     }
     char err[2048] = "";
@@ -72,6 +73,8 @@ int main(int argc, char **argv)
         return EX_SOFTWARE;
     }
     int rc = sc_config_load(cfg, argc, argv, environ, err, sizeof err);
+    /* ps and /proc/PID/cmdline show argv to every user */
+    sc_config_hide_secrets(argc, argv);
     if (rc != 0) {
         fprintf(stderr, "%s\n", err);
     } else {

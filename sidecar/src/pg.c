@@ -9,13 +9,30 @@
  * connect_timeout), tcp_user_timeout, application_name, and
  * `options=-c statement_timeout=N`, which holds from the first query on.
  * (An `options` value in the URL is therefore replaced.)
+ *
+ * Messages.  libpq quotes a malformed URL whole in some of its messages
+ * ("end of string reached when looking for matching "]" ... in URI:
+ * "postgresql://u:pw@[::1/db""), password included.  Every message built
+ * here therefore has the password of the conninfo (as typed in a URL, and
+ * as libpq parsed it) replaced by "***" before it leaves this file.  A
+ * conninfo libpq cannot parse is REFUSED: configuration, not an outage.
+ *
+ * Notices.  libpq's default notice processor prints the server's NOTICE and
+ * WARNING lines on stderr, which is outboxd's JSON log (and a custom query
+ * may RAISE text that quotes its input): connections drop them.  Notices
+ * sent during the connection start-up itself (before PQconnectdbParams
+ * returns) still take libpq's default path; libpq offers no hook there
+ * short of re-implementing its connect loop and multi-host fail-over.
  */
 #define _GNU_SOURCE
 #include "pg.h"
 
+#include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 void sc_pg_opts_init(sc_pg_opts *o)
 {
@@ -66,6 +83,106 @@ void sc_pg_describe(PGconn *c, char *out, size_t cap)
              user && *user ? user : "?");
 }
 
+/* Replace every occurrence of `secret` in s[cap] by "***" (cut at cap;
+ * when out of memory the whole message goes rather than the secret
+ * staying). */
+static void mask(char *s, size_t cap, const char *secret)
+{
+    size_t sl = secret ? strlen(secret) : 0;
+    if (!sl || !cap || !strstr(s, secret)) return;
+    char *out = malloc(cap);
+    if (!out) {
+        snprintf(s, cap, "(message withheld: out of memory)");
+        return;
+    }
+    size_t o = 0;
+    for (const char *p = s; *p && o + 1 < cap;) {
+        if (strncmp(p, secret, sl) == 0) {
+            for (int k = 0; k < 3 && o + 1 < cap; k++) out[o++] = '*';
+            p += sl;
+        } else {
+            out[o++] = *p++;
+        }
+    }
+    out[o] = '\0';
+    memcpy(s, out, o + 1);
+    free(out);
+}
+
+/* The password as written in a postgresql:// URL (still %-encoded): what
+ * libpq echoes when it cannot parse the URL.  Same rule as libpq's parser:
+ * the user info runs to the first '@' before any '/'. */
+static void url_password(const char *ci, char *out, size_t cap)
+{
+    out[0] = '\0';
+    const char *p = strstr(ci, "://");
+    if (!p || !(strncmp(ci, "postgresql://", 13) == 0
+                || strncmp(ci, "postgres://", 11) == 0))
+        return;
+    p += 3;
+    const char *at = p;
+    while (*at && *at != '@' && *at != '/') at++;
+    if (*at != '@') return;
+    const char *colon = memchr(p, ':', (size_t)(at - p));
+    if (!colon) return;
+    size_t n = (size_t)(at - colon - 1);
+    if (n >= cap) n = cap - 1;
+    memcpy(out, colon + 1, n);
+    out[n] = '\0';
+}
+
+/* The password in a key=value conninfo libpq could not parse: the value
+ * after "password", "=" (quoted or up to a blank). */
+static void kv_password(const char *ci, char *out, size_t cap)
+{
+    out[0] = '\0';
+    const char *p = strstr(ci, "password");
+    if (!p) return;
+    p += 8;
+    while (*p == ' ' || *p == '\t') p++;
+    if (*p == '=') p++;
+    while (*p == ' ' || *p == '\t') p++;
+    if (*p == '\'') p++;
+    size_t n = 0;
+    while (p[n] && p[n] != '\'' && p[n] != ' ' && p[n] != '\t' && n + 1 < cap) n++;
+    memcpy(out, p, n);
+    out[n] = '\0';
+}
+
+/* Take every form of the conninfo's password out of msg[cap].  Sets
+ * *parse_failed when libpq cannot parse the conninfo at all. */
+static void redact(const char *ci, char *msg, size_t cap, bool *parse_failed)
+{
+    char pw[512];
+    *parse_failed = false;
+    if (!ci || !ci[0]) return;
+    /* libpq's own test (recognized_connection_string): anything else is
+     * a plain database name, which cannot fail to parse. */
+    bool is_url = strncmp(ci, "postgresql://", 13) == 0
+                  || strncmp(ci, "postgres://", 11) == 0;
+    bool is_conninfo = is_url || strchr(ci, '=');
+    char *perr = NULL;
+    PQconninfoOption *opts = is_conninfo ? PQconninfoParse(ci, &perr) : NULL;
+    PQfreemem(perr);
+    if (opts) {
+        /* Parsed: libpq's messages quote values, never the whole string. */
+        for (PQconninfoOption *o = opts; o->keyword; o++)
+            if (strcmp(o->keyword, "password") == 0 && o->val)
+                mask(msg, cap, o->val);
+        PQconninfoFree(opts);
+        return;
+    }
+    if (!is_conninfo) return;
+    /* Unparsable: the message may quote it as written. */
+    *parse_failed = true;
+    if (is_url)
+        url_password(ci, pw, sizeof pw);
+    else
+        kv_password(ci, pw, sizeof pw);
+    mask(msg, cap, pw);
+    explicit_bzero(pw, sizeof pw);
+}
+
 /* The server answered and refused us, as opposed to never answering.
  * libpq has no SQLSTATE for connection failures, so this reads its
  * message; the phrases are PostgreSQL's own (FATAL messages from the
@@ -88,11 +205,21 @@ static bool refused_by_server(const char *msg)
         "invalid URI",
         "missing \"=\"",
         "invalid integer value",
+        "invalid port number",
         "invalid sslmode",
     };
     for (size_t i = 0; i < sizeof said_no / sizeof said_no[0]; i++)
         if (strstr(msg, said_no[i])) return true;
-    return false;
+    /* libpq checking the options before it contacts any server: "invalid
+     * target_session_attrs value: ...", "invalid port number: ...". */
+    return strncmp(msg, "invalid ", 8) == 0 || strncmp(msg, "could not match ", 16) == 0;
+}
+
+/* Server notices go nowhere (see the top of the file). */
+static void quiet(void *arg, const char *message)
+{
+    (void)arg;
+    (void)message;
 }
 
 PGconn *sc_pg_connect(const sc_pg_opts *o, sc_pg_fail *fail, char *err,
@@ -158,16 +285,83 @@ PGconn *sc_pg_connect(const sc_pg_opts *o, sc_pg_fail *fail, char *err,
         return NULL;
     }
     if (PQstatus(c) != CONNECTION_OK) {
-        char where[300], why[512];
+        char where[300], why[1024];
         sc_pg_describe(c, where, sizeof where);
         snprintf(why, sizeof why, "%s", PQerrorMessage(c));
         sc_pg_one_line(why);
-        *fail = refused_by_server(why) ? SC_PG_REFUSED : SC_PG_UNREACHABLE;
+        bool unparsable;
+        redact(o->conninfo, why, sizeof why, &unparsable);
+        *fail = unparsable || refused_by_server(why) ? SC_PG_REFUSED
+                                                     : SC_PG_UNREACHABLE;
         snprintf(err, errlen, "cannot connect to PostgreSQL at %s: %s", where, why);
         PQfinish(c);
         return NULL;
     }
+    PQsetNoticeProcessor(c, quiet, NULL);
     return c;
+}
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static bool failed(const PGresult *r)
+{
+    ExecStatusType st = PQresultStatus(r);
+    return st == PGRES_FATAL_ERROR || st == PGRES_BAD_RESPONSE
+           || st == PGRES_NONFATAL_ERROR;
+}
+
+PGresult *sc_pg_wait_result(PGconn *c, int64_t timeout_ms, bool *timed_out)
+{
+    bool dummy;
+    if (!timed_out) timed_out = &dummy;
+    *timed_out = false;
+    int64_t deadline = timeout_ms > 0 ? mono_ms() + timeout_ms : 0;
+    PGresult *keep = NULL;
+    for (;;) {
+        /* Read until libpq has a whole result; PQgetResult would block. */
+        while (PQisBusy(c)) {
+            int fd = PQsocket(c);
+            if (fd < 0) break;          /* gone: PQgetResult says so */
+            int wait = -1;
+            if (deadline) {
+                int64_t left = deadline - mono_ms();
+                if (left <= 0) {
+                    *timed_out = true;
+                    PQclear(keep);
+                    return NULL;
+                }
+                wait = left > INT32_MAX ? INT32_MAX : (int)left;
+            }
+            struct pollfd p = { .fd = fd, .events = POLLIN };
+            int n = poll(&p, 1, wait);
+            if (n < 0 && errno != EINTR) {
+                /* Cannot wait (ENOMEM...): give up as at the deadline
+                 * rather than block in PQgetResult. */
+                *timed_out = true;
+                PQclear(keep);
+                return NULL;
+            }
+            if (n > 0 && !PQconsumeInput(c)) break;   /* lost: as above */
+        }
+        PGresult *r = PQgetResult(c);
+        if (!r) break;
+        /* The first failure is the one that says why (a server's FATAL
+         * comes before libpq's own "server closed the connection"). */
+        if (!keep) {
+            keep = r;
+        } else if (failed(keep)) {
+            PQclear(r);
+        } else {
+            PQclear(keep);
+            keep = r;
+        }
+    }
+    return keep;
 }
 
 sc_pg_fail sc_pg_result_fail(PGconn *c, const PGresult *res)
@@ -200,9 +394,11 @@ int64_t sc_pg_backoff_ms(const sc_pg_opts *o, unsigned failures, double jitter)
     int64_t lo = o->backoff_min_ms > 0 ? o->backoff_min_ms : 100;
     int64_t hi = o->backoff_max_ms > lo ? o->backoff_max_ms : lo;
     int64_t cap = lo;
-    for (unsigned i = 0; i < failures && cap < hi; i++) cap *= 2;
+    /* Doubling stops at hi, and never past INT64_MAX for a huge hi. */
+    for (unsigned i = 0; i < failures && cap < hi; i++)
+        cap = cap > hi / 2 ? hi : cap * 2;
     if (cap > hi) cap = hi;
-    if (jitter < 0) jitter = 0;
+    if (!(jitter >= 0)) jitter = 0;          /* also NaN */
     if (jitter >= 1) jitter = 0.999999;
     /* Full jitter over [lo, cap]: many replicas restarting together spread
      * their reconnects instead of arriving as one wave. */

@@ -7,16 +7,24 @@
  * environment variables (PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD,
  * PGSERVICE, PGSSLMODE, ...).  A password file's first line, when one is
  * given, is passed as the password and overrides any other.  Every
- * connection gets TCP keepalives and a TCP user timeout (a dead server is
- * noticed within about connect_timeout), `application_name`, and
- * `statement_timeout`; messages never include the password (libpq's
- * messages do not; ours print only host, port, database and user).
+ * connection gets TCP keepalives and a TCP user timeout (a dead host or
+ * network is noticed within about connect_timeout; a server process that
+ * stops answering while its kernel still ACKs is not: bound such waits
+ * with sc_pg_wait_result), `application_name`, and
+ * `statement_timeout`; messages never include the password (ours print
+ * only host, port, database and user, and the conninfo's password is
+ * masked in libpq's, which quote a malformed URL whole).  Server notices
+ * (NOTICE, WARNING) are dropped instead of going to stderr.
  *
  * Failure classes (sc_pg_fail) decide what callers do:
  *   SC_PG_UNREACHABLE  connection refused, timeout, server shutting down or
  *                      starting up, connection lost: retry with backoff
  *   SC_PG_REFUSED      the server answered and said no: bad password,
- *                      unknown role or database, pg_hba rejection.  At
+ *                      unknown role or database, pg_hba rejection; or the
+ *                      conninfo itself is malformed or has an invalid
+ *                      option value, or the password file cannot be read.
+ *                      (A host name that does not resolve is UNREACHABLE:
+ *                      DNS may not be ready yet in a starting pod.)  At
  *                      start-up this is a configuration error (exit 78);
  *                      later it is retried like UNREACHABLE (a DBA may be
  *                      rotating the password).
@@ -61,6 +69,21 @@ void sc_pg_opts_init(sc_pg_opts *o);
  * (one line, no password). */
 PGconn *sc_pg_connect(const sc_pg_opts *o, sc_pg_fail *fail, char *err,
                       size_t errlen);
+
+/* Wait at most timeout_ms (<= 0: no limit) for the outcome of the one
+ * command sent on c with PQsend* (PQsendQueryPrepared, PQsendPrepare,
+ * PQsendDescribePrepared, ...), reading every result it produces.  Returns
+ * the first failed result if there was one, else the last result; NULL
+ * with *timed_out set when the deadline passed first.  A connection that
+ * timed out has the command still in flight: the caller must PQfinish it.
+ * NULL without *timed_out only when libpq returned no result at all (then
+ * PQerrorMessage(c) says why; treat it as a lost connection).
+ *
+ * This is what bounds a query when the server stops answering without the
+ * network noticing (a stopped or wedged backend whose kernel still ACKs,
+ * so neither keepalives nor tcp_user_timeout fire, and statement_timeout
+ * runs in the very process that is stuck). */
+PGresult *sc_pg_wait_result(PGconn *c, int64_t timeout_ms, bool *timed_out);
 
 /* The class of a failed query result (NULL res: look at the connection):
  * connection-level trouble is UNREACHABLE, anything else is SC_PG_OK with

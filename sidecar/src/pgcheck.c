@@ -16,22 +16,51 @@
  *   connected  >  disconnected and free to connect  >  in backoff
  *
  * so healthy connections are reused (the lowest first: the others connect
- * only under concurrency), and a slot in backoff is taken only when nothing
- * better is free, in which case the check answers ERROR at once rather than
- * queueing behind a dead server.
+ * only under concurrency).  A slot in backoff is taken only when nothing
+ * better is free and no busy slot holds a live connection (the server is
+ * down as far as we know); the check then answers ERROR at once rather than
+ * queueing behind a dead server.  While some busy slot's connection is
+ * live, a check waits for it instead: one refused or lost connection must
+ * not turn checks into ERRORs while the server answers on another.
+ * Waiting is a loop on the condition variable with an absolute deadline
+ * (spurious wake-ups just pick again); a release signals one waiter, or all
+ * of them when the released slot went down (they may now take a slot in
+ * backoff), and close() wakes all.
  *
  * Per slot:
  *
  *            connect ok (prepare ok)            query ok / query error /
  *   EMPTY ───────────────────────────► READY ◄─ statement_timeout
  *     ▲  │ connect failed                │
- *     │  ▼                               │ connection-class failure
- *   BACKOFF (failures+1, next attempt    │ (PQfinish)
- *     │      after sc_pg_backoff_ms) ◄───┘ (backoff with failures = 0)
+ *     │  ▼                               │ connection-class failure, or
+ *   BACKOFF (failures+1, next attempt    │ no answer by the deadline
+ *     │      after sc_pg_backoff_ms) ◄───┘ (PQfinish; backoff with
+ *     │                                     failures = 0)
  *     └── time passes: the next check that takes the slot connects
  *
  * A connect of a slot that had failed before (a failed connect or a lost
  * connection) counts as a reconnect; a slot's first connect does not.
+ *
+ * Lost while idle.  A connection can die between checks (pg_terminate_
+ * backend, idle_session_timeout, a pooler or firewall dropping idle
+ * sessions, a server restart).  The check that finds out on a connection it
+ * did not open itself reconnects and asks once more at once (a check only
+ * reads, so asking twice is harmless); if that reconnect fails, or the
+ * fresh connection fails too, it answers ERROR and the slot backs off.  Not
+ * after a timeout: a server that does not answer gets no second wait.
+ *
+ * DEADLINES
+ * =========
+ * Every round trip (prepare, describe, the check) is sent with PQsend* and
+ * awaited with sc_pg_wait_result for at most query_ms = statement_timeout +
+ * connect_timeout.  statement_timeout alone cannot bound a check: it runs
+ * in the server process, and a backend that is stopped or wedged (or a host
+ * that froze while its kernel still ACKs) never cancels anything, while
+ * the TCP connection looks healthy to keepalives and tcp_user_timeout.  At
+ * the deadline the connection is dropped (the command is still in flight on
+ * it) and the check answers ERROR, counted in stats.timeouts.  So a check
+ * takes at most about connect_timeout (connect) + 2 x query_ms (prepare,
+ * query), twice when it reconnects after a loss; close() waits for that.
  *
  * VALIDATION
  * ==========
@@ -44,6 +73,11 @@
  * validated again once per backoff_max_ms (a pod may start before its
  * migration job has created the schema), and logged again each time it
  * still does not fit.  Once valid, each new connection only prepares.
+ * Checks that come while the query is known not to fit answer ERROR
+ * without taking a slot (also those that were waiting for one when it was
+ * found), so a revalidation costs one connection per period, and it is
+ * logged once per period even when concurrent checks found it at the same
+ * time.
  *
  * A prepared statement that vanished (26000: a pooler's DISCARD ALL) or
  * whose result type changed under it (0A000: "cached plan must not change
@@ -55,8 +89,11 @@
  * Outage-type trouble (connect failures, lost connections, query errors,
  * timeouts, garbage answers, pool exhaustion) is logged at warn, at most
  * one line per kind per 10 s by the instance's clock; the line says how
- * many were suppressed since the last one.  txids appear only at debug
- * level (and are masked in the server's error text).  The password is never
+ * many were suppressed since the last one.  txids are order ids, possibly
+ * personal data: they appear only at debug level; in the server's error
+ * text and in a garbage answer quoted at warn every occurrence is replaced
+ * by "<txid>" (on the whole text, before it is shortened or put on one
+ * line, so no cut or folded piece of one survives).  The password is never
  * in any message (see pg.h).
  *
  * Locks: one mutex `mu` guards the slots' busy flags, the slots' fields of
@@ -115,6 +152,7 @@ struct sc_pgcheck {
     sc_log *log;
     brk_checker checker;
     int64_t wait_ms;         /* longest wait for a free slot */
+    int64_t query_ms;        /* longest wait for one round trip */
     _Atomic uint64_t rng;    /* splitmix64 state: jitter draws */
 
     pthread_mutex_t mu;
@@ -153,35 +191,49 @@ static double jitter(sc_pgcheck *c)
     return (double)(z >> 11) * (1.0 / 9007199254740992.0);
 }
 
-/* "SQLSTATE: message" of a failed result, on one line, with every
- * occurrence of the txid (the server quotes input it could not convert)
- * replaced by "<txid>". */
-static void result_why(const PGresult *r, const char *txid, char *out,
-                       size_t cap)
+/* in[0..n) into out[cap] with every occurrence of txid replaced by
+ * "<txid>", cut to `keep` bytes of output (then "..." follows).  The whole
+ * input is scanned, so a txid that straddles the cut is still caught. */
+static void mask_txid(const char *in, size_t n, const char *txid, char *out,
+                      size_t cap, size_t keep)
+{
+    size_t o = 0, tl = txid ? strlen(txid) : 0;
+    if (keep + 4 > cap) keep = cap > 4 ? cap - 4 : 0;
+    bool cut = false;
+    for (size_t i = 0; i < n;) {
+        if (o >= keep) {
+            cut = true;
+            break;
+        }
+        if (tl && n - i >= tl && memcmp(in + i, txid, tl) == 0) {
+            static const char ph[] = "<txid>";
+            for (size_t k = 0; k < sizeof ph - 1 && o < keep; k++) out[o++] = ph[k];
+            i += tl;
+        } else {
+            out[o++] = in[i++];
+        }
+    }
+    if (cut) {
+        memcpy(out + o, "...", 3);
+        o += 3;
+    }
+    out[o] = '\0';
+}
+
+/* "SQLSTATE: message" of a failed result (or, with no result, libpq's
+ * reason on the connection), on one line, the txid masked. */
+static void result_why(PGconn *conn, const PGresult *r, const char *txid,
+                       char *out, size_t cap)
 {
     const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
     const char *prim = r ? PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY) : NULL;
-    char msg[512];
-    if (prim)
-        snprintf(msg, sizeof msg, "%s", prim);
-    else if (r && PQresultErrorMessage(r)[0])
-        snprintf(msg, sizeof msg, "%s", PQresultErrorMessage(r));
-    else
-        snprintf(msg, sizeof msg, "no result (out of memory or connection lost)");
-    sc_pg_one_line(msg);
+    const char *msg = prim;
+    if (!msg && r && PQresultErrorMessage(r)[0]) msg = PQresultErrorMessage(r);
+    if (!msg && conn && PQerrorMessage(conn)[0]) msg = PQerrorMessage(conn);
+    if (!msg) msg = "no result (out of memory or connection lost)";
     char red[512];
-    size_t o = 0, tl = txid ? strlen(txid) : 0;
-    for (const char *p = msg; *p && o + 1 < sizeof red;) {
-        if (tl && strncmp(p, txid, tl) == 0) {
-            int k = snprintf(red + o, sizeof red - o, "<txid>");
-            if (k < 0 || (size_t)k >= sizeof red - o) break;
-            o += (size_t)k;
-            p += tl;
-        } else {
-            red[o++] = *p++;
-        }
-    }
-    red[o] = '\0';
+    mask_txid(msg, strlen(msg), txid, red, sizeof red, 400);
+    sc_pg_one_line(red);
     if (state)
         snprintf(out, cap, "%s: %s", state, red);
     else
@@ -253,9 +305,25 @@ static void log_limited(sc_pgcheck *c, int kind, api_log_level lvl,
 typedef enum pv_result {
     PV_OK = 0,
     PV_CONN,                 /* the connection failed: retry later */
+    PV_TIMEOUT,              /* no answer by the deadline: drop it */
     PV_INVALID,              /* the query does not fit (configuration) */
     PV_FAIL                  /* a known-good query did not prepare now */
 } pv_result;
+
+/* Wait for what `sent` (a PQsend* return) asked, by the query deadline. */
+static PGresult *await(sc_pgcheck *c, PGconn *conn, int sent, bool *timed_out)
+{
+    *timed_out = false;
+    if (!sent) return NULL;      /* libpq says why in PQerrorMessage */
+    return sc_pg_wait_result(conn, c->query_ms, timed_out);
+}
+
+static void no_answer_why(sc_pgcheck *c, char *why, size_t cap)
+{
+    snprintf(why, cap, "no answer within %lld ms (statement_timeout + "
+             "connect_timeout): the server or the network stopped responding",
+             (long long)c->query_ms);
+}
 
 /* Prepare the query on conn and, when `validate`, describe it and check
  * its shape.  On failure why[] says what is wrong, in the words of the
@@ -263,11 +331,17 @@ typedef enum pv_result {
 static pv_result prepare_query(sc_pgcheck *c, PGconn *conn, bool validate,
                                char *why, size_t cap)
 {
-    PGresult *r = PQprepare(conn, STMT_NAME, c->query, 0, NULL);
+    bool timed_out;
+    PGresult *r = await(c, conn, PQsendPrepare(conn, STMT_NAME, c->query, 0, NULL),
+                        &timed_out);
+    if (timed_out) {
+        no_answer_why(c, why, cap);
+        return PV_TIMEOUT;
+    }
     if (!r || PQresultStatus(r) != PGRES_COMMAND_OK) {
         pv_result pv;
         char detail[600];
-        result_why(r, NULL, detail, sizeof detail);
+        result_why(conn, r, NULL, detail, sizeof detail);
         const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
         if (sc_pg_result_fail(conn, r) != SC_PG_OK) {
             pv = PV_CONN;
@@ -295,10 +369,14 @@ static pv_result prepare_query(sc_pgcheck *c, PGconn *conn, bool validate,
     PQclear(r);
     if (!validate) return PV_OK;
 
-    PGresult *d = PQdescribePrepared(conn, STMT_NAME);
+    PGresult *d = await(c, conn, PQsendDescribePrepared(conn, STMT_NAME), &timed_out);
+    if (timed_out) {
+        no_answer_why(c, why, cap);
+        return PV_TIMEOUT;
+    }
     if (!d || PQresultStatus(d) != PGRES_COMMAND_OK) {
         char detail[600];
-        result_why(d, NULL, detail, sizeof detail);
+        result_why(conn, d, NULL, detail, sizeof detail);
         pv_result pv = sc_pg_result_fail(conn, d) != SC_PG_OK ? PV_CONN : PV_INVALID;
         snprintf(why, cap, "%s%s", pv == PV_INVALID
                  ? "check_query: cannot be described: " : "", detail);
@@ -369,18 +447,25 @@ static void slot_break(sc_pgcheck *c, pc_slot *s)
  * validation, one backoff_max_ms from now. */
 static void mark_invalid(sc_pgcheck *c, const char *why)
 {
+    int64_t now = mono_ns(c);
     pthread_mutex_lock(&c->mu);
-    c->valid = -1;
-    c->revalidate_ns = mono_ns(c) + sc_pg_backoff_ms(&c->pg, 64, 0.999) * 1000000;
-    snprintf(c->invalid_why, sizeof c->invalid_why, "%s", why);
+    /* A concurrent check may have found the same a moment ago: one line
+     * and one period for both. */
+    bool news = !(c->valid == -1 && now < c->revalidate_ns);
+    if (news) {
+        c->valid = -1;
+        c->revalidate_ns = now + sc_pg_backoff_ms(&c->pg, 64, 0.999) * 1000000;
+        snprintf(c->invalid_why, sizeof c->invalid_why, "%s", why);
+    }
     pthread_mutex_unlock(&c->mu);
-    if (c->log)
+    if (news && c->log)
         sc_log_kv(c->log, API_LOG_ERROR, "check-back query does not fit; every "
                   "check-back answers ERROR until it does", "why", why, NULL);
 }
 
-/* Connect the held slot s (not in backoff); slot_prepare follows.  False
- * (and the slot in backoff) when the connect failed. */
+/* Connect the held slot s (past its backoff, or the one retry after a
+ * loss); slot_prepare follows.  False (and the slot in backoff) when the
+ * connect failed. */
 static bool slot_connect(sc_pgcheck *c, pc_slot *s, pc_delta *d)
 {
     char why[600];
@@ -407,13 +492,42 @@ static bool slot_connect(sc_pgcheck *c, pc_slot *s, pc_delta *d)
     return true;
 }
 
-/* Prepare on the held, connected slot s.  False when it cannot answer now
- * (the slot is broken, or the query does not fit). */
-static bool slot_prepare(sc_pgcheck *c, pc_slot *s)
+/* What a step on a held slot came to. */
+typedef enum step {
+    STEP_OK = 0,
+    STEP_NO,                 /* cannot answer now (ERROR), nothing to retry */
+    STEP_LOST                /* the connection died (not a timeout): the
+                                slot is broken, a fresh one may answer */
+} step;
+
+/* Log a lost connection and break the slot. */
+static step lost(sc_pgcheck *c, pc_slot *s, const char *why)
+{
+    slot_break(c, s);
+    log_limited(c, LK_LOST, API_LOG_WARN, "lost the database connection; "
+                "reconnecting (check-backs answer ERROR while it is down)", why);
+    return STEP_LOST;
+}
+
+/* Drop the slot's connection after a round trip got no answer by the
+ * deadline (it is still in flight on that connection). */
+static void no_answer(sc_pgcheck *c, pc_slot *s, pc_delta *d, const char *why)
+{
+    d->timeouts++;
+    slot_break(c, s);
+    log_limited(c, LK_TIMEOUT, API_LOG_WARN, "the database gave no answer in "
+                "time; dropped the connection, answering ERROR (retried)", why);
+}
+
+/* Prepare on the held, connected slot s. */
+static step slot_prepare(sc_pgcheck *c, pc_slot *s, pc_delta *d)
 {
     pthread_mutex_lock(&c->mu);
     bool validate = c->valid != 1;
+    /* Found not to fit by a concurrent check just now: not again. */
+    bool known_bad = c->valid == -1 && mono_ns(c) < c->revalidate_ns;
     pthread_mutex_unlock(&c->mu);
+    if (known_bad) return STEP_NO;
     char why[700];
     pv_result pv = prepare_query(c, s->conn, validate, why, sizeof why);
     switch (pv) {
@@ -428,23 +542,23 @@ static bool slot_prepare(sc_pgcheck *c, pc_slot *s)
         }
         if (was_invalid && c->log)
             sc_log_kv(c->log, API_LOG_INFO, "check-back query fits now", NULL);
-        return true;
+        return STEP_OK;
     }
     case PV_CONN:
-        slot_break(c, s);
-        log_limited(c, LK_LOST, API_LOG_WARN, "lost the database connection; "
-                    "check-backs answer ERROR and are retried", why);
-        return false;
+        return lost(c, s, why);
+    case PV_TIMEOUT:
+        no_answer(c, s, d, why);
+        return STEP_NO;
     case PV_INVALID:
         mark_invalid(c, why);
         PQfinish(s->conn);
         s->conn = NULL;
-        return false;
+        return STEP_NO;
     case PV_FAIL:
     default:
         log_limited(c, LK_QUERY, API_LOG_WARN, "check-back query failed; "
                     "answering ERROR (retried)", why);
-        return false;
+        return STEP_NO;
     }
 }
 
@@ -456,9 +570,13 @@ static pc_slot *pick(sc_pgcheck *c, int64_t now)
 {
     pc_slot *best = NULL;
     int best_score = 0;
+    bool live_busy = false;
     for (unsigned i = 0; i < c->nslots; i++) {
         pc_slot *s = &c->slots[i];
-        if (s->busy) continue;
+        if (s->busy) {
+            live_busy |= s->up;
+            continue;
+        }
         int score = s->conn ? 3 : now >= s->retry_at_ns ? 2 : 1;
         if (score > best_score) {
             best = s;
@@ -466,6 +584,8 @@ static pc_slot *pick(sc_pgcheck *c, int64_t now)
             if (score == 3) break;
         }
     }
+    /* In backoff: only when no connection is known to work. */
+    if (best_score == 1 && live_busy) return NULL;
     return best;
 }
 
@@ -498,16 +618,25 @@ static brk_check_result map_answer(const char *v, size_t n)
     return BRK_CHECK_ERROR;
 }
 
-/* Ask the database on the held, ready slot s. */
+/* Ask the database on the held, ready slot s; *st says whether the
+ * connection died under it. */
 static brk_check_result run_query(sc_pgcheck *c, pc_slot *s, const char *txid,
-                                  pc_delta *d)
+                                  pc_delta *d, step *st)
 {
+    *st = STEP_OK;
     const char *vals[1] = { txid };
-    PGresult *r = PQexecPrepared(s->conn, STMT_NAME, 1, vals, NULL, NULL, 0);
+    bool timed_out;
+    PGresult *r = await(c, s->conn, PQsendQueryPrepared(s->conn, STMT_NAME, 1,
+                                                        vals, NULL, NULL, 0),
+                        &timed_out);
     d->queries++;
     brk_check_result res = BRK_CHECK_ERROR;
     char why[700];
-    if (r && PQresultStatus(r) == PGRES_TUPLES_OK) {
+    if (timed_out) {
+        no_answer_why(c, why, sizeof why);
+        no_answer(c, s, d, why);
+        *st = STEP_NO;
+    } else if (r && PQresultStatus(r) == PGRES_TUPLES_OK) {
         int rows = PQntuples(r);
         if (rows == 0) {
             res = BRK_CHECK_UNKNOWN;
@@ -523,19 +652,20 @@ static brk_check_result run_query(sc_pgcheck *c, pc_slot *s, const char *txid,
             size_t n = (size_t)PQgetlength(r, 0, 0);
             res = map_answer(v, n);
             if (res == BRK_CHECK_ERROR) {
-                snprintf(why, sizeof why, "answer '%.64s%s' is none of commit, "
-                         "committed, rollback, rolled_back, pending", v,
-                         n > 64 ? "..." : "");
+                /* The answer may quote the txid (a query answering with
+                 * the order's own fields). */
+                char shown[128];
+                mask_txid(v, n, txid, shown, sizeof shown, 64);
+                snprintf(why, sizeof why, "answer '%s' is none of commit, "
+                         "committed, rollback, rolled_back, pending", shown);
                 log_limited(c, LK_ANSWER, API_LOG_WARN, "check-back query answered "
                             "nonsense; answering ERROR", why);
             }
         }
     } else {
-        result_why(r, txid, why, sizeof why);
+        result_why(s->conn, r, txid, why, sizeof why);
         if (sc_pg_result_fail(s->conn, r) != SC_PG_OK) {
-            slot_break(c, s);
-            log_limited(c, LK_LOST, API_LOG_WARN, "lost the database connection; "
-                        "check-backs answer ERROR and are retried", why);
+            *st = lost(c, s, why);
         } else if (sc_pg_is_timeout(r)) {
             d->timeouts++;
             log_limited(c, LK_TIMEOUT, API_LOG_WARN, "check-back query hit "
@@ -564,44 +694,84 @@ static const char *answer_name(brk_check_result r)
     }
 }
 
+/* Whether the query is known not to fit and not yet due to be validated
+ * again.  Under mu. */
+static bool known_invalid(sc_pgcheck *c)
+{
+    return c->valid < 0 && mono_ns(c) < c->revalidate_ns;
+}
+
+/* Take a slot for a check (marked busy), or NULL: *invalid when the query
+ * is known not to fit, *pool_timeout when none came free in time, neither
+ * when closing.  Under mu. */
+static pc_slot *acquire(sc_pgcheck *c, bool *invalid, bool *pool_timeout)
+{
+    *invalid = *pool_timeout = false;
+    struct timespec dl;
+    deadline_after(&dl, c->wait_ms);
+    bool last_try = false;
+    for (;;) {
+        if (c->closing) return NULL;
+        /* Also after a wait: the query may have been found not to fit
+         * meanwhile. */
+        if (known_invalid(c)) {
+            *invalid = true;
+            return NULL;
+        }
+        pc_slot *s = pick(c, mono_ns(c));
+        if (s) {
+            s->busy = true;
+            return s;
+        }
+        if (last_try) {
+            *pool_timeout = true;
+            return NULL;
+        }
+        /* Spurious wake-ups and lost races just go round again. */
+        if (pthread_cond_timedwait(&c->slot_free, &c->mu, &dl) == ETIMEDOUT)
+            last_try = true;
+    }
+}
+
+/* Connect (when the slot has no connection), prepare, ask; after a loss
+ * on a connection this check did not open, once more on a fresh one (see
+ * "Lost while idle"). */
+static brk_check_result ask_on(sc_pgcheck *c, pc_slot *s, const char *txid,
+                               pc_delta *d)
+{
+    bool fresh = false;      /* this check opened the slot's connection */
+    bool retry = false;      /* the one retry after a loss */
+    for (;;) {
+        if (!s->conn) {
+            /* In backoff: answer at once, the server was just found dead.
+             * The retry after a loss connects at once. */
+            if (!retry && mono_ns(c) < s->retry_at_ns) return BRK_CHECK_ERROR;
+            if (!slot_connect(c, s, d)) return BRK_CHECK_ERROR;
+            fresh = true;
+        }
+        step st = STEP_OK;
+        if (!s->prepared) st = slot_prepare(c, s, d);
+        brk_check_result res = BRK_CHECK_ERROR;
+        if (st == STEP_OK) res = run_query(c, s, txid, d, &st);
+        if (st != STEP_LOST || fresh) return res;
+        retry = true;
+    }
+}
+
 static brk_check_result pc_check(void *ctx, const brk_check_req *req)
 {
     sc_pgcheck *c = ctx;
     pc_delta d = { 0 };
     brk_check_result res = BRK_CHECK_ERROR;
-    pc_slot *s = NULL;
-    bool pool_timeout = false;
+    bool invalid, pool_timeout;
 
-    bool invalid = false;
     pthread_mutex_lock(&c->mu);
     c->users++;
-    /* An invalid query answers ERROR without asking, except for the checks
-     * that come when it is due to be validated again. */
-    if (c->valid < 0 && mono_ns(c) < c->revalidate_ns) {
-        invalid = true;
-    } else if (!c->closing) {
-        struct timespec dl;
-        deadline_after(&dl, c->wait_ms);
-        while (!c->closing && !(s = pick(c, mono_ns(c)))) {
-            if (pthread_cond_timedwait(&c->slot_free, &c->mu, &dl) == ETIMEDOUT) {
-                if (!c->closing) s = pick(c, mono_ns(c));
-                pool_timeout = !s;
-                break;
-            }
-        }
-        if (c->closing) s = NULL;
-        if (s) s->busy = true;
-    }
+    pc_slot *s = acquire(c, &invalid, &pool_timeout);
     pthread_mutex_unlock(&c->mu);
 
     if (s) {
-        bool ready = true;
-        if (!s->conn) {
-            /* In backoff: answer at once, the server was just found dead. */
-            ready = mono_ns(c) >= s->retry_at_ns && slot_connect(c, s, &d);
-        }
-        if (ready && !s->prepared) ready = slot_prepare(c, s);
-        if (ready) res = run_query(c, s, req->txid, &d);
+        res = ask_on(c, s, req->txid, &d);
     } else if (invalid) {
         char why[1100];
         pthread_mutex_lock(&c->mu);
@@ -624,13 +794,16 @@ static brk_check_result pc_check(void *ctx, const brk_check_req *req)
     pthread_mutex_lock(&c->mu);
     if (s) {
         bool up = s->conn != NULL;
+        bool went_down = s->up && !up;
         if (up != s->up) {
             if (up) c->st.connected++;
             else c->st.connected--;
             s->up = up;
         }
         s->busy = false;
-        pthread_cond_signal(&c->slot_free);
+        /* Went down: every waiter may now take a slot in backoff (pick). */
+        if (went_down) pthread_cond_broadcast(&c->slot_free);
+        else pthread_cond_signal(&c->slot_free);
     }
     c->st.queries += d.queries;
     c->st.timeouts += d.timeouts;
@@ -705,8 +878,10 @@ int sc_pgcheck_open(sc_pgcheck **out, const sc_pgcheck_opts *o, char *err,
     c->pg.clock = c->clock;
     c->log = o->log;
     c->nslots = pool;
-    c->wait_ms = o->pg.statement_timeout_ms > 0 ? o->pg.statement_timeout_ms
-               : o->pg.connect_timeout_ms > 0 ? o->pg.connect_timeout_ms : 5000;
+    int64_t cto = o->pg.connect_timeout_ms > 0 ? o->pg.connect_timeout_ms : 5000;
+    int64_t sto = o->pg.statement_timeout_ms > 0 ? o->pg.statement_timeout_ms : 0;
+    c->wait_ms = sto > 0 ? sto : cto;
+    c->query_ms = sto + cto;
     c->checker.check = pc_check;
     c->checker.ctx = c;
     c->st.pool_size = pool;

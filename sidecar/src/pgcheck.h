@@ -25,10 +25,20 @@
  *
  * Pool: `pool_size` connections, each with the query prepared once
  * (statement "outboxd_check").  A check takes a free connection, waiting at
- * most statement_timeout for one; a connection that failed is reconnected
- * by the next check that takes it, after its backoff (exponential with
- * jitter, sc_pg_backoff_ms): until then checks answer ERROR at once
- * instead of queueing behind a dead server.
+ * most statement_timeout (connect_timeout when there is none) for one; a
+ * connection that failed is reconnected by the next check that takes it,
+ * after its backoff (exponential with jitter, sc_pg_backoff_ms): until then
+ * checks answer ERROR at once instead of queueing behind a dead server
+ * (unless another connection is alive and merely busy: then they wait for
+ * it).  A connection found dead by the check using it (terminated while
+ * idle, server restarted) is replaced at once and the query asked again,
+ * once.
+ *
+ * Deadline: every round trip waits at most statement_timeout +
+ * connect_timeout for its answer, also when the server process is stopped
+ * or the network went silent (which neither statement_timeout nor TCP
+ * keepalives notice); then the connection is dropped and the check answers
+ * ERROR.
  *
  * Start-up (sc_pgcheck_open) connects one connection and prepares and
  * describes the query: exactly one parameter and one column of a text type
@@ -72,7 +82,10 @@ void sc_pgcheck_opts_init(sc_pgcheck_opts *o);
 int sc_pgcheck_open(sc_pgcheck **out, const sc_pgcheck_opts *o, char *err,
                     size_t errlen);
 
-/* Waits for checks in flight.  NULL is a no-op. */
+/* Wakes checks waiting for a connection (they answer ERROR), waits for
+ * checks in flight (each ends by its deadlines, see above), then frees
+ * everything.  No check may start after close begins (broker_core's
+ * workers must be stopped first: brk_txn_close).  NULL is a no-op. */
 void sc_pgcheck_close(sc_pgcheck *c);
 
 /* The checker for brk_txn_opts.checker; valid until close. */
@@ -81,7 +94,9 @@ const brk_checker *sc_pgcheck_checker(sc_pgcheck *c);
 typedef struct sc_pgcheck_stats {
     uint64_t queries;                /* queries sent */
     uint64_t answers[5];             /* by brk_check_result (index 1..4) */
-    uint64_t timeouts;               /* statement_timeout hits */
+    uint64_t timeouts;               /* statement_timeout hits, and round
+                                        trips with no answer by the
+                                        deadline (connection dropped) */
     uint64_t connect_failures;
     uint64_t reconnects;             /* successful connects after the first */
     unsigned connected;              /* healthy connections now */

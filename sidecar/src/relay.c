@@ -2,6 +2,8 @@
  * relay.c - the outbox relay: rows of outbox.messages into the store (see
  * relay.h for the contract and sql/migrations/0001_outbox.sql for why
  * taking visible rows in id order loses nothing and keeps per-key order).
+ * How a row becomes a message is in relay_row.c; markers are read and
+ * written by relay_marker.c.
  *
  * The relay thread (or, with no_thread, each sc_relay_run_once call) moves
  * through these states; `conn` is its one PostgreSQL session:
@@ -14,6 +16,9 @@
  *        |
  *   STANDBY --try_lead: pg_try_advisory_lock true, LISTEN--> LEADER
  *        \-- false: wait poll_interval, try again (never blocks the leader)
+ *   LEADER --step_down: STEP_DOWN_AFTER store failures in a row: unlock,
+ *        UNLISTEN--> STANDBY (tries again after the store backoff), so a
+ *        replica whose store works is not kept standing by
  *
  *   LEADER: run_batch, then
  *     - full batch: the next at once;
@@ -28,63 +33,77 @@
  *     A store error that may pass (FULL, NOSPC, IO, FAILED) rolls the
  *     batch back and waits a backoff before the next.
  *
- * A batch: BEGIN; SELECT the oldest `batch` rows (binary results); per row
- * find out whether the store has it already, else convert and append it
+ * A batch: BEGIN; SELECT the oldest `batch` rows (binary results); append
+ * one marker (below) to "__relay"; per row find out whether the store
+ * has it already (only for candidates, below), else convert and append it
  * (defer_sync), or keep a row the store refuses for good in
  * "__relay_rejected"; brk_store_flush (the DELETE is the acknowledgement,
  * so the rows must be durable first, in ASYNC mode too); DELETE the rows;
- * COMMIT.  Statistics change only once COMMIT has succeeded.
+ * while there are candidates, ask whether any is left; COMMIT.  Row
+ * statistics change only once COMMIT has succeeded.  A batch that fails
+ * after appending is flushed all the same: lookups see what readers see
+ * (in SYNC mode, durable records), and a retry must find those rows.
  *
- * Which rows are looked up.  brk_store_lookup scans every segment's id index
- * (store.h: "not for per-message hot paths"), so looking up every row would
- * make each row cost O(store size).  Only rows that can be in the store are
- * looked up.  A row is in the store without being deleted only if a relay on
- * this store appended it and its batch did not commit:
- *   - by this relay, in a batch that failed after appending (or whose
- *     COMMIT outcome is unknown): its rows all have ids <= the batch's
- *     largest id;
- *   - by an earlier relay on this store (before a crash, or closed after a
- *     failed batch): it appended only rows it had read, that is committed
- *     rows, and those not deleted since are all visible to our first
- *     session, so their ids are <= max(id) as read then.
- * `lookup_below` holds the largest such bound.  A row with a greater id was
- * not visible when the relay started and was never in a failed batch, so
- * it is appended without a lookup.  Lookups are thus limited to the backlog
- * found at start and to rows of failed batches (and late commits with ids
- * below those bounds).
+ * Duplicates, bounded.  A row is in the store without being deleted only
+ * if a relay on this store appended it in a batch that did not commit (or
+ * whose COMMIT outcome is unknown: the session died).  Such rows are the
+ * only ones looked up, by msg_id and only among records from where they
+ * could have been written on (brk_store_lookup_since), so a restart with
+ * a backlog costs lookups for one batch, not backlog x store size.
  *
- * Mapping (relay.h): headers, a JSON object of strings, are checked with the
- * HTTP API's rules (names 1..255 printable ASCII bytes, string values of at
- * most 65535 bytes) and encoded as properties; body (jsonb) is parsed with
- * jansson and dumped compactly with the same flags and real precision rule
- * as the HTTP API, so the stored bytes equal what POST .../messages stores
- * for the same JSON value (jsonb orders object keys by length, then bytes,
- * and drops duplicates; what it gives is what is compacted).  jsonb prints
- * every number in plain decimal (1e20 as 100000000000000000000), see
- * widen_numbers for integers beyond 64 bits.  A body or headers the HTTP
- * API would refuse is refused here too.
+ *   Marker.  Before appending a batch's rows the relay appends one record
+ *   to SC_RELAY_MARKER_TOPIC, "__relay" (1 queue, internal, defer_sync: it
+ *   becomes durable with the rows' flush).  The log survives a crash as
+ *   a prefix, so if any row of the batch is in the store, its marker is
+ *   too.  The body is SC_RELAY_MARKER_LEN (48) bytes, little-endian:
  *
- * Rejected rows go to "__relay_rejected" with the row's msg_id, key, tag,
- * born time and body (the compact JSON when there is one, else the raw
- * text or bytes), and properties "reason", "topic" (the row's topic) and
- * "headers" (the row's headers as JSON text, so nothing is lost and no user
- * header can collide with ours).  When even that is refused (a body over
- * the store's limit), the body and headers are left out and "dropped" says
- * so.  Because the copy carries the row's msg_id, a retried batch finds it
- * like any stored row.
+ *     0   u8[4]  "ORM1"     magic and version
+ *     4   u32    flags      bit 0: the carried range below is set; other
+ *                           bits 0 (a marker with others is ignored)
+ *     8   i64    lo         smallest row id of the batch
+ *     16  i64    hi         largest row id of the batch
+ *     24  i64    cand_lo    carried candidates: ids cand_lo..cand_hi,
+ *     32  i64    cand_hi      whose copies are at log offsets >=
+ *     40  u64    cand_since   cand_since (0, 0, 0 when bit 0 is clear)
  *
- * Threads: `mu` guards `st` (the statistics) only.  Everything else that
- * changes is touched by one thread: the relay thread, or with no_thread
- * the caller of sc_relay_run_once.  `stop` is atomic; the wake fd is an
- * eventfd written by sc_relay_wake and sc_relay_close from any thread.
+ *   Candidates.  `cand` = {lo, hi, since} or none: rows with lo <= id <= hi
+ *   may be stored, at log offsets >= since.  The first batch after open
+ *   reads the LAST marker: cand = its batch range (since = the marker's
+ *   own log offset) joined with the range it carried.  A batch that fails
+ *   after its marker was appended joins its range to cand (since = the
+ *   lower of the two).  A batch that commits while cand is set asks, in
+ *   its transaction after the DELETE, `EXISTS (id BETWEEN lo AND hi)`;
+ *   false clears cand (a row that commits with such an id later was never
+ *   visible before, so no relay can have stored it).  Each marker carries
+ *   the cand of its time, so a restart after several failed batches still
+ *   knows them all.  Rows outside cand are appended without a lookup.
+ *
+ *   No marker: a new store, one written before markers existed, or one
+ *   whose markers retention removed.  Retention removes only segments
+ *   older than the retention time and never the newest, so the last
+ *   marker is gone only if no batch ran on this store for that long; an
+ *   unfinished batch then means the process crashed at least that long
+ *   ago and no relay ran on this store since (a relay that had would have
+ *   settled it, or carried it in its own markers).  cand is none: at worst
+ *   a row is stored twice with the same msg_id, which at-least-once
+ *   delivery allows (consumers de-duplicate by msg_id).
+ *
+ * Close: the thread finishes the batch in hand; one that is still blocked
+ * in PostgreSQL after CLOSE_GRACE_MS (a lock held by an application, a
+ * hung server) is cancelled (PQcancel), so it rolls back: its rows stay,
+ * and its marker makes the next relay on this store look them up.
+ *
+ * Threads: `mu` guards `st` (the statistics) and `cancel_mu` the cancel
+ * handle (used by sc_relay_close).  Everything else that changes is
+ * touched by one thread: the relay thread, or with no_thread the caller of
+ * sc_relay_run_once.  `stop` and `thread_done` are atomic; the wake fd is
+ * an eventfd written by sc_relay_wake and sc_relay_close from any thread.
  */
 #define _GNU_SOURCE
 #include "relay.h"
 
 #include <errno.h>
 #include <inttypes.h>
-#include <jansson.h>
-#include <math.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -93,25 +112,19 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
-#include "broker/uuid.h"
+#include "relay_marker.h"
+#include "relay_row.h"
 
 /* ---- SQL ------------------------------------------------------------------ */
 
 #define STMT_SELECT "sc_relay_select"
 #define STMT_DELETE "sc_relay_delete"
 #define STMT_LOCK   "sc_relay_lock"
-#define STMT_MAXID  "sc_relay_maxid"
-
-/* Result columns of SQL_SELECT, read in binary. */
-enum { C_ID, C_MSGID, C_TOPIC, C_KEY, C_TAG, C_HEADERS, C_BODY, C_BYTES,
-       C_CREATED, C_COUNT };
-
-static const char SQL_SELECT[] =
-    "SELECT id, msg_id, topic, key, tag, headers::text, body::text,"
-    " body_bytes, floor(extract(epoch FROM created_at) * 1000)::bigint"
-    " FROM outbox.messages ORDER BY id LIMIT $1";
+#define STMT_CAND   "sc_relay_cand"
+#define STMT_UNLOCK "sc_relay_unlock"
 
 static const char SQL_DELETE[] =
     "DELETE FROM outbox.messages WHERE id = ANY($1::bigint[])";
@@ -121,8 +134,13 @@ static const char SQL_LOCK[] =
     "SELECT pg_try_advisory_lock(1869707362, 0)";
 _Static_assert(SC_RELAY_LOCK_CLASS == 1869707362, "SQL_LOCK names the class");
 
-static const char SQL_MAXID[] =
-    "SELECT coalesce(max(id), 0) FROM outbox.messages";
+static const char SQL_UNLOCK[] =
+    "SELECT pg_advisory_unlock(1869707362, 0)";
+
+/* Is any candidate row still there?  An index range probe. */
+static const char SQL_CAND[] =
+    "SELECT EXISTS (SELECT 1 FROM outbox.messages"
+    " WHERE id BETWEEN $1::bigint AND $2::bigint)";
 
 /* Catalog lookups rather than to_regclass or has_table_privilege on a name:
  * those raise errors for a missing schema or one we may not use, and this
@@ -152,6 +170,17 @@ static const char SQL_CHECK[] =
  * woken runs at once: this adds latency only when rows keep coming. */
 #define GATHER_MS 20
 
+/* How long close lets the batch in hand finish before cancelling it, and
+ * how often it repeats the cancel (one sent between two statements finds
+ * nothing to cancel). */
+#define CLOSE_GRACE_MS  2000
+#define CLOSE_CANCEL_MS 250
+
+/* A leader whose store refused this many batches in a row steps down
+ * (see step_down). */
+#define STEP_DOWN_AFTER 3
+
+
 struct sc_relay {
     /* Set by open, read-only afterwards. */
     sc_pg_opts pg;              /* strings point at the copies below */
@@ -171,9 +200,12 @@ struct sc_relay {
     PGconn *conn;               /* NULL: DISCONNECTED */
     bool leader;                /* holds the advisory lock */
     bool listening;             /* LISTEN is in effect on the session */
-    bool have_floor;            /* lookup_below includes max(id) at start */
-    int64_t lookup_below;       /* rows with id <= this may be stored */
-    int64_t inflight_max;       /* largest id of the batch in hand, 0 none */
+    bool markers_ready;         /* MARKER_TOPIC exists, last marker read */
+    sc_relay_cand cand;         /* see the top */
+    bool b_marked;              /* the batch in hand appended its marker */
+    int64_t b_lo, b_hi;         /* ... its id range */
+    uint64_t b_marker;          /* ... the marker's log offset */
+    uint32_t fail_commit;       /* opts.fail_before_commit_test left */
     unsigned pg_failures;       /* consecutive; backoff exponent */
     unsigned store_failures;    /* consecutive; backoff exponent */
     int64_t connect_at;         /* mono ms: next connection attempt */
@@ -194,6 +226,10 @@ struct sc_relay {
     pthread_t thread;
     bool thread_started;
     atomic_bool stop;
+    atomic_bool thread_done;    /* relay_main returned */
+
+    pthread_mutex_t cancel_mu;  /* guards cancel; never held with mu */
+    PGcancel *cancel;           /* conn's cancel handle, NULL without conn */
 
     pthread_mutex_t mu;         /* guards st */
     sc_relay_stats st;
@@ -275,13 +311,6 @@ static void pg_message(PGconn *c, const PGresult *res, char *out, size_t cap)
     sc_pg_one_line(out);
 }
 
-static int64_t ld_be64(const char *p)
-{
-    uint64_t v = 0;
-    for (int i = 0; i < 8; i++) v = (v << 8) | (uint8_t)p[i];
-    return (int64_t)v;
-}
-
 /* A statement with no parameters and nothing from outside in it (BEGIN,
  * COMMIT, LISTEN ...), through the extended protocol like the rest. */
 static PGresult *exec_fixed(PGconn *c, const char *sql)
@@ -298,23 +327,47 @@ static bool exec_ok(PGconn *c, const char *sql, char *why, size_t cap)
     return ok;
 }
 
-/* ---- sessions -------------------------------------------------------------- */
-
-/* A batch failed after its rows were read: some may be stored and not
- * deleted, and all have ids <= inflight_max (see the top). */
-static void suspect_inflight(sc_relay *r)
+static void add_lookup(sc_relay *r)
 {
-    if (r->inflight_max > r->lookup_below) r->lookup_below = r->inflight_max;
-    r->inflight_max = 0;
+    pthread_mutex_lock(&r->mu);
+    r->st.lookups++;
+    pthread_mutex_unlock(&r->mu);
 }
+
+static void set_cancel(sc_relay *r, PGcancel *c)
+{
+    pthread_mutex_lock(&r->cancel_mu);
+    if (r->cancel) PQfreeCancel(r->cancel);
+    r->cancel = c;
+    pthread_mutex_unlock(&r->cancel_mu);
+}
+
+/* ---- candidates ------------------------------------------------------------ */
+
+/* The batch in hand did not commit, or may not have: if it appended
+ * anything, its rows are candidates from now on.  Flushed first, so that
+ * lookups (which see what readers see) find what it appended; a flush
+ * that fails leaves the store failed, refusing appends until reopened,
+ * and its marker tells the next relay. */
+static void batch_failed(sc_relay *r)
+{
+    if (!r->b_marked) return;
+    r->b_marked = false;
+    (void)brk_store_flush(r->store);
+    sc_relay_cand_add(&r->cand, r->b_lo, r->b_hi, r->b_marker);
+}
+
+/* ---- sessions -------------------------------------------------------------- */
 
 /* Close the session (releasing leadership) after a PostgreSQL failure and
  * schedule the next attempt with backoff. */
 static void drop_session(sc_relay *r, const char *why)
 {
-    suspect_inflight(r);
+    batch_failed(r);
+    bool stopping = atomic_load(&r->stop), had = r->conn != NULL;
     if (r->conn) {
-        if (r->leader)
+        set_cancel(r, NULL);
+        if (r->leader && !stopping)
             sc_log_kv(r->log, API_LOG_WARN, "relay lost its PostgreSQL "
                       "session; leadership released", "error", why, NULL);
         PQfinish(r->conn);
@@ -328,6 +381,13 @@ static void drop_session(sc_relay *r, const char *why)
     int64_t now = mono_ms(r);
     r->connect_at = now + sc_pg_backoff_ms(&r->pg, r->pg_failures, jitter(r));
     if (r->pg_failures < 64) r->pg_failures++;
+    if (stopping) {
+        if (had)
+            sc_log_kv(r->log, API_LOG_INFO, "relay stopped in the middle of "
+                      "a batch; its rows stay in PostgreSQL", "error", why,
+                      NULL);
+        return;
+    }
     /* The first failure and then every WARN_EVERY_MS while it lasts. */
     if (!r->was_down || now - r->pg_warned_at >= WARN_EVERY_MS) {
         sc_log_kv(r->log, API_LOG_WARN, r->was_down
@@ -412,31 +472,18 @@ static int session_open(sc_relay *r, sc_pg_fail *fail, char *err,
     PGconn *c = sc_pg_connect(&r->pg, fail, err, errlen);
     if (!c) return -1;
     int rc = check_schema(c, err, errlen);
-    if (rc == 0) rc = prepare(c, STMT_SELECT, SQL_SELECT, 1, err, errlen);
+    if (rc == 0)
+        rc = prepare(c, STMT_SELECT, SC_RELAY_SQL_SELECT, 1, err, errlen);
     if (rc == 0) rc = prepare(c, STMT_DELETE, SQL_DELETE, 1, err, errlen);
     if (rc == 0) rc = prepare(c, STMT_LOCK, SQL_LOCK, 0, err, errlen);
-    if (rc == 0) rc = prepare(c, STMT_MAXID, SQL_MAXID, 0, err, errlen);
-    if (rc == 0 && !r->have_floor) {
-        /* Rows an earlier relay on this store may have stored without
-         * deleting are visible now: look those up (see the top). */
-        PGresult *res = PQexecPrepared(c, STMT_MAXID, 0, NULL, NULL, NULL, 0);
-        if (res && PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1) {
-            long long m = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
-            if (m > r->lookup_below) r->lookup_below = m;
-            r->have_floor = true;
-        } else {
-            char why[256];
-            pg_message(c, res, why, sizeof why);
-            fmt(err, errlen, "reading the newest outbox row: %s", why);
-            rc = -1;
-        }
-        PQclear(res);
-    }
+    if (rc == 0) rc = prepare(c, STMT_CAND, SQL_CAND, 2, err, errlen);
+    if (rc == 0) rc = prepare(c, STMT_UNLOCK, SQL_UNLOCK, 0, err, errlen);
     if (rc != 0) {
         PQfinish(c);
         return rc;
     }
     r->conn = c;
+    set_cancel(r, PQgetCancel(c));      /* NULL (no memory): not cancellable */
     r->leader = false;
     r->standby_logged = false;
     r->pg_failures = 0;
@@ -482,8 +529,9 @@ static int try_lead(sc_relay *r)
     r->leader = true;
     r->listening = true;
     set_state(r, true, true);
-    sc_log_kv(r->log, API_LOG_INFO, "relay is the leader: relaying "
-              "outbox.messages", NULL);
+    if (r->store_failures < STEP_DOWN_AFTER)   /* not after each step-down */
+        sc_log_kv(r->log, API_LOG_INFO, "relay is the leader: relaying "
+                  "outbox.messages", NULL);
     return 1;
 }
 
@@ -522,406 +570,6 @@ static bool drain_notifies(sc_relay *r, uint64_t *got)
     return true;
 }
 
-/* ---- rows into messages ------------------------------------------------------- */
-
-typedef struct row {
-    int64_t id;
-    const uint8_t *msg_id;      /* 16 bytes */
-    const char *topic;          /* NUL-terminated */
-    brk_bytes key, tag;
-    const char *headers;        /* JSON text or NULL */
-    size_t headers_len;
-    const char *body;           /* JSON text (json) or bytes */
-    size_t body_len;
-    bool json;
-    int64_t created_ms;
-} row;
-
-/* What a row becomes. */
-typedef struct conv {
-    size_t props_len;           /* in r->props */
-    char *text;                 /* compact JSON body (free()), or NULL */
-    size_t text_len;
-} conv;
-
-/* Read row i of a binary SELECT result.  False when its shape is not what
- * SQL_SELECT returns (a changed table). */
-static bool read_row(const PGresult *res, int i, row *w)
-{
-    memset(w, 0, sizeof *w);
-    if (PQgetlength(res, i, C_ID) != 8 || PQgetlength(res, i, C_MSGID) != 16
-        || PQgetlength(res, i, C_CREATED) != 8 || PQgetisnull(res, i, C_TOPIC))
-        return false;
-    w->id = ld_be64(PQgetvalue(res, i, C_ID));
-    w->msg_id = (const uint8_t *)PQgetvalue(res, i, C_MSGID);
-    w->topic = PQgetvalue(res, i, C_TOPIC);
-    if (!PQgetisnull(res, i, C_KEY))
-        w->key = (brk_bytes){ PQgetvalue(res, i, C_KEY),
-                              (size_t)PQgetlength(res, i, C_KEY) };
-    if (!PQgetisnull(res, i, C_TAG))
-        w->tag = (brk_bytes){ PQgetvalue(res, i, C_TAG),
-                              (size_t)PQgetlength(res, i, C_TAG) };
-    if (!PQgetisnull(res, i, C_HEADERS)) {
-        w->headers = PQgetvalue(res, i, C_HEADERS);
-        w->headers_len = (size_t)PQgetlength(res, i, C_HEADERS);
-    }
-    if (!PQgetisnull(res, i, C_BODY)) {
-        w->json = true;
-        w->body = PQgetvalue(res, i, C_BODY);
-        w->body_len = (size_t)PQgetlength(res, i, C_BODY);
-    } else if (!PQgetisnull(res, i, C_BYTES)) {
-        w->body = PQgetvalue(res, i, C_BYTES);
-        w->body_len = (size_t)PQgetlength(res, i, C_BYTES);
-    } else {
-        return false;           /* the table's CHECK forbids it */
-    }
-    w->created_ms = ld_be64(PQgetvalue(res, i, C_CREATED));
-    return true;
-}
-
-/* jansson's parse flags of the HTTP API for request text. */
-#define LOAD_FLAGS (JSON_DECODE_ANY | JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL)
-
-static brk_status rejected(char *reason, size_t cap, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static brk_status rejected(char *reason, size_t cap, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(reason, cap, fmt, ap);
-    va_end(ap);
-    return BRK_INVAL;
-}
-
-/* Same header-name rule as the HTTP API. */
-static bool header_name_ok(const char *k, size_t n)
-{
-    if (n < 1 || n > 255) return false;
-    for (size_t i = 0; i < n; i++)
-        if ((unsigned char)k[i] < 0x21 || (unsigned char)k[i] > 0x7e)
-            return false;
-    return true;
-}
-
-/* Headers (JSON object text) -> r->props.  BRK_INVAL with a reason for
- * what the HTTP API would refuse too; BRK_NOMEM. */
-static brk_status convert_headers(sc_relay *r, const row *w, size_t *len,
-                                  char *reason, size_t cap)
-{
-    *len = 0;
-    if (!w->headers) return BRK_OK;
-    json_error_t je;
-    json_t *h = json_loadb(w->headers, w->headers_len, LOAD_FLAGS, &je);
-    if (!h)
-        return json_error_code(&je) == json_error_out_of_memory
-                   ? BRK_NOMEM
-                   : rejected(reason, cap, "headers are not JSON: %s", je.text);
-    brk_status st = BRK_OK;
-    brk_prop *pp = NULL;
-    size_t n = json_is_object(h) ? json_object_size(h) : 0;
-    if (!json_is_object(h))
-        st = rejected(reason, cap, "headers are not a JSON object");
-    else if (n > BRK_PROPS_MAX / 5)
-        st = rejected(reason, cap, "headers are larger than %u bytes encoded",
-                      (unsigned)BRK_PROPS_MAX);
-    else if (n > 0 && !(pp = calloc(n, sizeof *pp)))
-        st = BRK_NOMEM;
-    size_t i = 0;
-    for (void *it = st == BRK_OK && n ? json_object_iter(h) : NULL;
-         it && st == BRK_OK; it = json_object_iter_next(h, it), i++) {
-        const char *k = json_object_iter_key(it);
-        size_t kl = json_object_iter_key_len(it);
-        json_t *v = json_object_iter_value(it);
-        if (!header_name_ok(k, kl))
-            st = rejected(reason, cap, "header name '%.64s' is not 1..255 "
-                          "printable ASCII bytes", k);
-        else if (!json_is_string(v))
-            st = rejected(reason, cap, "header '%.64s' is not a string", k);
-        else if (json_string_length(v) > 65535)
-            st = rejected(reason, cap, "header '%.64s' is longer than 65535 "
-                          "bytes", k);
-        else {
-            pp[i].key = (brk_bytes){ k, kl };
-            pp[i].value = (brk_bytes){ json_string_value(v),
-                                       json_string_length(v) };
-        }
-    }
-    if (st == BRK_OK && n > 0) {
-        st = brk_props_encode(pp, n, r->props, BRK_PROPS_MAX, len);
-        if (st == BRK_TOOBIG || st == BRK_RANGE)
-            st = rejected(reason, cap, "headers are larger than %u bytes "
-                          "encoded", (unsigned)BRK_PROPS_MAX);
-        else if (st != BRK_OK)
-            st = rejected(reason, cap, "headers are not a valid set of "
-                          "headers");
-    }
-    free(pp);
-    json_decref(h);
-    return st;
-}
-
-static bool has_real(const json_t *v)
-{
-    if (json_is_real(v)) return true;
-    if (json_is_array(v)) {
-        for (size_t i = 0; i < json_array_size(v); i++)
-            if (has_real(json_array_get(v, i))) return true;
-    } else if (json_is_object(v)) {
-        const char *k;
-        json_t *x;
-        json_object_foreach((json_t *)v, k, x)
-            if (has_real(x)) return true;
-    }
-    return false;
-}
-
-/* The HTTP API's compact text of v: JSON_COMPACT | JSON_ENCODE_ANY, reals
- * with the fewest digits (15, 16, else 17) that read back equal. */
-static char *dump_compact(const json_t *v)
-{
-    if (has_real(v)) {
-        for (int p = 15; p <= 16; p++) {
-            char *s = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY
-                                        | JSON_REAL_PRECISION(p));
-            if (!s) return NULL;
-            json_t *back = json_loads(s, JSON_DECODE_ANY | JSON_ALLOW_NUL, NULL);
-            bool same = back && json_equal(back, (json_t *)v);
-            json_decref(back);
-            if (same) return s;
-            free(s);
-        }
-    }
-    return json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY | JSON_REAL_PRECISION(17));
-}
-
-/* Whether the integer token t[n] (an optional '-', then digits) is the
- * number the HTTP API would make of it: the double nearest to it, written
- * with the fewest digits that read back (as api_json_dump does), must
- * denote the very same number.  *rep gets that text. */
-static bool int_is_exact_double(const char *t, size_t n, char *rep, size_t cap)
-{
-    char tok[340];
-    if (n >= sizeof tok) return false;      /* beyond DBL_MAX anyway */
-    memcpy(tok, t, n);
-    tok[n] = '\0';
-    double d = strtod(tok, NULL);
-    if (!isfinite(d)) return false;
-    int p;
-    for (p = 15; p <= 17; p++) {
-        snprintf(rep, cap, "%.*e", p - 1, d);
-        if (strtod(rep, NULL) == d) break;
-    }
-    /* rep is [-]D.DDDDe[+-]XX: its digits M and exponent E denote
-     * M * 10^(E - (len(M) - 1)); the token must be M followed by zeros. */
-    const char *digits = tok[0] == '-' ? tok + 1 : tok;
-    if ((tok[0] == '-') != (rep[0] == '-')) return false;
-    const char *m = rep[0] == '-' ? rep + 1 : rep;
-    char mant[24];
-    size_t ml = 0;
-    for (; *m && *m != 'e' && ml < sizeof mant - 1; m++)
-        if (*m != '.') mant[ml++] = *m;
-    mant[ml] = '\0';
-    while (ml > 1 && mant[ml - 1] == '0') mant[--ml] = '\0';
-    if (*m != 'e') return false;
-    long e = strtol(m + 1, NULL, 10);
-    size_t dl = strlen(digits);
-    if (e < 0 || (size_t)e + 1 != dl || dl < ml || memcmp(digits, mant, ml) != 0)
-        return false;
-    for (size_t i = ml; i < dl; i++)
-        if (digits[i] != '0') return false;
-    return true;
-}
-
-/* jsonb writes every number in plain decimal, so a body written as 1e20
- * comes back as 100000000000000000000, an integer jansson (and with it the
- * HTTP API) cannot hold.  Rewrite such integers as the double the HTTP API
- * makes of 1e20 when that is the same number; refuse any other (it would
- * change).  Text inside strings is copied as it is.  *out is malloc'ed. */
-static brk_status widen_numbers(const char *in, size_t len, char **out,
-                                size_t *olen, char *reason, size_t cap)
-{
-    /* A rewritten token has at least 19 digits and becomes at most 24
-     * characters: the text at most doubles. */
-    char *b = malloc(2 * len + 64);
-    if (!b) return BRK_NOMEM;
-    size_t i = 0, o = 0;
-    while (i < len) {
-        char c = in[i];
-        if (c == '"') {
-            b[o++] = in[i++];
-            while (i < len && in[i] != '"') {
-                if (in[i] == '\\' && i + 1 < len) b[o++] = in[i++];
-                b[o++] = in[i++];
-            }
-            if (i < len) b[o++] = in[i++];
-            continue;
-        }
-        if (c != '-' && (c < '0' || c > '9')) {
-            b[o++] = in[i++];
-            continue;
-        }
-        size_t s = i;
-        bool integral = true;
-        while (i < len && in[i] && strchr("-+0123456789.eE", in[i])) {
-            if (in[i] == '.' || in[i] == 'e' || in[i] == 'E') integral = false;
-            i++;
-        }
-        char tok[32];
-        bool fits = false;
-        if (integral && i - s < sizeof tok) {
-            memcpy(tok, in + s, i - s);
-            tok[i - s] = '\0';
-            errno = 0;
-            (void)strtoll(tok, NULL, 10);
-            fits = errno != ERANGE;
-        }
-        char rep[40];
-        if (!integral || fits) {
-            memcpy(b + o, in + s, i - s);
-            o += i - s;
-        } else if (int_is_exact_double(in + s, i - s, rep, sizeof rep)) {
-            memcpy(b + o, rep, strlen(rep));
-            o += strlen(rep);
-        } else {
-            free(b);
-            return rejected(reason, cap, "body holds the number %.*s%s, "
-                            "which is neither a 64-bit integer nor a double",
-                            (int)(i - s > 40 ? 40 : i - s), in + s,
-                            i - s > 40 ? "..." : "");
-        }
-    }
-    *out = b;
-    *olen = o;
-    return BRK_OK;
-}
-
-/* A row's message fields.  BRK_INVAL (reason) for what cannot be stored,
- * BRK_NOMEM. */
-static brk_status convert(sc_relay *r, const row *w, conv *c, char *reason,
-                          size_t cap)
-{
-    memset(c, 0, sizeof *c);
-    /* The body first: a row rejected for its headers keeps the compact
-     * body in its rejected copy. */
-    if (w->json) {
-        json_error_t je;
-        json_t *v = json_loadb(w->body, w->body_len, LOAD_FLAGS, &je);
-        if (!v && json_error_code(&je) == json_error_numeric_overflow) {
-            char *text = NULL;
-            size_t tlen = 0;
-            brk_status st = widen_numbers(w->body, w->body_len, &text, &tlen,
-                                          reason, cap);
-            if (st != BRK_OK) return st;
-            v = json_loadb(text, tlen, LOAD_FLAGS, &je);
-            free(text);
-        }
-        if (!v)
-            return json_error_code(&je) == json_error_out_of_memory
-                       ? BRK_NOMEM
-                       : rejected(reason, cap, "body is JSON the broker "
-                                  "cannot hold: %s", je.text);
-        c->text = dump_compact(v);
-        json_decref(v);
-        if (!c->text) return BRK_NOMEM;
-        c->text_len = strlen(c->text);  /* NULs in strings are \u0000 */
-    }
-    return convert_headers(r, w, &c->props_len, reason, cap);
-}
-
-/* Refusals that a retry cannot change. */
-static bool refused_for_good(brk_status st)
-{
-    return st == BRK_INVAL || st == BRK_TOOBIG || st == BRK_NOTFOUND
-        || st == BRK_READONLY || st == BRK_RANGE;
-}
-
-static brk_status append_row(sc_relay *r, const row *w, const conv *c,
-                             brk_append_res *res)
-{
-    brk_append_req q;
-    memset(&q, 0, sizeof q);
-    q.topic = w->topic;
-    q.queue = -1;
-    q.key = w->key;
-    q.tag = w->tag;
-    q.props = (brk_bytes){ r->props, c->props_len };
-    if (c->text) {
-        q.body = (brk_bytes){ c->text, c->text_len };
-        q.flags = BRK_RECF_BODY_JSON;
-    } else {
-        q.body = (brk_bytes){ w->body, w->body_len };
-    }
-    q.msg_id = w->msg_id;
-    q.born_ms = w->created_ms ? w->created_ms : 1;
-    q.defer_sync = true;        /* one brk_store_flush per batch */
-    return brk_store_append(r->store, &q, res);
-}
-
-/* Keep a refused row in SC_RELAY_REJECT_TOPIC (see the top).  BRK_OK, or
- * the status of a failure that may pass. */
-static brk_status reject_row(sc_relay *r, const row *w, const conv *c,
-                             const char *reason)
-{
-    char id[BRK_UUID_STR_LEN + 1];
-    brk_uuid_format(w->msg_id, id);
-    sc_log_kv(r->log, API_LOG_ERROR, "relay rejected an outbox row; kept in "
-              SC_RELAY_REJECT_TOPIC, "msg_id", id, "topic", w->topic,
-              "reason", reason, NULL);
-    brk_append_req q;
-    memset(&q, 0, sizeof q);
-    q.topic = SC_RELAY_REJECT_TOPIC;
-    q.queue = -1;
-    q.key = w->key;
-    q.tag = w->tag;
-    q.msg_id = w->msg_id;
-    q.born_ms = w->created_ms ? w->created_ms : 1;
-    q.allow_internal = true;
-    q.defer_sync = true;
-    brk_append_res res;
-    brk_status st = BRK_INVAL;
-    for (int full = 1; full >= 0; full--) {
-        brk_prop pp[3];
-        size_t n = 0;
-        pp[n].key = (brk_bytes){ "reason", 6 };
-        pp[n++].value = (brk_bytes){ reason, strlen(reason) };
-        pp[n].key = (brk_bytes){ "topic", 5 };
-        pp[n++].value = (brk_bytes){ w->topic, strlen(w->topic) };
-        if (full && w->headers) {
-            pp[n].key = (brk_bytes){ "headers", 7 };
-            pp[n++].value = (brk_bytes){ w->headers, w->headers_len };
-        } else if (!full) {
-            pp[n].key = (brk_bytes){ "dropped", 7 };
-            pp[n++].value = (brk_bytes){ "body, headers", 13 };
-        }
-        size_t len = 0;
-        st = brk_props_encode(pp, n, r->rprops, BRK_PROPS_MAX, &len);
-        if (st != BRK_OK) continue;     /* headers too long: drop them */
-        q.props = (brk_bytes){ r->rprops, len };
-        q.flags = 0;
-        if (!full)
-            q.body = (brk_bytes){ "", 0 };
-        else if (c && c->text) {
-            q.body = (brk_bytes){ c->text, c->text_len };
-            q.flags = BRK_RECF_BODY_JSON;
-        } else {
-            q.body = (brk_bytes){ w->body, w->body_len };
-        }
-        st = brk_store_append(r->store, &q, &res);
-        if (st == BRK_NOTFOUND) {
-            /* Auto-creation is off: the topic is ours to create. */
-            brk_status cs = brk_topic_create(r->store, SC_RELAY_REJECT_TOPIC, 1);
-            if (cs != BRK_OK && cs != BRK_EXISTS) return cs;
-            st = brk_store_append(r->store, &q, &res);
-        }
-        if (st == BRK_OK || !refused_for_good(st)) return st;
-    }
-    /* Even the bare record is refused: nothing more can be kept. */
-    sc_log_kv(r->log, API_LOG_ERROR, "relay could not keep a rejected row",
-              "msg_id", id, "status", brk_status_name(st), NULL);
-    return BRK_OK;
-}
-
 /* ---- a batch ------------------------------------------------------------------ */
 
 static bool ids_append(sc_relay *r, size_t *len, int64_t id)
@@ -938,6 +586,43 @@ static bool ids_append(sc_relay *r, size_t *len, int64_t id)
     return true;
 }
 
+/* The result of a failed statement in a batch: the session goes. */
+static int pg_failed(sc_relay *r, PGresult *res)
+{
+    char why[256];
+    pg_message(r->conn, res, why, sizeof why);
+    PQclear(res);
+    drop_session(r, why);
+    return -1;
+}
+
+/* LEADER -> STANDBY after STEP_DOWN_AFTER store failures in a row: the
+ * lock goes, so that a replica whose store works can take over instead of
+ * standing by for as long as this one's store refuses rows (full disk,
+ * I/O errors).  This one tries to lead again after its store backoff, and
+ * no sooner than two poll intervals, so a standby (which retries every
+ * poll interval) gets its chance; alone, it simply leads again.  False
+ * when the session failed (dropped). */
+static bool step_down(sc_relay *r)
+{
+    PGresult *res = PQexecPrepared(r->conn, STMT_UNLOCK, 0, NULL, NULL, NULL, 0);
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        pg_failed(r, res);
+        return false;
+    }
+    PQclear(res);
+    if (!set_listening(r, false)) return false;
+    r->leader = false;
+    int64_t again = mono_ms(r) + 2 * r->poll_ms;
+    r->lead_at = r->batch_at > again ? r->batch_at : again;
+    set_state(r, true, false);
+    if (r->store_failures == STEP_DOWN_AFTER)
+        sc_log_kv(r->log, API_LOG_WARN, "relay steps down: its store keeps "
+                  "refusing rows; another outboxd replica may relay them "
+                  "meanwhile", NULL);
+    return true;
+}
+
 /* A store error that may pass: roll back, back off.  Returns -2 (or -1 if
  * the rollback itself failed and the session is gone). */
 static int store_failed(sc_relay *r, brk_status st, const char *what)
@@ -947,7 +632,7 @@ static int store_failed(sc_relay *r, brk_status st, const char *what)
     fmt(why, sizeof why, "store: %s %s: %s%s%s", what,
              brk_status_name(st), brk_strerror(st), detail && *detail ? ": " : "",
              detail ? detail : "");
-    suspect_inflight(r);
+    batch_failed(r);
     int64_t now = mono_ms(r);
     r->batch_at = now + sc_pg_backoff_ms(&r->pg, r->store_failures, jitter(r));
     if (r->store_failures < 64) r->store_failures++;
@@ -962,7 +647,70 @@ static int store_failed(sc_relay *r, brk_status st, const char *what)
         return -1;
     }
     set_error(r, "%s", why);
+    if (r->store_failures >= STEP_DOWN_AFTER && !step_down(r)) return -1;
     return -2;
+}
+
+/* Inside the batch's transaction, after its DELETE: is any candidate row
+ * still in the table?  -1 on failure (session dropped). */
+static int cand_left(sc_relay *r)
+{
+    char lo[24], hi[24];
+    snprintf(lo, sizeof lo, "%" PRId64, r->cand.lo);
+    snprintf(hi, sizeof hi, "%" PRId64, r->cand.hi);
+    const char *pv[2] = { lo, hi };
+    PGresult *res = PQexecPrepared(r->conn, STMT_CAND, 2, pv, NULL, NULL, 0);
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1)
+        return pg_failed(r, res);
+    int left = PQgetvalue(res, 0, 0)[0] == 't';
+    PQclear(res);
+    return left;
+}
+
+/* One row of the batch: look it up when it is a candidate, else convert
+ * and append it, or keep it aside when refused for good.  BRK_OK (*what
+ * says which: 's'tored, 'd'uplicate, 'r'ejected), or the status of a
+ * failure that may pass (*what names the step). */
+static brk_status handle_row(sc_relay *r, const sc_relay_row *w, char *what,
+                             brk_append_res *ar)
+{
+    brk_status st;
+    if (r->cand.set && w->id >= r->cand.lo && w->id <= r->cand.hi) {
+        brk_batch *b = NULL;
+        add_lookup(r);
+        st = brk_store_lookup_since(r->store, w->msg_id, r->cand.since, &b);
+        brk_batch_free(b);
+        if (st == BRK_OK) {
+            *what = 'd';
+            return BRK_OK;
+        }
+        if (st != BRK_NOTFOUND) {
+            *what = 'l';
+            return st;
+        }
+    }
+    sc_relay_conv c;
+    char reason[300] = "";
+    *what = 'a';
+    st = sc_relay_row_convert(w, r->props, &c, reason, sizeof reason);
+    if (st == BRK_OK) {
+        st = sc_relay_row_append(r->store, w, &c, r->props, ar);
+        if (st == BRK_OK) {
+            *what = 's';
+        } else if (sc_relay_refused_for_good(st)) {
+            const char *detail = brk_store_errstr(r->store);
+            fmt(reason, sizeof reason, "refused by the store: %s%s%s",
+                st == BRK_NOTFOUND ? "unknown topic (topic auto-creation is "
+                "off)" : brk_strerror(st), detail && *detail ? ": " : "",
+                detail ? detail : "");
+        }
+    }
+    if (st != BRK_OK && sc_relay_refused_for_good(st)) {
+        st = sc_relay_row_reject(r->store, r->log, r->rprops, w, &c, reason);
+        if (st == BRK_OK) *what = 'r';
+    }
+    free(c.text);
+    return st;
 }
 
 /* One batch on a leading session.  0 (committed; *handled rows, *full when
@@ -977,30 +725,49 @@ static int run_batch(sc_relay *r, size_t *handled, bool *full)
         drop_session(r, why);
         return -1;
     }
+    if (!r->markers_ready) {
+        /* The first batch after open: cand from the last marker. */
+        brk_status st = sc_relay_markers_start(r->store, r->log, &r->cand);
+        if (st != BRK_OK) return store_failed(r, st, "reading the relay marker");
+        r->markers_ready = true;
+    }
     char lim[16];
     snprintf(lim, sizeof lim, "%u", (unsigned)r->batch);
     const char *pv[1] = { lim };
     PGresult *res = PQexecPrepared(r->conn, STMT_SELECT, 1, pv, NULL, NULL, 1);
-    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQnfields(res) != C_COUNT) {
-        pg_message(r->conn, res, why, sizeof why);
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK
+        || PQnfields(res) != SC_RELAY_C_COUNT)
+        return pg_failed(r, res);
+    int n = PQntuples(res);
+    sc_relay_row first, last;
+    if (n > 0 && (!sc_relay_row_read(res, 0, &first)
+                  || !sc_relay_row_read(res, n - 1, &last))) {
         PQclear(res);
-        drop_session(r, why);
+        exec_ok(r->conn, "ROLLBACK", why, sizeof why);
+        drop_session(r, "outbox.messages returned a row of an unexpected "
+                     "shape; " MIGRATE_HINT);
         return -1;
     }
-    int n = PQntuples(res);
-    /* Until COMMIT succeeds any of these rows may end up in the store
-     * without being deleted (see suspect_inflight). */
-    if (n > 0)
-        r->inflight_max = PQgetlength(res, n - 1, C_ID) == 8
-                              ? ld_be64(PQgetvalue(res, n - 1, C_ID))
-                              : INT64_MAX;
+    if (n > 0) {
+        brk_status st = sc_relay_marker_append(r->store, first.id, last.id,
+                                               &r->cand, &r->b_marker);
+        if (st != BRK_OK) {
+            PQclear(res);
+            return store_failed(r, st, "append marker");
+        }
+        /* Until COMMIT succeeds these rows may end up in the store
+         * without being deleted (see batch_failed). */
+        r->b_marked = true;
+        r->b_lo = first.id;
+        r->b_hi = last.id;
+    }
 
     uint64_t stored = 0, dup = 0, rej = 0;
     int64_t newest_created = INT64_MIN, lag = 0;
     size_t ids_len = 0;
     for (int i = 0; i < n; i++) {
-        row w;
-        if (!read_row(res, i, &w)) {
+        sc_relay_row w;
+        if (!sc_relay_row_read(res, i, &w)) {
             PQclear(res);
             exec_ok(r->conn, "ROLLBACK", why, sizeof why);
             drop_session(r, "outbox.messages returned a row of an unexpected "
@@ -1011,51 +778,21 @@ static int run_batch(sc_relay *r, size_t *handled, bool *full)
             PQclear(res);
             return store_failed(r, BRK_NOMEM, "batch");
         }
-        brk_status st;
-        /* The ids <= the start-up bound are ordered before any later row, so
-         * this test is true for a prefix of the batch only. */
-        bool maybe_stored = w.id <= r->lookup_below;
-        if (maybe_stored) {
-            brk_batch *b = NULL;
-            st = brk_store_lookup(r->store, w.msg_id, &b);
-            brk_batch_free(b);
-            if (st == BRK_OK) {
-                dup++;
-                continue;
-            }
-            if (st != BRK_NOTFOUND) {
-                PQclear(res);
-                return store_failed(r, st, "lookup");
-            }
-        }
-        conv c;
-        char reason[300] = "";
+        char what;
         brk_append_res ar;
-        st = convert(r, &w, &c, reason, sizeof reason);
-        if (st == BRK_OK) {
-            st = append_row(r, &w, &c, &ar);
-            if (st == BRK_OK) {
-                stored++;
-                if (w.created_ms > newest_created) {
-                    newest_created = w.created_ms;
-                    lag = ar.store_ms - w.created_ms;
-                }
-            } else if (refused_for_good(st)) {
-                const char *detail = brk_store_errstr(r->store);
-                fmt(reason, sizeof reason, "refused by the store: %s%s%s",
-                         st == BRK_NOTFOUND ? "unknown topic (topic "
-                         "auto-creation is off)" : brk_strerror(st),
-                         detail && *detail ? ": " : "", detail ? detail : "");
-            }
-        }
-        if (st != BRK_OK && refused_for_good(st)) {
-            st = reject_row(r, &w, &c, reason);
-            if (st == BRK_OK) rej++;
-        }
-        free(c.text);
+        brk_status st = handle_row(r, &w, &what, &ar);
         if (st != BRK_OK) {
             PQclear(res);
-            return store_failed(r, st, "append");
+            return store_failed(r, st, what == 'l' ? "lookup" : "append");
+        }
+        if (what == 'd') dup++;
+        if (what == 'r') rej++;
+        if (what == 's') {
+            stored++;
+            if (w.created_ms > newest_created) {
+                newest_created = w.created_ms;
+                lag = ar.store_ms - w.created_ms;
+            }
         }
     }
     PQclear(res);
@@ -1070,20 +807,26 @@ static int run_batch(sc_relay *r, size_t *handled, bool *full)
         r->ids[ids_len] = '\0';
         const char *dv[1] = { r->ids };
         res = PQexecPrepared(r->conn, STMT_DELETE, 1, dv, NULL, NULL, 0);
-        if (!res || PQresultStatus(res) != PGRES_COMMAND_OK) {
-            pg_message(r->conn, res, why, sizeof why);
-            PQclear(res);
-            drop_session(r, why);
-            return -1;
-        }
+        if (!res || PQresultStatus(res) != PGRES_COMMAND_OK)
+            return pg_failed(r, res);
         PQclear(res);
     }
+    int left = r->cand.set ? cand_left(r) : 0;
+    if (left < 0) return -1;
+    if (r->fail_commit > 0 && n > 0) {
+        r->fail_commit--;
+        exec_ok(r->conn, "ROLLBACK", why, sizeof why);
+        drop_session(r, "fail_before_commit_test: this batch fails before "
+                     "its COMMIT");
+        return -1;
+    }
     if (!exec_ok(r->conn, "COMMIT", why, sizeof why)) {
-        /* The outcome may be either: the rows stay covered by lookup_below. */
+        /* The outcome may be either: the rows become candidates. */
         drop_session(r, why);
         return -1;
     }
-    r->inflight_max = 0;
+    r->b_marked = false;
+    if (r->cand.set && !left) r->cand.set = false;
     r->store_failures = 0;
     r->batch_at = 0;
     int64_t now_ms = r->clock->now_ms(r->clock->ctx);
@@ -1198,6 +941,7 @@ static void *relay_main(void *arg)
         if (!drain_notifies(r, &got) || got > 0) continue;
         wait_until(r, mono_ms(r) + r->poll_ms, true);
     }
+    atomic_store(&r->thread_done, true);
     return NULL;
 }
 
@@ -1214,9 +958,11 @@ void sc_relay_opts_init(sc_relay_opts *o)
 static void relay_free(sc_relay *r)
 {
     if (!r) return;
+    set_cancel(r, NULL);
     if (r->conn) PQfinish(r->conn);
     if (r->wake_fd >= 0) close(r->wake_fd);
     pthread_mutex_destroy(&r->mu);
+    pthread_mutex_destroy(&r->cancel_mu);
     free(r->conninfo);
     free(r->password_file);
     free(r->application_name);
@@ -1256,6 +1002,7 @@ int sc_relay_open(sc_relay **out, const sc_relay_opts *o, char *err,
     }
     r->wake_fd = -1;
     pthread_mutex_init(&r->mu, NULL);
+    pthread_mutex_init(&r->cancel_mu, NULL);
     r->pg = o->pg;
     r->props = malloc(BRK_PROPS_MAX);
     r->rprops = malloc(BRK_PROPS_MAX);
@@ -1273,10 +1020,12 @@ int sc_relay_open(sc_relay **out, const sc_relay_opts *o, char *err,
     r->batch = o->batch ? o->batch : 500;
     r->poll_ms = o->poll_interval_ms > 0 ? o->poll_interval_ms : 1000;
     r->no_thread = o->no_thread;
+    r->fail_commit = o->fail_before_commit_test;
     r->log = o->log;
     r->rng = (uint64_t)r->clock->mono_ns(r->clock->ctx) ^ (uint64_t)(uintptr_t)r
              ^ ((uint64_t)getpid() << 32);
     atomic_init(&r->stop, false);
+    atomic_init(&r->thread_done, false);
     r->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (r->wake_fd < 0) {
         fmt(err, errlen, "relay: eventfd: %s", strerror(errno));
@@ -1314,12 +1063,39 @@ int sc_relay_open(sc_relay **out, const sc_relay_opts *o, char *err,
     return 0;
 }
 
+static void sleep_ms(int ms)
+{
+    struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+}
+
 void sc_relay_close(sc_relay *r)
 {
     if (!r) return;
     atomic_store(&r->stop, true);
     sc_relay_wake(r);
-    if (r->thread_started) pthread_join(r->thread, NULL);
+    if (r->thread_started) {
+        /* Let the batch in hand finish; cancel one that is blocked in
+         * PostgreSQL (see the top). */
+        int64_t cancel_at = mono_ms(r) + CLOSE_GRACE_MS;
+        bool said = false;
+        while (!atomic_load(&r->thread_done)) {
+            if (mono_ms(r) >= cancel_at) {
+                pthread_mutex_lock(&r->cancel_mu);
+                char cerr[256];
+                if (r->cancel) PQcancel(r->cancel, cerr, sizeof cerr);
+                pthread_mutex_unlock(&r->cancel_mu);
+                if (!said)
+                    sc_log_kv(r->log, API_LOG_WARN, "relay still busy after "
+                              "the close grace period; cancelling its batch "
+                              "(the rows stay in PostgreSQL)", NULL);
+                said = true;
+                cancel_at = mono_ms(r) + CLOSE_CANCEL_MS;
+            }
+            sleep_ms(5);
+        }
+        pthread_join(r->thread, NULL);
+    }
     if (r->conn && r->leader)
         sc_log_kv(r->log, API_LOG_INFO, "relay stopped; leadership released",
                   NULL);

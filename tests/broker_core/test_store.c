@@ -1,8 +1,9 @@
 /*
- * test_store.c - the storage engine's contract: append/read/lookup, restart,
- * recovery (torn tail vs corruption), sticky errors, ENOSPC, disk budget,
- * retention with cursors.  Most tests run on the simulated disk so faults
- * can be injected; a few use the real file system.
+ * test_store.c - the storage engine's contract: append/read/lookup (also
+ * from a log offset on), restart, recovery (torn tail vs corruption),
+ * sticky errors, ENOSPC, disk budget, retention with cursors.  Most tests
+ * run on the simulated disk so faults can be injected; a few use the real
+ * file system.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -245,6 +246,126 @@ static void lookup_finds_by_id_in_memory_in_index_and_after_restart(void **state
     brk_store_stats st;
     brk_store_get_stats(f->s, &st);
     assert_true(st.segments > 2);
+}
+
+/* lookup_since(since) sees only records at log offsets >= since: in index
+ * files (whole older segments skipped), in the pending in-memory tail, and
+ * after a restart; with an id stored twice it finds the newer copy only
+ * while that one is at or after since. */
+static void lookup_since_considers_only_records_at_or_after_the_offset(void **state)
+{
+    fx *f = *state;
+    f->o.segment_bytes = 4096;
+    reopen(f);
+    enum { N = 80, TAIL = 6 };
+    brk_append_res res[N + TAIL];
+    for (int i = 0; i < N; i++)
+        assert_int_equal(put(f, "t", NULL, "0123456789012345678901234567890123456789"
+                             "0123456789012345678901234567890123456789", &res[i]),
+                         BRK_OK);
+    /* Index files hold res[0..N); the last TAIL stay in the memory tail. */
+    assert_int_equal(brk_store_checkpoint(f->s), BRK_OK);
+    for (int i = N; i < N + TAIL; i++)
+        assert_int_equal(put(f, "t", NULL, "tail", &res[i]), BRK_OK);
+    brk_store_stats st;
+    brk_store_get_stats(f->s, &st);
+    assert_true(st.segments > 2);
+
+    brk_batch *b = NULL;
+    /* At since itself, and anything after it, in files and in memory. */
+    uint64_t since = res[40].log_offset;
+    int found_at[] = { 40, 41, 60, 79, N, N + TAIL - 1 };
+    for (size_t k = 0; k < sizeof found_at / sizeof found_at[0]; k++) {
+        int i = found_at[k];
+        assert_int_equal(brk_store_lookup_since(f->s, res[i].msg_id, since, &b),
+                         BRK_OK);
+        assert_int_equal(b->recs[0].log_offset, res[i].log_offset);
+        brk_batch_free(b);
+    }
+    /* Before since: in the same segment and in older ones. */
+    int missed[] = { 0, 3, 20, 39 };
+    for (size_t k = 0; k < sizeof missed / sizeof missed[0]; k++) {
+        assert_int_equal(brk_store_lookup_since(f->s, res[missed[k]].msg_id,
+                                                since, &b), BRK_NOTFOUND);
+        assert_null(b);
+    }
+    /* Within the memory tail, since cuts too. */
+    since = res[N + 2].log_offset;
+    assert_int_equal(brk_store_lookup_since(f->s, res[N + 1].msg_id, since, &b),
+                     BRK_NOTFOUND);
+    assert_int_equal(brk_store_lookup_since(f->s, res[N + 2].msg_id, since, &b),
+                     BRK_OK);
+    brk_batch_free(b);
+    /* Past the end: nothing. */
+    since = res[N + TAIL - 1].log_offset + 1;
+    assert_int_equal(brk_store_lookup_since(f->s, res[N + TAIL - 1].msg_id,
+                                            since, &b), BRK_NOTFOUND);
+    /* 0 is brk_store_lookup. */
+    assert_int_equal(brk_store_lookup_since(f->s, res[0].msg_id, 0, &b), BRK_OK);
+    brk_batch_free(b);
+
+    /* The same id again, later: the newer copy counts, and only from
+     * where it is. */
+    brk_append_req r;
+    memset(&r, 0, sizeof r);
+    r.topic = "t";
+    r.queue = -1;
+    r.body = (brk_bytes){ "again", 5 };
+    r.msg_id = res[10].msg_id;
+    brk_append_res again;
+    assert_int_equal(brk_store_append(f->s, &r, &again), BRK_OK);
+    assert_int_equal(brk_store_lookup_since(f->s, res[10].msg_id,
+                                            res[50].log_offset, &b), BRK_OK);
+    assert_int_equal(b->recs[0].log_offset, again.log_offset);
+    brk_batch_free(b);
+    assert_int_equal(brk_store_lookup_since(f->s, res[10].msg_id,
+                                            again.log_offset + 1, &b),
+                     BRK_NOTFOUND);
+
+    /* After a restart (index files rebuilt from the log). */
+    reopen(f);
+    since = res[40].log_offset;
+    assert_int_equal(brk_store_lookup_since(f->s, res[40].msg_id, since, &b), BRK_OK);
+    assert_int_equal(b->recs[0].log_offset, res[40].log_offset);
+    brk_batch_free(b);
+    assert_int_equal(brk_store_lookup_since(f->s, res[39].msg_id, since, &b),
+                     BRK_NOTFOUND);
+    assert_int_equal(brk_store_lookup_since(f->s, res[N + 1].msg_id, since, &b),
+                     BRK_OK);
+    brk_batch_free(b);
+    assert_int_equal(brk_store_lookup_since(f->s, res[39].msg_id, 0, &b), BRK_OK);
+    brk_batch_free(b);
+}
+
+/* Ids given by the caller need not be UUIDv7 (the relay stores rows under
+ * PostgreSQL's gen_random_uuid(), version 4): their index entries, written
+ * by the checkpoint, must survive a restart like any other. */
+static void index_entries_of_ids_of_any_version_survive_a_restart(void **state)
+{
+    fx *f = *state;
+    reopen(f);
+    uint8_t ids[3][BRK_UUID_LEN];
+    for (int i = 0; i < 3; i++) {
+        memset(ids[i], 0x11 * (i + 1), BRK_UUID_LEN);
+        ids[i][6] = 0x40 | (uint8_t)i;          /* version 4 */
+        ids[i][8] = 0x80;                       /* RFC 4122 variant */
+        brk_append_req r;
+        memset(&r, 0, sizeof r);
+        r.topic = "t";
+        r.queue = -1;
+        r.body = (brk_bytes){ "v4", 2 };
+        r.msg_id = ids[i];
+        brk_append_res res;
+        assert_int_equal(brk_store_append(f->s, &r, &res), BRK_OK);
+    }
+    assert_int_equal(brk_store_checkpoint(f->s), BRK_OK);
+    reopen(f);
+    for (int i = 0; i < 3; i++) {
+        brk_batch *b = NULL;
+        assert_int_equal(brk_store_lookup(f->s, ids[i], &b), BRK_OK);
+        assert_memory_equal(b->recs[0].msg_id, ids[i], BRK_UUID_LEN);
+        brk_batch_free(b);
+    }
 }
 
 static void segments_roll_and_are_named_by_base_offset(void **state)
@@ -833,6 +954,8 @@ int main(void)
         T(invalid_appends_are_refused_with_the_right_status),
         T(restart_keeps_messages_offsets_and_ids),
         T(lookup_finds_by_id_in_memory_in_index_and_after_restart),
+        T(lookup_since_considers_only_records_at_or_after_the_offset),
+        T(index_entries_of_ids_of_any_version_survive_a_restart),
         T(segments_roll_and_are_named_by_base_offset),
         T(unsynced_appends_survive_kill_when_page_cache_survives),
         T(sync_appends_survive_power_loss_and_indexes_are_rebuilt),

@@ -826,6 +826,12 @@ static void pg_variables_make_a_database_configured(void **state)
     assert_int_equal(load(f, NONE, ARGS("PGUSER=app", "PGPORT=5433",
                                         "PGPASSWORD=x", "PGHOST=")), 0);
     assert_false(f->cfg.db_configured);
+    /* a password alone least of all: no relay, no check query with it */
+    assert_int_equal(load(f, NONE, ARGS("PGPASSWORD=s3cr3t")), 0);
+    assert_false(f->cfg.db_configured);
+    expect_78(f, ARGS("--relay"), ARGS("PGPASSWORD=s3cr3t"), "outboxd: "
+              "config: flag --relay: relay: relay mode needs a database", NULL);
+    assert_null(strstr(f->err, "s3cr3t"));
 }
 
 static void database_options_parse_and_their_bounds_are_inclusive(void **state)
@@ -1037,6 +1043,197 @@ static void usage_describes_db_commands_and_DATABASE_URL(void **state)
     free(buf);
 }
 
+
+/* A URL or conninfo libpq cannot parse is refused here, at whichever layer
+ * it comes from, and the message never repeats it: libpq's own parse
+ * errors quote the text they stumbled on, which may be the password (the
+ * whole URL for an unclosed "[" of an IPv6 host).  Exit 78 instead of the
+ * daemon starting with a warning, since no retry can ever connect. */
+static void malformed_database_url_is_78_and_never_echoed(void **state)
+{
+    fixture *f = *state;
+    static const char *const bad[] = {
+        "postgresql://u:s3cret@[::1/db",              /* libpq quotes it all */
+        "postgresql://u:s3cr%zzet@db.internal/orders",/* quotes the token */
+        "postgresql://u:s3cret@db/orders?s3cret",     /* quotes the param */
+        "postgresql://u:s3cret@db/orders?bogus=1",
+        "host=db.internal port=5432 s3cret",          /* missing "=" after it */
+        "host=db.internal password='s3cret",          /* unterminated quote */
+        "host=db.internal password=s3cret bogus=1",
+        NULL
+    };
+    char path[700], arg[256], env[256], where[800];
+    snprintf(path, sizeof path, "%s/url.conf", f->dir);
+    for (size_t i = 0; bad[i]; i++) {
+        for (int src = 0; src < 4; src++) {
+            int rc;
+            if (src == 0) {
+                snprintf(env, sizeof env, "DATABASE_URL=%s", bad[i]);
+                rc = load(f, NONE, ARGS(env));
+                snprintf(where, sizeof where, "env DATABASE_URL");
+            } else if (src == 1) {
+                snprintf(env, sizeof env, "OUTBOXD_DATABASE_URL=%s", bad[i]);
+                rc = load(f, ARGS("db", "status"), ARGS(env));
+                snprintf(where, sizeof where, "env OUTBOXD_DATABASE_URL");
+            } else if (src == 2) {
+                char text[300];
+                snprintf(text, sizeof text, "database_url = \"%s\"\n", bad[i]);
+                write_file(f, "url.conf", text);
+                rc = load(f, ARGS("--config", path), NONE);
+                snprintf(where, sizeof where, "%s:1", path);
+            } else {
+                snprintf(arg, sizeof arg, "--database-url=%s", bad[i]);
+                rc = load(f, ARGS("db", "migrate", arg), NONE);
+                snprintf(where, sizeof where, "flag --database-url");
+            }
+            if (rc != EX_CONFIG)
+                fail_msg("%s from source %d: exit %d, want 78", bad[i], src, rc);
+            char prefix[1000];
+            snprintf(prefix, sizeof prefix, "outboxd: config: %s: database_url: "
+                     "not a PostgreSQL URL or key=value conninfo", where);
+            assert_prefix(f->err, prefix);
+            if (strstr(f->err, "s3cr"))
+                fail_msg("the password is in the message: %s", f->err);
+            assert_null(strchr(f->err, '\n'));
+            assert_null(memmem(&f->cfg, sizeof f->cfg, "s3cr", 4));
+        }
+    }
+    /* what libpq says is kept, without its quoted text */
+    expect_78(f, NONE, ARGS("DATABASE_URL=host=h password=s3cret bogus=1"),
+              "outboxd: config: env DATABASE_URL: database_url: not a "
+              "PostgreSQL URL or key=value conninfo (invalid connection "
+              "option \"...\")", NULL);
+    /* the valid forms still load */
+    static const char *const good[] = {
+        "postgresql://u:s3cret@[::1]:5432/db?sslmode=disable",
+        "postgres://db.internal/orders",
+        "host=/run/postgresql dbname=orders password='s3 cret'",
+        "dbname=orders", NULL
+    };
+    for (size_t i = 0; good[i]; i++) {
+        snprintf(env, sizeof env, "DATABASE_URL=%s", good[i]);
+        if (load(f, NONE, ARGS(env)) != 0)
+            fail_msg("%s: %s", good[i], f->err);
+        assert_string_equal(f->cfg.database_url, good[i]);
+    }
+}
+
+/* Inside a conninfo only the top level is expanded: a URL given as its
+ * dbname or host is taken as a literal name, which libpq and the server
+ * then print back ("database \"postgresql://u:s3cret@...\" does not
+ * exist") and which the log would show as the target. */
+static void a_url_nested_in_a_conninfo_is_78_and_never_echoed(void **state)
+{
+    fixture *f = *state;
+    static const char *const bad[] = {
+        "dbname=postgresql://u:s3cret@db.internal/orders",
+        "host=postgresql://u:s3cret@db.internal dbname=orders",
+        "postgresql://db.internal/orders?user=postgres://u:s3cret@x",
+        NULL
+    };
+    char env[256];
+    for (size_t i = 0; bad[i]; i++) {
+        snprintf(env, sizeof env, "DATABASE_URL=%s", bad[i]);
+        if (load(f, NONE, ARGS(env)) != EX_CONFIG)
+            fail_msg("%s: loaded", bad[i]);
+        assert_prefix(f->err, "outboxd: config: env DATABASE_URL: database_url: ");
+        assert_contains(f->err, "holds a URL");
+        assert_null(strstr(f->err, "s3cr"));
+    }
+}
+
+/* A URL put where another value or a command belongs (a forgotten flag
+ * name, a shifted argument, a bare URL line in the file) is refused
+ * without being repeated. */
+static void values_that_look_like_a_url_or_password_are_never_echoed(
+    void **state)
+{
+    fixture *f = *state;
+    const char *u = "postgresql://u:s3cret@db.internal/orders";
+    char arg[256];
+    assert_int_equal(load(f, ARGS(u), NONE), EX_USAGE);
+    assert_prefix(f->err, "outboxd: unknown command ");
+    assert_null(strstr(f->err, "s3cr"));
+    assert_int_equal(load(f, ARGS("run", u), NONE), EX_USAGE);
+    assert_prefix(f->err, "outboxd: unexpected argument ");
+    assert_null(strstr(f->err, "s3cr"));
+    assert_int_equal(load(f, ARGS("db", u), NONE), EX_USAGE);
+    assert_prefix(f->err, "outboxd: unknown db command ");
+    assert_null(strstr(f->err, "s3cr"));
+    /* a bool flag does not take it, so it is a stray argument */
+    assert_int_equal(load(f, ARGS("--relay", "host=db password=s3cret"), NONE),
+                     EX_USAGE);
+    assert_null(strstr(f->err, "s3cr"));
+    snprintf(arg, sizeof arg, "--database-url:%s", u);
+    assert_int_equal(load(f, ARGS(arg), NONE), EX_USAGE);
+    assert_prefix(f->err, "outboxd: unknown option ");
+    assert_null(strstr(f->err, "s3cr"));
+    snprintf(arg, sizeof arg, "-%s", u);
+    assert_int_equal(load(f, ARGS(arg), NONE), EX_USAGE);
+    assert_null(strstr(f->err, "s3cr"));
+    /* a misspelt flag is still named: only its value looks secret */
+    snprintf(arg, sizeof arg, "--databse-url=%s", u);
+    assert_int_equal(load(f, ARGS(arg), NONE), EX_USAGE);
+    assert_string_equal(f->err, "outboxd: unknown option --databse-url (see "
+                        "outboxd --help)");
+    /* a value of another option */
+    snprintf(arg, sizeof arg, "--listen=%s:1", u);
+    expect_78(f, ARGS(arg), NONE, "outboxd: config: flag --listen: listen: ",
+              NULL);
+    assert_null(strstr(f->err, "s3cr"));
+    expect_78(f, NONE, ARGS("OUTBOXD_DB_POOL=host=db password=s3cret"),
+              "outboxd: config: env OUTBOXD_DB_POOL: db_pool: ", NULL);
+    assert_null(strstr(f->err, "s3cr"));
+    /* a bare URL line in the file: its "key" is the URL up to its '=' */
+    const char *p = write_file(f, "bare.conf", "postgresql://u:s3cret@db/o?"
+                               "sslmode=require\n");
+    assert_int_equal(load(f, ARGS("--config", p), NONE), EX_CONFIG);
+    assert_contains(f->err, "bare.conf:1: ");
+    assert_null(strstr(f->err, "s3cr"));
+    /* ordinary mistakes are still quoted, to help */
+    assert_int_equal(load(f, ARGS("serve"), NONE), EX_USAGE);
+    assert_contains(f->err, "\"serve\"");
+    expect_78(f, ARGS("--db-pool=two"), NONE, "outboxd: config: flag "
+              "--db-pool: db_pool: not a number: \"two\"", NULL);
+}
+
+/* The process title: /proc/PID/cmdline shows argv to every user, so the
+ * values of secret flags are overwritten once loaded, in place, with the
+ * same length; everything else stays. */
+static void hide_secrets_overwrites_secret_flag_values_in_argv(void **state)
+{
+    fixture *f = *state;
+    char a1[] = "run";
+    char a2[] = "--database-url=postgresql://u:s3cret@db/orders";
+    char a3[] = "--token";
+    char a4[] = "tok-s3cret-0123456789";
+    char a5[] = "--database-url";
+    char a6[] = "host=db password=s3cret";
+    char a7[] = "--data-dir=/tmp/x";
+    char a8[] = "--relay";
+    char a9[] = "--token=tok-s3cret-9876543210";
+    char *argv[] = { (char *)"outboxd", a1, a2, a3, a4, a5, a6, a7, a8, a9,
+                     NULL };
+    int argc = 10;
+    assert_int_equal(sc_config_load(&f->cfg, argc, argv, NULL, f->err,
+                                    sizeof f->err), 0);
+    sc_config_hide_secrets(argc, argv);
+    for (int i = 0; i < argc; i++)
+        if (strstr(argv[i], "s3cret"))
+            fail_msg("argv[%d] still holds the secret: %s", i, argv[i]);
+    assert_string_equal(a1, "run");
+    assert_prefix(a2, "--database-url=");
+    assert_int_equal(strlen(a2), strlen("--database-url=postgresql://u:s3cret@db/orders"));
+    assert_string_equal(a3, "--token");
+    assert_string_equal(a5, "--database-url");
+    assert_string_equal(a7, "--data-dir=/tmp/x");
+    assert_string_equal(a8, "--relay");
+    assert_prefix(a9, "--token=");
+    /* the loaded values are untouched: the last flag wins */
+    assert_string_equal(f->cfg.database_url, "host=db password=s3cret");
+    assert_string_equal(f->cfg.token, "tok-s3cret-9876543210");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1108,6 +1305,10 @@ int main(void)
         T(database_url_is_masked_in_output_and_errors_and_wiped),
         T(db_commands_parse_and_need_a_subcommand),
         T(usage_describes_db_commands_and_DATABASE_URL),
+        T(malformed_database_url_is_78_and_never_echoed),
+        T(a_url_nested_in_a_conninfo_is_78_and_never_echoed),
+        T(values_that_look_like_a_url_or_password_are_never_echoed),
+        T(hide_secrets_overwrites_secret_flag_values_in_argv),
 #undef T
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

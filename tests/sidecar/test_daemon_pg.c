@@ -835,7 +835,462 @@ static void db_migrate_and_status_through_the_binary(void **state)
     p = run_cmd(ARGS("db", "migrate"), NULL);
     assert_int_equal(p->status, 78);
     assert_string_equal(p->err, "outboxd: db migrate: no database configured "
-                        "(set database_url or DATABASE_URL)\n");
+                        "(set database_url or DATABASE_URL, or PGHOST, "
+                        "PGDATABASE or PGSERVICE)\n");
+}
+
+/* ---- secrets ------------------------------------------------------------------------ */
+
+#define LEAK "s3cr3t"                 /* in every password below */
+
+/* A TCP port on 127.0.0.1 that nobody listens on (bound, then closed). */
+static uint16_t closed_port(void)
+{
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = { .sin_family = AF_INET,
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    socklen_t al = sizeof a;
+    assert_int_equal(bind(s, (struct sockaddr *)&a, sizeof a), 0);
+    assert_int_equal(getsockname(s, (struct sockaddr *)&a, &al), 0);
+    close(s);
+    return ntohs(a.sin_port);
+}
+
+/* Spawn and wait until the child exits (a command, a failed start) or
+ * logs "ready"; *ready says which. */
+static proc *spawn_until_exit_or_ready(const char *const *args,
+                                       const char *const *env, bool *ready)
+{
+    proc *p = spawn(args, env);
+    int64_t end = now_ms() + 30000;
+    for (;;) {
+        if (wait_exit(p, 0) >= 0) {
+            *ready = false;
+            return p;
+        }
+        pthread_mutex_lock(&p->lock);
+        *ready = p->err && strstr(p->err, "\"msg\":\"ready\"");
+        pthread_mutex_unlock(&p->lock);
+        if (*ready)
+            return p;
+        if (now_ms() > end)
+            fail_msg("neither exited nor ready after 30 s; stderr:\n%s", p->err);
+        sleep_ms(10);
+    }
+}
+
+/* What `ps` shows: /proc/PID/cmdline with its NULs as spaces. */
+static void read_cmdline(pid_t pid, char *out, size_t cap)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/cmdline", (int)pid);
+    FILE *fp = fopen(path, "r");
+    assert_non_null(fp);
+    size_t n = fread(out, 1, cap - 1, fp);
+    fclose(fp);
+    for (size_t i = 0; i < n; i++)
+        if (out[i] == '\0')
+            out[i] = ' ';
+    out[n] = '\0';
+}
+
+static void assert_no_leak(const char *where, const char *what,
+                           const char *text)
+{
+    if (text && strstr(text, LEAK))
+        fail_msg("the password is in %s of %s:\n%s", where, what, text);
+}
+
+/* A database URL holding a password, given by each of the four sources
+ * (DATABASE_URL, OUTBOXD_DATABASE_URL, the config file, the flag) to each
+ * command (config, db status, db migrate, run): the password is in no
+ * output, no log line, not in /metrics and not in the process's command
+ * line, whether the password is wrong, right, the URL malformed (libpq
+ * quotes what it cannot parse), the key=value form, or the server
+ * unreachable. */
+static void the_password_shows_nowhere_whatever_its_source_and_command(
+    void **state)
+{
+    fixture *f = *state;
+    make_db(f, true);
+    make_password_user();
+    enum { WRONG, WRONG_KV, MALFORMED, UNREACHABLE, RIGHT, NURLS };
+    char url[NURLS][512];
+    pgh_url(pg, f->db, PW_USER, PW_WRONG, url[WRONG], sizeof url[0]);
+    snprintf(url[WRONG_KV], sizeof url[0], "host=127.0.0.1 port=%u dbname=%s "
+             "user=%s password=%s", (unsigned)pgh_port(pg), f->db, PW_USER,
+             PW_WRONG);
+    snprintf(url[MALFORMED], sizeof url[0], "postgresql://%s:%s@[::1/%s",
+             PW_USER, PW_WRONG, f->db);
+    snprintf(url[UNREACHABLE], sizeof url[0], "postgresql://%s:%s@127.0.0.1:"
+             "%u/%s", PW_USER, PW_RIGHT, (unsigned)closed_port(), f->db);
+    pgh_url(pg, f->db, PW_USER, PW_RIGHT, url[RIGHT], sizeof url[0]);
+    /* exit codes: config, db status, db migrate; run: -1 = ready */
+    static const int want[NURLS][4] = {
+        [WRONG] = { 0, 78, 78, 78 },      [WRONG_KV] = { 0, 78, 78, 78 },
+        [MALFORMED] = { 78, 78, 78, 78 }, [UNREACHABLE] = { 0, 69, 69, -1 },
+        [RIGHT] = { 0, 0, 0, -1 },
+    };
+    char conf[700], conf_arg[720], data[700];
+    snprintf(conf, sizeof conf, "%s/db.conf", f->dir);
+    snprintf(conf_arg, sizeof conf_arg, "--config=%s", conf);
+    snprintf(data, sizeof data, "--data-dir=%s", f->data);
+    for (int u = 0; u < NURLS; u++) {
+        assert_null(strchr(url[u], '"'));
+        for (int src = 0; src < 4; src++) {
+            char env[600] = "", flag[600] = "";
+            const char *senv[2] = { env, NULL };
+            if (src == 0)
+                snprintf(env, sizeof env, "DATABASE_URL=%s", url[u]);
+            else if (src == 1)
+                snprintf(env, sizeof env, "OUTBOXD_DATABASE_URL=%s", url[u]);
+            else if (src == 3)
+                snprintf(flag, sizeof flag, "--database-url=%s", url[u]);
+            if (src == 2) {
+                FILE *fp = fopen(conf, "w");
+                assert_non_null(fp);
+                fprintf(fp, "database_url = \"%s\"\n", url[u]);
+                fclose(fp);
+            }
+            const char *extra = src == 2 ? conf_arg : src == 3 ? flag
+                                : "--log-level=info";
+            const char *const *e = src < 2 ? senv : NULL;
+            for (int cmd = 0; cmd < 4; cmd++) {
+                char what[200];
+                static const char *const names[] = { "config", "db status",
+                                                     "db migrate", "run" };
+                snprintf(what, sizeof what, "`%s` with URL %d from source %d",
+                         names[cmd], u, src);
+                proc *p;
+                bool ready = false;
+                if (cmd == 0)
+                    p = run_cmd(ARGS("config", extra), e);
+                else if (cmd == 1)
+                    p = run_cmd(ARGS("db", "status", extra), e);
+                else if (cmd == 2)
+                    p = run_cmd(ARGS("db", "migrate", extra), e);
+                else
+                    p = spawn_until_exit_or_ready(
+                        ARGS("run", data, "--listen=127.0.0.1:0", "--threads=2",
+                             "--db-connect-timeout=1s", extra), e, &ready);
+                if (ready) {
+                    char line[8192];
+                    read_cmdline(p->pid, line, sizeof line);
+                    assert_no_leak("/proc/PID/cmdline", what, line);
+                    wait_listening(p);
+                    resp r;
+                    http(NULL, p->port, "GET", "/metrics", NULL, NULL, &r);
+                    assert_int_equal(r.status, 200);
+                    assert_no_leak("/metrics", what, r.body);
+                    resp_free(&r);
+                    if (u == RIGHT) {
+                        json_t *j = proc_find_log(p, "postgres connected");
+                        if (!j)
+                            fail_msg("%s: not connected:\n%s", what, p->err);
+                        json_decref(j);
+                    }
+                    stop_daemon(p);
+                }
+                int got = ready ? -1 : p->status;
+                if (got != want[u][cmd])
+                    fail_msg("%s: exit %d, want %d; stderr:\n%s", what, got,
+                             want[u][cmd], p->err ? p->err : "");
+                assert_no_leak("stdout", what, p->out);
+                assert_no_leak("stderr", what, p->err);
+            }
+            reap_all();
+        }
+    }
+}
+
+/* ---- failed starts and shutdown in an outage ------------------------------------------- */
+
+/* The "closed" log lines of a start that failed, in order, must be
+ * exactly `want` (NULL-terminated): what was opened, closed in reverse. */
+static void assert_closed(proc *p, const char *const *want)
+{
+    size_t k = 0;
+    for (const char *s = p->err; s && *s;) {
+        const char *nl = strchr(s, '\n');
+        size_t n = nl ? (size_t)(nl - s) : strlen(s);
+        json_t *j = *s == '{' ? json_loadb(s, n, 0, NULL) : NULL;
+        const char *msg = j ? json_string_value(json_object_get(j, "msg")) : NULL;
+        if (msg && strcmp(msg, "closed") == 0) {
+            const char *c = json_string_value(json_object_get(j, "component"));
+            if (!want[k] || strcmp(c, want[k]) != 0)
+                fail_msg("closed %s, expected %s; stderr:\n%s", c,
+                         want[k] ? want[k] : "nothing more", p->err);
+            k++;
+        }
+        if (msg && strcmp(msg, "close failed") == 0)
+            fail_msg("a close failed; stderr:\n%s", p->err);
+        json_decref(j);
+        s = nl ? nl + 1 : NULL;
+    }
+    if (want[k])
+        fail_msg("%s never closed; stderr:\n%s", want[k], p->err);
+}
+
+/* A start that fails after the check-back pool opened closes everything
+ * opened so far, in reverse order, and exits 78 with one line (under
+ * ASan a leak would change the exit code): the relay refused (the role
+ * may not delete from outbox.messages) after pool, txn and groups opened;
+ * the schema probe failing right after the pool opened. */
+static void a_failed_start_after_the_pool_opened_closes_what_was_opened(
+    void **state)
+{
+    fixture *f = *state;
+    make_db(f, true);
+    if (pgh_sql(pg, "postgres", "DO $$ BEGIN IF NOT EXISTS (SELECT FROM "
+                "pg_roles WHERE rolname = 'daemon_app_only') THEN CREATE ROLE "
+                "daemon_app_only LOGIN IN ROLE outbox_app; END IF; END $$;",
+                NULL, 0) != 0)
+        fail_msg("cannot create role daemon_app_only");
+    char url[400], env[420], data[700], line[2048];
+    pgh_url(pg, f->db, "daemon_app_only", NULL, url, sizeof url);
+    snprintf(env, sizeof env, "DATABASE_URL=%s", url);
+    snprintf(data, sizeof data, "--data-dir=%s", f->data);
+    proc *p = run_cmd(ARGS("run", data, "--listen=127.0.0.1:0", "--relay"),
+                      ARGS(env));
+    if (p->status != 78)
+        fail_msg("exit %d; stderr:\n%s", p->status, p->err);
+    err_line(p, line, sizeof line);
+    if (strncmp(line, "outboxd: postgres: ", 19) != 0)
+        fail_msg("last line: %s", line);
+    json_t *j = proc_find_log(p, "check-backs answered by PostgreSQL");
+    assert_non_null(j);                  /* the pool had opened */
+    json_decref(j);
+    assert_closed(p, ARGS("groups", "txn", "pgcheck", "delay", "store"));
+
+    /* no outbox schema, a custom check query (the pool opens) and the
+     * relay (which needs the schema): the probe after the pool fails */
+    char bare[80];
+    snprintf(bare, sizeof bare, "%s_bare", f->db);
+    if (pgh_create_db(pg, bare, false) != 0 ||
+        pgh_sql(pg, bare, "CREATE TABLE orders (id text PRIMARY KEY, state "
+                "text)", NULL, 0) != 0)
+        fail_msg("cannot create database %s", bare);
+    pgh_url(pg, bare, NULL, NULL, url, sizeof url);
+    snprintf(env, sizeof env, "DATABASE_URL=%s", url);
+    p = run_cmd(ARGS("run", data, "--listen=127.0.0.1:0", "--relay",
+                     "--check-query=SELECT state FROM orders WHERE id = $1"),
+                ARGS(env));
+    if (p->status != 78)
+        fail_msg("exit %d; stderr:\n%s", p->status, p->err);
+    err_line(p, line, sizeof line);
+    if (strncmp(line, "outboxd: postgres: database has no outbox schema", 48))
+        fail_msg("last line: %s", line);
+    assert_closed(p, ARGS("pgcheck", "delay", "store"));
+}
+
+/* Prepare n transactions "out-<i>" whose rows say pending, checked every
+ * 300 ms from the start, and wait until the checks run. */
+static void pending_checks(fixture *f, uint16_t port, int n)
+{
+    for (int i = 0; i < n; i++) {
+        char txid[32], msg_id[64];
+        snprintf(txid, sizeof txid, "out-%d", i);
+        if (!pg_down)
+            sql(f, "INSERT INTO outbox.transactions (txid) VALUES ('%s')", txid);
+        prepare(port, txid, "{\"first_check_ms\":0,\"interval_ms\":300,"
+                "\"max_checks\":10000}", msg_id);
+    }
+}
+
+/* Wait until one of them saw a check error (the outage noticed). */
+static void wait_check_error(uint16_t port)
+{
+    txn_view v;
+    int64_t end = now_ms() + 30000;
+    do {
+        get_txn(port, "out-0", &v);
+        assert_string_equal(v.state, "prepared");
+        sleep_ms(50);
+    } while (v.check_errors < 1 && now_ms() < end);
+    assert_true(v.check_errors >= 1);
+}
+
+/* SIGTERM, then the exit code, within grace + 10 s (generous: the checks
+ * in flight may wait out a connect timeout, the relay its connect). */
+static void sigterm_exits_0_within(proc *p, int grace_ms)
+{
+    int64_t t0 = now_ms();
+    kill(p->pid, SIGTERM);
+    int rc = wait_exit(p, grace_ms + 10000);
+    int64_t took = now_ms() - t0;
+    if (rc == -1)
+        fail_msg("still running %lld ms after SIGTERM; stderr:\n%s",
+                 (long long)took, p->err);
+    if (rc != 0)
+        fail_msg("exit %d; stderr:\n%s", rc, p->err);
+    print_message("exit 0 %lld ms after SIGTERM (grace %d ms)\n",
+                  (long long)took, grace_ms);
+}
+
+/* PostgreSQL stopped while checks run and the relay leads: SIGTERM still
+ * ends the process, exit 0, within the grace and a few seconds (checks
+ * answer ERROR at once, the relay's backoff wait is woken by close). */
+static void sigterm_during_a_postgresql_outage_exits_0_in_time(void **state)
+{
+    fixture *f = *state;
+    make_db(f, true);
+    static const char *const more[] = { "--relay", "--relay-poll-interval=100ms",
+                                        "--shutdown-grace=2s", NULL };
+    proc *p = start_pg(f, more);
+    pending_checks(f, p->port, 6);
+    txn_view v;
+    int64_t end = now_ms() + 20000;
+    do {
+        get_txn(p->port, "out-0", &v);
+        sleep_ms(20);
+    } while (v.checks < 1 && now_ms() < end);
+    assert_true(v.checks >= 1);
+    stop_pg();
+    wait_check_error(p->port);
+    /* let the relay notice and back off a few times */
+    end = now_ms() + 20000;
+    while (metric(p->port, "outboxd_relay_errors_total", NULL) < 1 &&
+           metric(p->port, "outboxd_relay_leader", NULL) != 0 && now_ms() < end)
+        sleep_ms(50);
+    sleep_ms(1500);
+    sigterm_exits_0_within(p, 2000);
+    restart_pg();
+}
+
+/* A server that accepts TCP connections and never answers (a hung host,
+ * a black-holed network): every connect waits out db_connect_timeout.
+ * SIGTERM then still exits 0 in time, with checks and the relay blocked in
+ * their connects. */
+static void sigterm_while_postgresql_hangs_exits_0_in_time(void **state)
+{
+    fixture *f = *state;
+    int hole = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = { .sin_family = AF_INET,
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    socklen_t al = sizeof a;
+    assert_int_equal(bind(hole, (struct sockaddr *)&a, sizeof a), 0);
+    assert_int_equal(listen(hole, 64), 0);           /* never accepted */
+    assert_int_equal(getsockname(hole, (struct sockaddr *)&a, &al), 0);
+    char env[200];
+    snprintf(env, sizeof env, "DATABASE_URL=postgresql://nobody@127.0.0.1:%u/"
+             "db", (unsigned)ntohs(a.sin_port));
+    static const char *const more[] = { "--relay", "--relay-poll-interval=100ms",
+                                        "--db-connect-timeout=2s",
+                                        "--shutdown-grace=1s", NULL };
+    pg_down = true;                  /* pending_checks: no rows to write */
+    proc *p = start_daemon(f->data, more, ARGS(env));
+    pg_down = false;
+    json_t *w = proc_find_log(p, "PostgreSQL unreachable at start: check-backs "
+                                 "answer error (retried, never counted) until "
+                                 "it answers");
+    if (!w)
+        fail_msg("no warning; stderr:\n%s", p->err);
+    json_decref(w);
+    pg_down = true;
+    pending_checks(f, p->port, 6);
+    pg_down = false;
+    wait_check_error(p->port);
+    sleep_ms(500);
+    sigterm_exits_0_within(p, 1000);
+    close(hole);
+}
+
+/* ---- /metrics ------------------------------------------------------------------------ */
+
+/* The page as Prometheus' text format reads it (see test_handler.c's
+ * check_page): one HELP and one TYPE per family, samples right after
+ * them, every line ended.  The families' names go into names[]. */
+static size_t check_page(const char *page, char (*names)[96], size_t cap)
+{
+    size_t n = 0;
+    char current[96] = "";
+    assert_true(*page);
+    if (page[strlen(page) - 1] != '\n')
+        fail_msg("the page does not end with a newline");
+    for (const char *line = page; *line;) {
+        const char *eol = strchr(line, '\n');
+        size_t len = (size_t)(eol - line);
+        char l[512];
+        snprintf(l, sizeof l, "%.*s", (int)(len < sizeof l ? len : sizeof l - 1),
+                 line);
+        line = eol + 1;
+        if (len == 0)
+            fail_msg("an empty line in the page");
+        char name[96];
+        if (strncmp(l, "# HELP ", 7) == 0 || strncmp(l, "# TYPE ", 7) == 0) {
+            snprintf(name, sizeof name, "%.*s", (int)strcspn(l + 7, " "), l + 7);
+            size_t i = 0;
+            while (i < n && strcmp(names[i], name) != 0)
+                i++;
+            if (l[2] == 'H') {
+                if (i < n)
+                    fail_msg("family %s appears twice", name);
+                assert_true(n < cap);
+                snprintf(names[n++], sizeof names[0], "%s", name);
+                snprintf(current, sizeof current, "%s", name);
+            } else if (i == n || strcmp(current, name) != 0) {
+                fail_msg("# TYPE without its # HELP just before: %s", l);
+            } else if (!strstr(l + 7, " counter") && !strstr(l + 7, " gauge") &&
+                       !strstr(l + 7, " histogram")) {
+                fail_msg("unknown type: %s", l);
+            }
+            continue;
+        }
+        snprintf(name, sizeof name, "%.*s", (int)strcspn(l, "{ "), l);
+        size_t cl = strlen(current);
+        bool mine = cl && (strcmp(name, current) == 0 ||
+                           (strncmp(name, current, cl) == 0 &&
+                            (strcmp(name + cl, "_bucket") == 0 ||
+                             strcmp(name + cl, "_sum") == 0 ||
+                             strcmp(name + cl, "_count") == 0)));
+        if (!mine)
+            fail_msg("sample outside its family (after %s): %s", current, l);
+    }
+    return n;
+}
+
+/* The daemon's database families on a real page (pool and relay up):
+ * each exactly once with its TYPE, none clashing with http_api's own. */
+static void metrics_database_families_appear_once_each_with_a_type(void **state)
+{
+    fixture *f = *state;
+    make_db(f, true);
+    static const char *const more[] = { "--relay", "--relay-poll-interval=100ms",
+                                        NULL };
+    proc *p = start_pg(f, more);
+    ids rows = { 0 }, got = { 0 };
+    insert_rows(f, "m", 1, 5, &rows);
+    receive_all(p->port, "g", "m", 5, &got, 30000);
+    assert_int_equal(got.n, 5);
+    resp r;
+    http(NULL, p->port, "GET", "/metrics", NULL, NULL, &r);
+    assert_int_equal(r.status, 200);
+    char names[256][96];
+    size_t n = check_page(r.body, names, 256);
+    static const char *const mine[] = {
+        "outboxd_db_up", "outboxd_db_connections", "outboxd_check_queries_total",
+        "outboxd_check_timeouts_total", "outboxd_db_reconnects_total",
+        "outboxd_relay_leader", "outboxd_relay_rows_total",
+        "outboxd_relay_batches_total", "outboxd_relay_errors_total",
+        "outboxd_relay_lookups_total",
+        "outboxd_relay_lag_seconds", NULL
+    };
+    for (size_t i = 0; mine[i]; i++) {
+        size_t k = 0;
+        for (size_t j = 0; j < n; j++)
+            k += strcmp(names[j], mine[i]) == 0;
+        if (k != 1)
+            fail_msg("%s appears %zu times:\n%s", mine[i], k, r.body);
+        char type[128];
+        snprintf(type, sizeof type, "# TYPE %s ", mine[i]);
+        assert_non_null(strstr(r.body, type));
+    }
+    assert_true(sample(r.body, "outboxd_relay_rows_total", "result=\"stored\"")
+                >= 5);
+    resp_free(&r);
+    free(rows.v);
+    free(got.v);
+    stop_daemon(p);
 }
 
 /* ---- main ------------------------------------------------------------------------------ */
@@ -872,6 +1327,11 @@ int main(void)
         T(default_query_without_the_schema_is_78_naming_db_migrate),
         T(relay_without_a_database_is_78),
         T(db_migrate_and_status_through_the_binary),
+        T(the_password_shows_nowhere_whatever_its_source_and_command),
+        T(a_failed_start_after_the_pool_opened_closes_what_was_opened),
+        T(sigterm_during_a_postgresql_outage_exits_0_in_time),
+        T(sigterm_while_postgresql_hangs_exits_0_in_time),
+        T(metrics_database_families_appear_once_each_with_a_type),
     };
 #undef T
     int rc = cmocka_run_group_tests(tests, NULL, NULL);

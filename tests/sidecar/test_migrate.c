@@ -25,6 +25,7 @@
 #include <sysexits.h>
 #include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <libpq-fe.h>
 
@@ -281,6 +282,100 @@ static void embed_script_rejects_misnamed_and_misnumbered_files(void **state)
     assert_non_null(strstr(text, "{ 2, \"0002_two_2\", "));
     assert_non_null(strstr(text, "sc_migrations_embedded_count = 2;"));
     free(text);
+}
+
+/* Run `cmd` (a shell command line); its exit status, output into out. */
+static int shell(const char *cmd, char *out, size_t cap)
+{
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    size_t used = 0;
+    out[0] = '\0';
+    char line[512];
+    while (fgets(line, sizeof line, p)) {
+        size_t l = strlen(line);
+        if (used + l < cap) { memcpy(out + used, line, l + 1); used += l; }
+    }
+    int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+/* The build rule (sidecar_embed_migrations, as sidecar/CMakeLists.txt uses
+ * it) in a scratch project, built with make: the generated file follows
+ * the folder when a file is renamed or removed (no remaining input is
+ * newer than the output then, so without the inputs list make would keep
+ * the stale file), when one is edited, and after a clean. */
+static void build_rule_regenerates_after_rename_remove_edit_and_clean(
+    void **state)
+{
+    const char *dir = *state;
+    char cmd[4096], out[16384], path[700], gen[700];
+    snprintf(path, sizeof path, "%s/proj/CMakeLists.txt", dir);
+    snprintf(cmd, sizeof cmd, "mkdir -p '%s/proj' '%s/sql'", dir, dir);
+    assert_int_equal(system(cmd), 0);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fprintf(f, "cmake_minimum_required(VERSION 3.25)\n"
+               "project(embed_rule NONE)\n"
+               "include(\"%s/sidecar/embed_sql.cmake\")\n"
+               "sidecar_embed_migrations(\"%s/sql\" "
+               "\"${CMAKE_CURRENT_BINARY_DIR}/gen.c\")\n"
+               "add_custom_target(gen ALL DEPENDS "
+               "\"${CMAKE_CURRENT_BINARY_DIR}/gen.c\")\n",
+            OUTBOXD_SOURCE_DIR, dir);
+    fclose(f);
+    snprintf(gen, sizeof gen, "%s/build/gen.c", dir);
+    /* two migrations, dated in the past, like files checked out earlier */
+    snprintf(cmd, sizeof cmd, "cd '%s/sql' && echo 'SELECT 1;' > 0001_a.sql && "
+             "echo 'SELECT 2;' > 0002_b.sql && touch -d '2020-01-01' *.sql && "
+             "cmake -S '%s/proj' -B '%s/build' -G 'Unix Makefiles' 2>&1",
+             dir, dir, dir);
+    if (shell(cmd, out, sizeof out) != 0)
+        fail_msg("configure failed:\n%s", out);
+    char build[1024];
+    snprintf(build, sizeof build, "cmake --build '%s/build' 2>&1", dir);
+    if (shell(build, out, sizeof out) != 0)
+        fail_msg("build failed:\n%s", out);
+    char *text = read_whole(gen);
+    assert_non_null(strstr(text, "{ 2, \"0002_b\", "));
+    free(text);
+
+    /* renamed (mv keeps its old time) */
+    snprintf(cmd, sizeof cmd, "mv '%s/sql/0002_b.sql' '%s/sql/0002_c.sql' && %s",
+             dir, dir, build);
+    if (shell(cmd, out, sizeof out) != 0)
+        fail_msg("build after rename failed:\n%s", out);
+    text = read_whole(gen);
+    if (!strstr(text, "{ 2, \"0002_c\", ") || strstr(text, "0002_b"))
+        fail_msg("stale after a rename:\n%s", text);
+    free(text);
+
+    /* removed */
+    snprintf(cmd, sizeof cmd, "rm '%s/sql/0002_c.sql' && %s", dir, build);
+    if (shell(cmd, out, sizeof out) != 0)
+        fail_msg("build after remove failed:\n%s", out);
+    text = read_whole(gen);
+    if (!strstr(text, "sc_migrations_embedded_count = 1;"))
+        fail_msg("stale after a removal:\n%s", text);
+    free(text);
+
+    /* edited, and a new file */
+    snprintf(cmd, sizeof cmd, "sleep 1 && echo 'SELECT 11;' > '%s/sql/0001_a.sql'"
+             " && echo 'SELECT 2;' > '%s/sql/0002_d.sql' && %s", dir, dir, build);
+    if (shell(cmd, out, sizeof out) != 0)
+        fail_msg("build after edit failed:\n%s", out);
+    text = read_whole(gen);
+    if (!strstr(text, "0x31,0x31") || !strstr(text, "{ 2, \"0002_d\", "))
+        fail_msg("stale after an edit and an addition:\n%s", text);
+    free(text);
+
+    /* clean removes it; the next build writes it again */
+    snprintf(cmd, sizeof cmd, "cmake --build '%s/build' --target clean 2>&1", dir);
+    assert_int_equal(shell(cmd, out, sizeof out), 0);
+    assert_int_equal(access(gen, F_OK), -1);
+    if (shell(build, out, sizeof out) != 0)
+        fail_msg("build after clean failed:\n%s", out);
+    assert_int_equal(access(gen, F_OK), 0);
 }
 
 /* ---------------------------------------------------------------- migrate */
@@ -797,6 +892,9 @@ int main(void)
         cmocka_unit_test_setup_teardown(embed_script_rejects_misnamed_and_misnumbered_files,
                                         dir_setup, dir_teardown),
         cmocka_unit_test(fresh_database_gets_every_migration),
+        cmocka_unit_test_setup_teardown(
+            build_rule_regenerates_after_rename_remove_edit_and_clean,
+            dir_setup, dir_teardown),
         cmocka_unit_test(schema_version_is_zero_without_the_version_table),
         cmocka_unit_test(second_run_applies_nothing),
         cmocka_unit_test(database_migrated_by_psql_gets_only_the_rest),

@@ -3,7 +3,11 @@
  * against a real server (tests/support/pg_harness): how answers map, the
  * default query and custom ones, start-up validation and its messages,
  * passwords, the PG* environment, statement_timeout, outages at start and
- * mid-run, concurrency, and the whole chain at the transaction level: a
+ * mid-run, connections terminated while idle or mid-query (replaced within
+ * the check), a SIGSTOPped backend (the check's own deadline; root only),
+ * close() with checks in flight and waiting, pool selection with a slot in
+ * backoff, revalidation under concurrent checks, txids never above debug,
+ * concurrency, and the whole chain at the transaction level: a
  * broker_core store whose check-backs are answered by this checker while
  * PostgreSQL is down for longer than the check schedule.
  *
@@ -24,6 +28,8 @@
 
 #include <libpq-fe.h>
 #include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +44,8 @@
 #include "tmpdir.h"
 
 static pgh *g_pg;
+/* A backend this program stopped with SIGSTOP; teardown resumes it. */
+static pid_t g_stopped;
 
 /* ---- helpers ----------------------------------------------------------------- */
 
@@ -131,6 +139,10 @@ static const char *log_text(struct fx *f);
 static int teardown(void **state)
 {
     fx *f = *state;
+    if (g_stopped > 0) {       /* before anything may wait on it */
+        kill(g_stopped, SIGCONT);
+        g_stopped = 0;
+    }
     tx_close(&f->x);           /* its workers call the checker: first */
     sc_pgcheck_close(f->pc);
     if (getenv("PC_SHOW_LOG"))   /* debugging: the checker's log lines */
@@ -195,6 +207,86 @@ static bool ask_until(sc_pgcheck *pc, const char *txid, brk_check_result want)
         sleep_ms(50);
     }
     return false;
+}
+
+/* Every line that mentions txid is a debug line. */
+static void assert_txid_only_at_debug(fx *f, const char *txid)
+{
+    const char *t = log_text(f);
+    for (const char *p = strstr(t, txid); p; p = strstr(p + 1, txid)) {
+        const char *line = p;
+        while (line > t && line[-1] != '\n') line--;
+        const char *lvl = strstr(line, "\"level\":");
+        if (!lvl || strncmp(lvl, "\"level\":\"debug\"", 15) != 0) {
+            const char *end = strchr(line, '\n');
+            fail_msg("txid above debug: %.*s", end ? (int)(end - line) : 300, line);
+        }
+    }
+}
+
+/* A check on its own thread, for tests that do something while it runs. */
+typedef struct bg_ask {
+    pthread_t th;
+    sc_pgcheck *pc;
+    const char *txid;
+    brk_check_result res;
+    int64_t took_ms, end_ms;
+    atomic_bool done;
+} bg_ask;
+
+static void *bg_main(void *p)
+{
+    bg_ask *a = p;
+    int64_t t0 = now_ms();
+    a->res = ask(a->pc, a->txid);
+    a->end_ms = now_ms();
+    a->took_ms = a->end_ms - t0;
+    atomic_store(&a->done, true);
+    return NULL;
+}
+
+static void bg_start(bg_ask *a, sc_pgcheck *pc, const char *txid)
+{
+    memset(a, 0, sizeof *a);
+    a->pc = pc;
+    a->txid = txid;
+    atomic_init(&a->done, false);
+    assert_int_equal(pthread_create(&a->th, NULL, bg_main, a), 0);
+}
+
+/* Wait (at most 20 s) until a backend of application `app` is running a
+ * query; its pid, or -1. */
+static long long wait_active(const char *app)
+{
+    char q[256];
+    snprintf(q, sizeof q, "SELECT pid FROM pg_stat_activity WHERE application_name"
+             " = '%s' AND state = 'active' LIMIT 1", app);
+    int64_t end = now_ms() + 20000;
+    while (now_ms() < end) {
+        long long pid = pgh_sql_int(g_pg, "postgres", q);
+        if (pid > 0) return pid;
+        sleep_ms(20);
+    }
+    return -1;
+}
+
+/* Terminate the sessions of `app` (in `state`, or any when NULL) and wait
+ * until they are gone; how many there were. */
+static long long terminate(const char *app, const char *state)
+{
+    char q[384];
+    snprintf(q, sizeof q, "SELECT count(pg_terminate_backend(pid, 10000)) FROM"
+             " pg_stat_activity WHERE application_name = '%s'%s%s%s", app,
+             state ? " AND state = '" : "", state ? state : "", state ? "'" : "");
+    return pgh_sql_int(g_pg, "postgres", q);
+}
+
+static long long sessions_of(const char *app)
+{
+    char q[256];
+    snprintf(q, sizeof q, "SELECT count(*) FROM pg_stat_activity WHERE"
+             " application_name = '%s'", app);
+    return pgh_sql_int(g_pg, "postgres", q);
 }
 
 /* ---- answers ------------------------------------------------------------------- */
@@ -617,6 +709,67 @@ static void invalid_query_found_after_start_makes_every_check_error(void **state
     assert_int_equal(s.queries, 0);
 }
 
+/* Checks that come together when the query turns out not to fit (found
+ * at the first connection after an unreachable start) find it once: one
+ * error line per revalidation period, no query sent, no connection per
+ * check. */
+#define IV_THREADS 6
+#define IV_CHECKS  15
+
+typedef struct iv_arg {
+    sc_pgcheck *pc;
+    unsigned not_error;
+} iv_arg;
+
+static void *iv_main(void *p)
+{
+    iv_arg *a = p;
+    for (unsigned k = 0; k < IV_CHECKS; k++)
+        if (ask(a->pc, "o-1") != BRK_CHECK_ERROR) a->not_error++;
+    return NULL;
+}
+
+static void concurrent_checks_find_an_invalid_query_once_per_period(void **state)
+{
+    fx *f = *state;
+    new_db("pc_ivconc", false);
+    sql("pc_ivconc", "CREATE TABLE orders (id text PRIMARY KEY, status text)");
+    pgh_url(g_pg, "pc_ivconc", NULL, NULL, f->url, sizeof f->url);
+    f->o.pool_size = 4;
+    f->o.pg.backoff_min_ms = 20;
+    f->o.pg.backoff_max_ms = 60000;          /* one period for the whole test */
+    f->o.pg.application_name = "pc-ivconc";
+    assert_int_equal(pgh_stop(g_pg), 0);
+    int rc = open_pc(f, f->url, "SELECT status, id FROM orders WHERE id = $1");
+    assert_int_equal(pgh_restart(g_pg), 0);
+    if (rc != 0) fail_msg("open with the server down: %d: %s", rc, f->err);
+    /* Past the first connect's backoff. */
+    sleep_ms(200);
+
+    pthread_t th[IV_THREADS];
+    iv_arg args[IV_THREADS];
+    for (unsigned t = 0; t < IV_THREADS; t++) {
+        args[t] = (iv_arg){ f->pc, 0 };
+        assert_int_equal(pthread_create(&th[t], NULL, iv_main, &args[t]), 0);
+    }
+    unsigned not_error = 0;
+    for (unsigned t = 0; t < IV_THREADS; t++) {
+        pthread_join(th[t], NULL);
+        not_error += args[t].not_error;
+    }
+    assert_int_equal(not_error, 0);
+    const char *t = log_text(f);
+    unsigned lines = 0;
+    for (const char *p = strstr(t, "until it does"); p; p = strstr(p + 1, "until it does"))
+        lines++;
+    assert_int_equal(lines, 1);
+    sc_pgcheck_stats s = stats(f->pc);
+    assert_int_equal(s.queries, 0);
+    assert_false(s.validated);
+    assert_int_equal(s.answers[BRK_CHECK_ERROR], IV_THREADS * IV_CHECKS);
+    assert_true(sessions_of("pc-ivconc") <= 4);
+}
+
 /* A pod may start before its migration job: the default query's schema is
  * missing at the first connection; once migrated, checks are answered. */
 static void schema_installed_after_start_is_picked_up(void **state)
@@ -688,6 +841,203 @@ static void server_killed_mid_run_answers_error_then_recovers(void **state)
     assert_non_null(strstr(log_text(f), "lost the database connection"));
 }
 
+/* A custom query may answer with the txid itself (or text containing
+ * it): the warning quotes the answer, masked. */
+static void answer_quoting_the_txid_is_masked_in_warnings(void **state)
+{
+    fx *f = *state;
+    new_db("pc_echo", false);
+    open_ok(f, "pc_echo", "SELECT 'no: ' || $1::text");
+    assert_int_equal(ask(f->pc, "order-secret-88"), BRK_CHECK_ERROR);
+    const char *t = log_text(f);
+    assert_non_null(strstr(t, "no: <txid>"));
+    assert_txid_only_at_debug(f, "order-secret-88");
+}
+
+/* char(n) pads with blanks: 'COMMIT ' in a char(10) column arrives as
+ * "COMMIT    " and still means commit. */
+static void char_n_answers_with_padding_map(void **state)
+{
+    fx *f = *state;
+    new_db("pc_bpchar", false);
+    sql("pc_bpchar", "CREATE TABLE answers (id text PRIMARY KEY, answer char(10));"
+                     "INSERT INTO answers VALUES ('a', 'COMMIT '), ('b', ' rollback'),"
+                     " ('c', 'Pending'), ('d', NULL), ('e', '')");
+    open_ok(f, "pc_bpchar", "SELECT answer FROM answers WHERE id = $1");
+    assert_true(stats(f->pc).validated);
+    assert_int_equal(ask(f->pc, "a"), BRK_CHECK_COMMIT);
+    assert_int_equal(ask(f->pc, "b"), BRK_CHECK_ROLLBACK);
+    assert_int_equal(ask(f->pc, "c"), BRK_CHECK_UNKNOWN);
+    assert_int_equal(ask(f->pc, "d"), BRK_CHECK_UNKNOWN);
+    /* '' in char(10) is ten blanks: not an answer. */
+    assert_int_equal(ask(f->pc, "e"), BRK_CHECK_ERROR);
+}
+
+/* pg_terminate_backend on an idle check connection (an idle timeout, a
+ * pooler, a DBA): 57P01 is a lost connection, not the query's error; the
+ * check reconnects and is answered. */
+static void terminated_idle_connection_is_replaced_within_the_check(void **state)
+{
+    fx *f = *state;
+    new_db("pc_term", true);
+    put_txn("pc_term", "tm-1", "commit");
+    f->o.pool_size = 1;
+    f->o.pg.application_name = "pc-term-idle";
+    open_ok(f, "pc_term", NULL);
+    assert_int_equal(ask(f->pc, "tm-1"), BRK_CHECK_COMMIT);
+    assert_int_equal(terminate("pc-term-idle", NULL), 1);
+    assert_int_equal(sessions_of("pc-term-idle"), 0);
+
+    assert_int_equal(ask(f->pc, "tm-1"), BRK_CHECK_COMMIT);
+    assert_int_equal(ask(f->pc, "tm-1"), BRK_CHECK_COMMIT);
+    sc_pgcheck_stats s = stats(f->pc);
+    assert_int_equal(s.reconnects, 1);
+    assert_int_equal(s.answers[BRK_CHECK_ERROR], 0);
+    assert_int_equal(s.connected, 1);
+    assert_int_equal(sessions_of("pc-term-idle"), 1);
+    assert_non_null(strstr(log_text(f), "lost the database connection"));
+}
+
+/* Terminated while the query runs: the same, the query is asked again on
+ * a fresh connection (a check only reads). */
+static void connection_terminated_mid_query_is_retried_on_a_fresh_one(void **state)
+{
+    fx *f = *state;
+    new_db("pc_termq", false);
+    f->o.pool_size = 1;
+    f->o.pg.application_name = "pc-term-busy";
+    open_ok(f, "pc_termq",
+            "SELECT CASE WHEN $1 = 'slow' THEN (SELECT 'commit'::text FROM pg_sleep(1))"
+            " ELSE 'rollback' END");
+    bg_ask a;
+    bg_start(&a, f->pc, "slow");
+    long long pid = wait_active("pc-term-busy");
+    long long n = pid > 0 ? terminate("pc-term-busy", "active") : -1;
+    pthread_join(a.th, NULL);
+    assert_true(pid > 0);
+    assert_int_equal(n, 1);
+    assert_int_equal(a.res, BRK_CHECK_COMMIT);
+    assert_int_equal(ask(f->pc, "fast"), BRK_CHECK_ROLLBACK);
+    sc_pgcheck_stats s = stats(f->pc);
+    assert_int_equal(s.reconnects, 1);
+    assert_int_equal(s.answers[BRK_CHECK_ERROR], 0);
+    assert_int_equal(s.connected, 1);
+}
+
+/* The network does not always say the server is gone: a backend that is
+ * stopped (or a host that froze) leaves a TCP connection whose kernel
+ * still acknowledges, so keepalives and tcp_user_timeout never fire, and
+ * statement_timeout runs in the stopped process.  The check must still end,
+ * with ERROR, by its own deadline (statement_timeout + connect_timeout),
+ * and the slot must reconnect afterwards.  SIGSTOP of the backend needs
+ * root (it runs as nobody). */
+static void stopped_backend_answers_error_by_the_deadline(void **state)
+{
+    if (geteuid() != 0) {
+        print_message("skipped: SIGSTOP of the server's backend needs root\n");
+        skip();
+    }
+    fx *f = *state;
+    new_db("pc_sigstop", true);
+    put_txn("pc_sigstop", "st-1", "commit");
+    f->o.pool_size = 1;
+    f->o.pg.connect_timeout_ms = 2000;
+    f->o.pg.statement_timeout_ms = 1000;
+    f->o.pg.application_name = "pc-sigstop";
+    open_ok(f, "pc_sigstop", NULL);
+    assert_int_equal(ask(f->pc, "st-1"), BRK_CHECK_COMMIT);
+    long long pid = pgh_sql_int(g_pg, "postgres", "SELECT pid FROM pg_stat_activity"
+                                " WHERE application_name = 'pc-sigstop'");
+    assert_true(pid > 0);
+    assert_int_equal(kill((pid_t)pid, SIGSTOP), 0);
+    g_stopped = (pid_t)pid;
+
+    bg_ask a;
+    bg_start(&a, f->pc, "st-1");
+    int64_t end = now_ms() + 30000;
+    while (!atomic_load(&a.done) && now_ms() < end) sleep_ms(20);
+    bool done = atomic_load(&a.done);
+    kill(g_stopped, SIGCONT);          /* unblocks the check if it hangs */
+    g_stopped = 0;
+    pthread_join(a.th, NULL);
+    if (!done)
+        fail_msg("a check on a stopped backend was still waiting after 30 s");
+    assert_int_equal(a.res, BRK_CHECK_ERROR);
+    /* Its deadline is 3 s; the margin is for a loaded machine. */
+    if (a.took_ms > 15000) fail_msg("took %lld ms", (long long)a.took_ms);
+    assert_non_null(strstr(log_text(f), "no answer"));
+
+    assert_true(ask_until(f->pc, "st-1", BRK_CHECK_COMMIT));
+    sc_pgcheck_stats s = stats(f->pc);
+    assert_int_equal(s.timeouts, 1);
+    assert_int_equal(s.reconnects, 1);
+    assert_int_equal(s.connected, 1);
+}
+
+/* close() while checks are in flight: one holds the only connection (a
+ * 1.5 s query), another waits for it.  The waiter answers ERROR; the one
+ * in flight keeps its connection and its answer; close returns after both
+ * left (ASan/TSan: nothing touched after the free). */
+static void close_wakes_waiters_and_waits_for_checks_in_flight(void **state)
+{
+    fx *f = *state;
+    new_db("pc_close", false);
+    f->o.pool_size = 1;
+    f->o.pg.statement_timeout_ms = 20000;      /* the waiter's longest wait */
+    f->o.pg.application_name = "pc-close";
+    open_ok(f, "pc_close",
+            "SELECT CASE WHEN $1 = 'slow' THEN (SELECT 'commit'::text FROM pg_sleep(1.5))"
+            " ELSE 'rollback' END");
+    bg_ask slow, waiter;
+    bg_start(&slow, f->pc, "slow");
+    assert_true(wait_active("pc-close") > 0);
+    bg_start(&waiter, f->pc, "fast");
+    sleep_ms(100);                              /* let it start waiting */
+    assert_false(atomic_load(&waiter.done));
+
+    sc_pgcheck_close(f->pc);
+    f->pc = NULL;
+    pthread_join(slow.th, NULL);
+    pthread_join(waiter.th, NULL);
+    assert_int_equal(slow.res, BRK_CHECK_COMMIT);
+    assert_int_equal(waiter.res, BRK_CHECK_ERROR);
+    assert_true(waiter.end_ms <= slow.end_ms);
+    assert_int_equal(sessions_of("pc-close"), 0);
+}
+
+/* A slot in backoff answers ERROR at once; that is right when the server
+ * is gone, not while another slot's healthy connection is merely busy:
+ * then the check waits for it. */
+static void busy_healthy_connection_is_awaited_rather_than_one_in_backoff(void **state)
+{
+    fx *f = *state;
+    new_db("pc_bo", false);
+    sql("postgres", "SET client_min_messages = warning; DROP ROLE IF EXISTS pc_bo;"
+                    " CREATE ROLE pc_bo LOGIN");
+    pgh_url(g_pg, "pc_bo", "pc_bo", NULL, f->url, sizeof f->url);
+    f->o.pool_size = 2;
+    f->o.pg.backoff_min_ms = 20000;            /* the refused slot stays out */
+    f->o.pg.backoff_max_ms = 40000;
+    f->o.pg.application_name = "pc-bo";
+    int rc = open_pc(f, f->url,
+            "SELECT CASE WHEN $1 = 'slow' THEN (SELECT 'commit'::text FROM pg_sleep(3))"
+            " ELSE 'rollback' END");
+    if (rc != 0) fail_msg("open: %d: %s", rc, f->err);
+    sql("postgres", "ALTER ROLE pc_bo NOLOGIN");   /* slot 1 cannot connect */
+
+    bg_ask slow;
+    bg_start(&slow, f->pc, "slow");              /* holds slot 0 for 3 s */
+    long long pid = wait_active("pc-bo");
+    brk_check_result refused = ask(f->pc, "fast");   /* slot 1: refused */
+    sql("postgres", "ALTER ROLE pc_bo LOGIN");
+    brk_check_result awaited = ask(f->pc, "fast");
+    pthread_join(slow.th, NULL);
+    assert_true(pid > 0);
+    assert_int_equal(refused, BRK_CHECK_ERROR);
+    assert_int_equal(slow.res, BRK_CHECK_COMMIT);
+    assert_int_equal(awaited, BRK_CHECK_ROLLBACK);
+}
+
 /* ---- concurrency ---------------------------------------------------------------- */
 
 #define CC_THREADS 8
@@ -753,6 +1103,8 @@ static void concurrent_checks_share_a_pool_of_two(void **state)
     sc_pgcheck_stats s = stats(f->pc);
     assert_int_equal(s.queries, CC_THREADS * CC_CHECKS);
     assert_int_equal(s.answers[BRK_CHECK_ERROR], 0);
+    assert_int_equal(s.answers[BRK_CHECK_COMMIT] + s.answers[BRK_CHECK_ROLLBACK]
+                     + s.answers[BRK_CHECK_UNKNOWN], CC_THREADS * CC_CHECKS);
     assert_true(s.connected >= 1 && s.connected <= 2);
     assert_int_equal(pgh_sql_int(g_pg, "postgres",
                                  "SELECT count(*) FROM pg_stat_activity"
@@ -991,9 +1343,17 @@ int main(void)
         T(pg_environment_is_used_when_conninfo_is_empty),
         T(unreachable_at_start_answers_error_then_recovers),
         T(invalid_query_found_after_start_makes_every_check_error),
+        T(concurrent_checks_find_an_invalid_query_once_per_period),
         T(schema_installed_after_start_is_picked_up),
         T(altered_table_is_prepared_afresh),
         T(server_killed_mid_run_answers_error_then_recovers),
+        T(answer_quoting_the_txid_is_masked_in_warnings),
+        T(char_n_answers_with_padding_map),
+        T(terminated_idle_connection_is_replaced_within_the_check),
+        T(connection_terminated_mid_query_is_retried_on_a_fresh_one),
+        T(stopped_backend_answers_error_by_the_deadline),
+        T(close_wakes_waiters_and_waits_for_checks_in_flight),
+        T(busy_healthy_connection_is_awaited_rather_than_one_in_backoff),
         T(concurrent_checks_share_a_pool_of_two),
         T(txn_outage_longer_than_schedule_then_commit),
         T(txn_pending_forever_rolls_back_with_expiry_event),

@@ -4,334 +4,21 @@
  * directory: how a row becomes a message (every field, JSON bodies byte for
  * byte as the HTTP API stores them), waking by NOTIFY and by polling, the
  * commit-order proof with concurrent writers committing out of id order,
- * two replicas on one database, a row stored before a crash, PostgreSQL
- * stopped mid-run, rows the store refuses for good or for now, and the
- * start-up checks (schema, grants, unreachable server).
+ * two replicas on one database, PostgreSQL stopped mid-run, rows the store
+ * refuses for good or for now, close while a batch is blocked, and the
+ * start-up checks (schema, grants, unreachable server).  Rows stored
+ * before a crash (markers, bounded lookups): test_relay_dedup.c.
  *
  * One server for the program (group setup); every test makes its own
  * database and store.  Rows are written with libpq and parameters; schema
  * changes and counts go through psql (pgh_sql).  Waits poll for a state
- * with a generous deadline; nothing asserts on speed.
+ * with a generous deadline; nothing asserts on speed.  Helpers:
+ * relay_harness.h.
  */
-#include <stdarg.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <setjmp.h>
-#include <cmocka.h>
-
-#include <jansson.h>
-#include <libpq-fe.h>
-#include <pthread.h>
-#include <stdatomic.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include <unistd.h>
-
-#include "broker/store.h"
-#include "broker/uuid.h"
-#include "log.h"
-#include "pg_harness.h"
-#include "relay.h"
-#include "tmpdir.h"
+#include "relay_harness.h"
 /* The HTTP API's own codec: a relayed JSON body must be the bytes it
  * stores for the same JSON. */
 #include "../../http_api/src/codec.h"
-
-#define WAIT_MS 30000           /* deadline of every wait for a state */
-
-static pgh *g_pg;
-static int g_db_seq;
-
-/* ---- helpers ----------------------------------------------------------------- */
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void sleep_ms(int ms)
-{
-    struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
-    while (nanosleep(&ts, &ts) != 0) {}
-}
-
-#define WAIT_FOR(cond)                                                          \
-    do {                                                                        \
-        int64_t wait_end_ = now_ms() + WAIT_MS;                                 \
-        while (!(cond) && now_ms() < wait_end_) sleep_ms(10);                   \
-        if (!(cond)) fail_msg("timed out waiting for: %s", #cond);              \
-    } while (0)
-
-static void sql(const char *db, const char *text)
-{
-    if (pgh_sql(g_pg, db, text, NULL, 0) != 0)
-        fail_msg("SQL failed in %s: %s", db, text);
-}
-
-static long long rows_left(const char *db)
-{
-    return pgh_sql_int(g_pg, db, "SELECT count(*) FROM outbox.messages");
-}
-
-static PGconn *connect_as(const char *db, const char *user)
-{
-    char url[256];
-    pgh_url(g_pg, db, user, NULL, url, sizeof url);
-    PGconn *c = PQconnectdb(url);
-    if (PQstatus(c) != CONNECTION_OK)
-        fail_msg("connect %s: %s", url, PQerrorMessage(c));
-    return c;
-}
-
-/* A row to insert; NULL fields are SQL NULL. */
-typedef struct newrow {
-    const char *topic, *key, *tag, *headers, *body;
-    const void *bytes;
-    size_t bytes_len;
-} newrow;
-
-/* What INSERT ... RETURNING gave back. */
-typedef struct inserted {
-    uint8_t msg_id[BRK_UUID_LEN];
-    int64_t created_ms;
-    char body_text[4096];       /* body::text as jsonb prints it */
-} inserted;
-
-static void insert_on(PGconn *c, const newrow *w, inserted *out)
-{
-    const char *v[6] = { w->topic, w->key, w->tag, w->headers, w->body,
-                         (const char *)w->bytes };
-    int len[6] = { 0, 0, 0, 0, 0, (int)w->bytes_len };
-    int fmt[6] = { 0, 0, 0, 0, 0, 1 };
-    PGresult *r = PQexecParams(c,
-        "INSERT INTO outbox.messages (topic, key, tag, headers, body, body_bytes)"
-        " VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6::bytea)"
-        " RETURNING msg_id::text,"
-        " floor(extract(epoch FROM created_at) * 1000)::bigint,"
-        " coalesce(body::text, '')", 6, NULL, v, len, fmt, 0);
-    if (PQresultStatus(r) != PGRES_TUPLES_OK)
-        fail_msg("insert: %s", PQresultErrorMessage(r));
-    if (out) {
-        assert_int_equal(brk_uuid_parse(PQgetvalue(r, 0, 0), BRK_UUID_STR_LEN,
-                                        out->msg_id), BRK_OK);
-        out->created_ms = strtoll(PQgetvalue(r, 0, 1), NULL, 10);
-        snprintf(out->body_text, sizeof out->body_text, "%s", PQgetvalue(r, 0, 2));
-    }
-    PQclear(r);
-}
-
-static void insert(const char *db, const newrow *w, inserted *out)
-{
-    PGconn *c = connect_as(db, NULL);
-    insert_on(c, w, out);
-    PQfinish(c);
-}
-
-/* n rows of topic "orders", keys k0..k9, bodies {"g": i}, one statement. */
-static void insert_many(const char *db, int from, int n)
-{
-    char q[512];
-    snprintf(q, sizeof q,
-             "INSERT INTO outbox.messages (topic, key, body)"
-             " SELECT 'orders', 'k' || (g %% 10), jsonb_build_object('g', g)"
-             " FROM generate_series(%d, %d) g", from, from + n - 1);
-    sql(db, q);
-}
-
-/* ---- fixture ------------------------------------------------------------------- */
-
-typedef struct fixture {
-    char db[64];
-    char url[256];
-    char dir[512];              /* scratch: stores in dir/a, dir/b, dir/c */
-    brk_store_opts so;
-    brk_store *s[3];
-} fixture;
-
-static int setup(void **state)
-{
-    fixture *f = calloc(1, sizeof *f);
-    if (!f || brk_tmpdir_new("sc_relay", f->dir, sizeof f->dir) != 0)
-        return -1;
-    snprintf(f->db, sizeof f->db, "relay_%d", ++g_db_seq);
-    if (pgh_create_db(g_pg, f->db, true) != 0)
-        return -1;
-    pgh_url(g_pg, f->db, NULL, NULL, f->url, sizeof f->url);
-    brk_store_opts_init(&f->so);
-    *state = f;
-    return 0;
-}
-
-static int teardown(void **state)
-{
-    fixture *f = *state;
-    for (int i = 0; i < 3; i++) brk_store_close(f->s[i]);
-    brk_tmpdir_remove(f->dir);
-    free(f);
-    return 0;
-}
-
-static brk_store *open_store(fixture *f, int i)
-{
-    char path[600], err[256];
-    snprintf(path, sizeof path, "%s/%c", f->dir, 'a' + i);
-    brk_status st = brk_store_open(&f->s[i], path, &f->so, err, sizeof err);
-    if (st != BRK_OK) fail_msg("store open: %s: %s", brk_status_name(st), err);
-    return f->s[i];
-}
-
-static void close_store(fixture *f, int i)
-{
-    assert_int_equal(brk_store_close(f->s[i]), BRK_OK);
-    f->s[i] = NULL;
-}
-
-static void relay_opts(fixture *f, sc_relay_opts *o, brk_store *s, bool thread)
-{
-    sc_relay_opts_init(o);
-    o->pg.conninfo = f->url;
-    o->pg.backoff_min_ms = 20;
-    o->pg.backoff_max_ms = 200;
-    o->pg.connect_timeout_ms = 2000;
-    o->store = s;
-    o->no_thread = !thread;
-}
-
-static sc_relay *open_relay(const sc_relay_opts *o)
-{
-    sc_relay *r = NULL;
-    char err[512];
-    int rc = sc_relay_open(&r, o, err, sizeof err);
-    if (rc != 0) fail_msg("relay open: %d: %s", rc, err);
-    return r;
-}
-
-static sc_relay_stats stats(sc_relay *r)
-{
-    sc_relay_stats s;
-    sc_relay_get_stats(r, &s);
-    return s;
-}
-
-/* One stored message, copied out of its batch. */
-typedef struct smsg {
-    uint8_t id[BRK_UUID_LEN];
-    uint16_t queue;
-    uint32_t flags;
-    int64_t born_ms, store_ms;
-    char key[BRK_KEY_MAX + 1];
-    char tag[BRK_TAG_MAX + 1];
-    uint8_t *body;
-    size_t body_len;
-    uint8_t *props;
-    size_t props_len;
-} smsg;
-
-typedef struct msgs {
-    smsg *m;
-    size_t n;
-} msgs;
-
-static void msgs_free(msgs *l)
-{
-    for (size_t i = 0; i < l->n; i++) {
-        free(l->m[i].body);
-        free(l->m[i].props);
-    }
-    free(l->m);
-    memset(l, 0, sizeof *l);
-}
-
-static void copy_rec(smsg *d, const brk_record *rec)
-{
-    memset(d, 0, sizeof *d);
-    memcpy(d->id, rec->msg_id, BRK_UUID_LEN);
-    d->queue = rec->queue;
-    d->flags = rec->flags;
-    d->born_ms = rec->born_ms;
-    d->store_ms = rec->store_ms;
-    memcpy(d->key, rec->key.ptr, rec->key.len);
-    memcpy(d->tag, rec->tag.ptr, rec->tag.len);
-    d->body = malloc(rec->body.len + 1);
-    memcpy(d->body, rec->body.ptr, rec->body.len);
-    d->body[rec->body.len] = 0;
-    d->body_len = rec->body.len;
-    d->props = malloc(rec->props.len + 1);
-    memcpy(d->props, rec->props.ptr, rec->props.len);
-    d->props_len = rec->props.len;
-}
-
-/* Every message of `topic`, queue by queue, each queue in its order. */
-static msgs read_topic(brk_store *s, const char *topic)
-{
-    msgs l = { 0 };
-    brk_topic_info ti;
-    if (brk_topic_get(s, topic, &ti) != BRK_OK) return l;
-    for (uint16_t q = 0; q < ti.queues; q++) {
-        uint64_t from = 0;
-        for (;;) {
-            brk_batch *b = NULL;
-            assert_int_equal(brk_store_read(s, topic, q, from, 256, &b), BRK_OK);
-            if (b->count == 0) {
-                brk_batch_free(b);
-                break;
-            }
-            l.m = realloc(l.m, (l.n + b->count) * sizeof *l.m);
-            for (size_t i = 0; i < b->count; i++) copy_rec(&l.m[l.n++], &b->recs[i]);
-            from = b->next_offset;
-            brk_batch_free(b);
-        }
-    }
-    return l;
-}
-
-static const smsg *find_msg(const msgs *l, const uint8_t id[BRK_UUID_LEN])
-{
-    for (size_t i = 0; i < l->n; i++)
-        if (memcmp(l->m[i].id, id, BRK_UUID_LEN) == 0) return &l->m[i];
-    return NULL;
-}
-
-static int cmp_id(const void *a, const void *b)
-{
-    return memcmp(a, b, BRK_UUID_LEN);
-}
-
-/* The ids of l, sorted; fails if one appears twice. */
-static uint8_t (*sorted_unique_ids(const msgs *l))[BRK_UUID_LEN]
-{
-    uint8_t (*ids)[BRK_UUID_LEN] = malloc((l->n + 1) * BRK_UUID_LEN);
-    for (size_t i = 0; i < l->n; i++) memcpy(ids[i], l->m[i].id, BRK_UUID_LEN);
-    qsort(ids, l->n, BRK_UUID_LEN, cmp_id);
-    for (size_t i = 1; i < l->n; i++)
-        if (memcmp(ids[i - 1], ids[i], BRK_UUID_LEN) == 0)
-            fail_msg("message id stored twice");
-    return ids;
-}
-
-static bool prop_is(const smsg *m, const char *key, const char *want)
-{
-    brk_bytes v;
-    if (brk_props_get((brk_bytes){ m->props, m->props_len }, key, &v) != BRK_OK)
-        return false;
-    return v.len == strlen(want) && memcmp(v.ptr, want, v.len) == 0;
-}
-
-static bool prop_has(const smsg *m, const char *key, const char *part)
-{
-    brk_bytes v;
-    if (brk_props_get((brk_bytes){ m->props, m->props_len }, key, &v) != BRK_OK)
-        return false;
-    char buf[1024];
-    size_t n = v.len < sizeof buf - 1 ? v.len : sizeof buf - 1;
-    memcpy(buf, v.ptr, n);
-    buf[n] = 0;
-    return strstr(buf, part) != NULL;
-}
 
 /* ---- mapping ---------------------------------------------------------------------- */
 
@@ -780,40 +467,38 @@ static void replicas_relay_each_row_into_one_store_and_take_over(void **state)
     msgs_free(&lb);
 }
 
-/* ---- failures ------------------------------------------------------------------------------ */
-
-static void row_stored_before_a_crash_is_not_stored_again(void **state)
+/* A leader whose store keeps refusing rows (here: over its disk budget)
+ * must not hold the leadership forever while a healthy replica stands by:
+ * it steps down, and the standby relays the rows. */
+static void a_leader_that_cannot_store_lets_a_standby_take_over(void **state)
 {
     fixture *f = *state;
-    brk_store *s = open_store(f, 0);
-    inserted a, b;
-    insert(f->db, &(newrow){ .topic = "orders", .key = "k", .body = "{\"a\": 1}" }, &a);
-    insert(f->db, &(newrow){ .topic = "orders", .key = "k", .body = "{\"a\": 2}" }, &b);
-    /* As if a relay appended row a and died before its DELETE committed. */
-    brk_append_req q = { .topic = "orders", .queue = -1,
-                         .key = { "k", 1 }, .body = { "{\"a\":1}", 7 },
-                         .flags = BRK_RECF_BODY_JSON, .msg_id = a.msg_id,
-                         .born_ms = a.created_ms };
-    brk_append_res res;
-    assert_int_equal(brk_store_append(s, &q, &res), BRK_OK);
-
+    f->so.disk_budget_bytes = 1;
+    brk_store *sa = open_store(f, 0);
+    f->so.disk_budget_bytes = 0;
+    brk_store *sb = open_store(f, 1);
     sc_relay_opts o;
-    relay_opts(f, &o, s, false);
-    sc_relay *r = open_relay(&o);
-    size_t n = 0;
-    assert_int_equal(sc_relay_run_once(r, &n), 0);
-    assert_int_equal(n, 2);
-    sc_relay_stats st = stats(r);
-    assert_int_equal(st.rows_duplicate, 1);
-    assert_int_equal(st.rows_stored, 1);
+    relay_opts(f, &o, sa, true);
+    o.poll_interval_ms = 100;
+    sc_relay *ra = open_relay(&o);
+    WAIT_FOR(stats(ra).leader);
+    relay_opts(f, &o, sb, true);
+    o.poll_interval_ms = 100;
+    sc_relay *rb = open_relay(&o);
+    WAIT_FOR(stats(rb).connected);
+    insert_many(f->db, 1, 3);
+    WAIT_FOR(stats(rb).rows_stored == 3);
     assert_int_equal(rows_left(f->db), 0);
-    msgs l = read_topic(s, "orders");
-    assert_int_equal(l.n, 2);
-    assert_memory_equal(l.m[0].id, a.msg_id, BRK_UUID_LEN);
-    assert_memory_equal(l.m[1].id, b.msg_id, BRK_UUID_LEN);
+    assert_int_equal(stats(ra).rows_stored, 0);
+    assert_non_null(strstr(stats(ra).last_error, "FULL"));
+    sc_relay_close(ra);
+    sc_relay_close(rb);
+    msgs l = read_topic(sb, "orders");
+    assert_int_equal(l.n, 3);
     msgs_free(&l);
-    sc_relay_close(r);
 }
+
+/* ---- failures ------------------------------------------------------------------------------ */
 
 static void postgres_stopped_mid_run_then_every_row_stored_once(void **state)
 {
@@ -992,10 +677,79 @@ static void full_store_makes_the_thread_retry_and_keep_the_rows(void **state)
     sc_relay *r = open_relay(&o);
     WAIT_FOR(stats(r).errors >= 3);
     assert_non_null(strstr(stats(r).last_error, "FULL"));
-    assert_true(stats(r).leader);       /* a store error keeps the session */
+    /* A store error keeps the session (leadership steps down and comes
+     * back: a_leader_that_cannot_store_lets_a_standby_take_over). */
+    assert_true(stats(r).connected);
     assert_int_equal(rows_left(f->db), 1);
     assert_int_equal(stats(r).rows_stored, 0);
     sc_relay_close(r);
+}
+
+typedef struct closer {
+    sc_relay *r;
+    atomic_bool done;
+} closer;
+
+static void *close_main(void *p)
+{
+    closer *c = p;
+    sc_relay_close(c->r);
+    atomic_store(&c->done, true);
+    return NULL;
+}
+
+/* A batch blocked in PostgreSQL (its DELETE waits for a row lock an
+ * application holds) must not hold up close for as long as the lock is
+ * held: close cancels it after a grace period; the rows stay and a later
+ * relay stores none twice. */
+static void close_cancels_a_batch_blocked_in_postgresql(void **state)
+{
+    fixture *f = *state;
+    brk_store *s = open_store(f, 0);
+    inserted a;
+    insert(f->db, &(newrow){ .topic = "orders", .key = "k", .body = "{\"n\": 1}" }, &a);
+    PGconn *app = connect_as(f->db, NULL);
+    PGresult *res = PQexec(app, "BEGIN");
+    PQclear(res);
+    res = PQexec(app, "SELECT id FROM outbox.messages FOR UPDATE");
+    assert_int_equal(PQresultStatus(res), PGRES_TUPLES_OK);
+    PQclear(res);
+
+    sc_relay_opts o;
+    relay_opts(f, &o, s, true);
+    o.poll_interval_ms = 100;
+    sc_relay *r = open_relay(&o);
+    WAIT_FOR(pgh_sql_int(g_pg, f->db, "SELECT count(*) FROM pg_stat_activity"
+                         " WHERE wait_event_type = 'Lock'"
+                         " AND query LIKE 'DELETE FROM outbox.messages%'") == 1);
+    closer c = { .r = r };
+    atomic_init(&c.done, false);
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, close_main, &c), 0);
+    int64_t end = now_ms() + 20000;
+    while (!atomic_load(&c.done) && now_ms() < end) sleep_ms(10);
+    bool closed = atomic_load(&c.done);
+    /* Let go of the lock either way, so that the thread can end. */
+    res = PQexec(app, "ROLLBACK");
+    PQclear(res);
+    PQfinish(app);
+    pthread_join(t, NULL);
+    assert_true(closed);
+    assert_int_equal(rows_left(f->db), 1);
+
+    /* The row was appended and flushed before the DELETE: not again. */
+    relay_opts(f, &o, s, false);
+    r = open_relay(&o);
+    size_t n = 0;
+    assert_int_equal(sc_relay_run_once(r, &n), 0);
+    assert_int_equal(n, 1);
+    assert_int_equal(stats(r).rows_duplicate, 1);
+    assert_int_equal(rows_left(f->db), 0);
+    sc_relay_close(r);
+    msgs l = read_topic(s, "orders");
+    assert_int_equal(l.n, 1);
+    assert_memory_equal(l.m[0].id, a.msg_id, BRK_UUID_LEN);
+    msgs_free(&l);
 }
 
 /* ---- start-up -------------------------------------------------------------------------------- */
@@ -1103,24 +857,6 @@ static void bad_batch_size_is_78(void **state)
 
 /* ---- main --------------------------------------------------------------------------------------- */
 
-static int group_setup(void **state)
-{
-    (void)state;
-    static const char *const vars[] = { "PGHOST", "PGHOSTADDR", "PGPORT",
-        "PGDATABASE", "PGUSER", "PGPASSWORD", "PGPASSFILE", "PGSERVICE",
-        "PGSSLMODE", "PGOPTIONS", "PGCONNECT_TIMEOUT" };
-    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) unsetenv(vars[i]);
-    g_pg = pgh_start(OUTBOXD_SOURCE_DIR);
-    return g_pg ? 0 : -1;
-}
-
-static int group_teardown(void **state)
-{
-    (void)state;
-    pgh_destroy(g_pg);
-    return 0;
-}
-
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1132,11 +868,12 @@ int main(void)
         T(wake_runs_a_batch_at_once),
         T(concurrent_out_of_order_commits_keep_every_row_once_in_key_order),
         T(replicas_relay_each_row_into_one_store_and_take_over),
-        T(row_stored_before_a_crash_is_not_stored_again),
+        T(a_leader_that_cannot_store_lets_a_standby_take_over),
         T(postgres_stopped_mid_run_then_every_row_stored_once),
         T(rows_refused_for_good_are_kept_aside_and_the_rest_flows),
         T(full_store_keeps_rows_until_there_is_room),
         T(full_store_makes_the_thread_retry_and_keep_the_rows),
+        T(close_cancels_a_batch_blocked_in_postgresql),
         T(missing_schema_is_78_with_the_migrate_hint),
         T(role_without_delete_is_78_naming_the_grant),
         T(sidecar_role_is_enough_to_relay),

@@ -37,7 +37,9 @@
  * Caveats
  *   - One process per directory (enforced with a lock file on POSIX).
  *   - Lookup by message id reads the per-segment index files, newest first;
- *     it is meant for tools and rare paths, not per-message hot paths.
+ *     it is meant for tools and rare paths, not per-message hot paths
+ *     (brk_store_lookup_since bounds the work to the records from a given
+ *     log offset on).
  */
 #ifndef BROKER_STORE_H
 #define BROKER_STORE_H
@@ -268,9 +270,23 @@ brk_status brk_store_read_at(brk_store *s, uint64_t log_offset,
                              brk_batch **out);
 
 /* Find a message by id.  BRK_NOTFOUND when it is not (or no longer) in the
- * log.  When the same id was appended more than once, the newest wins. */
+ * log.  When the same id was appended more than once, the newest wins.
+ * Same as brk_store_lookup_since(s, id, 0, out). */
 brk_status brk_store_lookup(brk_store *s, const uint8_t id[BRK_UUID_LEN],
                             brk_batch **out);
+
+/* brk_store_lookup restricted to records at log offsets >= since: a caller
+ * that knows where the records it may be looking for start (the relay: from
+ * a marker it appended before them) pays for the index entries from there
+ * on, not for the whole store.  Segments that end at or before `since` are
+ * not read at all; in the segment holding `since` a binary search of its
+ * index file (entries are in log order) finds where to start; the pending
+ * in-memory index tail is filtered the same way.  A copy of the id below
+ * `since` is never returned, even when it is the only one (BRK_NOTFOUND).
+ * Records become visible to it as to every reader (in SYNC mode once
+ * durable).  *out as for brk_store_lookup (NULL unless BRK_OK). */
+brk_status brk_store_lookup_since(brk_store *s, const uint8_t id[BRK_UUID_LEN],
+                                  uint64_t since, brk_batch **out);
 
 /* ---- retention ----------------------------------------------------------- */
 

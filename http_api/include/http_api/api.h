@@ -68,8 +68,10 @@ typedef struct api_logger {
  * samples) in Prometheus text format 0.0.4 to `out`; they are appended after
  * http_api's own.  It runs on an HTTP thread for every scrape, possibly on
  * several at once, so it must be thread-safe and quick (read counters; no
- * I/O besides `out`).  The struct and ctx are borrowed and must outlive
- * the handler/server. */
+ * I/O besides `out`).  A missing newline after the last line is added.
+ * The families' names must differ from http_api's own (metrics.c lists
+ * them).  The struct and ctx are borrowed and must outlive the
+ * handler/server. */
 typedef struct api_metrics_ext {
     void (*render)(void *ctx, FILE *out);
     void *ctx;
