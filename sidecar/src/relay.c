@@ -311,20 +311,48 @@ static void pg_message(PGconn *c, const PGresult *res, char *out, size_t cap)
     sc_pg_one_line(out);
 }
 
-/* A statement with no parameters and nothing from outside in it (BEGIN,
- * COMMIT, LISTEN ...), through the extended protocol like the rest. */
-static PGresult *exec_fixed(PGconn *c, const char *sql)
+/* Every round trip is sent asynchronously and waited for at most
+ * statement_timeout + connect_timeout (sc_pg_wait_result): a backend that
+ * stops answering while its kernel still ACKs defeats keepalives, and
+ * statement_timeout runs in the stuck process itself.  A round trip that
+ * times out returns NULL with the connection still busy; every caller's
+ * failure path drops the session, which is what such a connection needs. */
+static PGresult *await_result(const sc_relay *r, PGconn *c, int sent)
 {
-    return PQexecParams(c, sql, 0, NULL, NULL, NULL, NULL, 0);
+    if (!sent) return NULL;      /* could not send: the connection is gone */
+    int64_t st = r->pg.statement_timeout_ms;
+    int64_t wait = st > 0 ? st + (r->pg.connect_timeout_ms > 0
+                                  ? r->pg.connect_timeout_ms : 5000) : 0;
+    bool late = false;
+    return sc_pg_wait_result(c, wait, &late);
 }
 
-static bool exec_ok(PGconn *c, const char *sql, char *why, size_t cap)
+/* A statement with no parameters and nothing from outside in it (BEGIN,
+ * COMMIT, LISTEN ...), through the extended protocol like the rest. */
+static PGresult *exec_fixed(const sc_relay *r, PGconn *c, const char *sql)
 {
-    PGresult *res = exec_fixed(c, sql);
+    return await_result(r, c, PQsendQueryParams(c, sql, 0, NULL, NULL, NULL,
+                                                NULL, 0));
+}
+
+static bool exec_ok(const sc_relay *r, PGconn *c, const char *sql, char *why,
+                    size_t cap)
+{
+    PGresult *res = exec_fixed(r, c, sql);
     bool ok = res && PQresultStatus(res) == PGRES_COMMAND_OK;
     if (!ok) pg_message(c, res, why, cap);
     PQclear(res);
     return ok;
+}
+
+/* A prepared statement on the session, bounded like the rest. */
+static PGresult *exec_prepared(const sc_relay *r, const char *name, int n,
+                               const char *const *values, const int *lengths,
+                               const int *formats, int result_format)
+{
+    return await_result(r, r->conn,
+                        PQsendQueryPrepared(r->conn, name, n, values, lengths,
+                                            formats, result_format));
 }
 
 static void add_lookup(sc_relay *r)
@@ -401,9 +429,10 @@ static void drop_session(sc_relay *r, const char *why)
 
 /* Check that outbox.messages is there and ours to read and delete.
  * 0 ok, 78 (err says what to do), -1 a PostgreSQL failure (err). */
-static int check_schema(PGconn *c, char *err, size_t errlen)
+static int check_schema(const sc_relay *r, PGconn *c, char *err,
+                        size_t errlen)
 {
-    PGresult *res = exec_fixed(c, SQL_CHECK);
+    PGresult *res = exec_fixed(r, c, SQL_CHECK);
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
         char why[256];
         pg_message(c, res, why, sizeof why);
@@ -443,10 +472,12 @@ static int check_schema(PGconn *c, char *err, size_t errlen)
 }
 
 /* Prepare one statement.  0, 78 (the schema does not fit), -1 failure. */
-static int prepare(PGconn *c, const char *name, const char *sql, int nparams,
+static int prepare(const sc_relay *r, PGconn *c, const char *name,
+                   const char *sql, int nparams,
                    char *err, size_t errlen)
 {
-    PGresult *res = PQprepare(c, name, sql, nparams, NULL);
+    PGresult *res = await_result(r, c, PQsendPrepare(c, name, sql, nparams,
+                                                     NULL));
     int rc = 0;
     if (!res || PQresultStatus(res) != PGRES_COMMAND_OK) {
         char why[256];
@@ -471,13 +502,13 @@ static int session_open(sc_relay *r, sc_pg_fail *fail, char *err,
     *fail = SC_PG_OK;
     PGconn *c = sc_pg_connect(&r->pg, fail, err, errlen);
     if (!c) return -1;
-    int rc = check_schema(c, err, errlen);
+    int rc = check_schema(r, c, err, errlen);
     if (rc == 0)
-        rc = prepare(c, STMT_SELECT, SC_RELAY_SQL_SELECT, 1, err, errlen);
-    if (rc == 0) rc = prepare(c, STMT_DELETE, SQL_DELETE, 1, err, errlen);
-    if (rc == 0) rc = prepare(c, STMT_LOCK, SQL_LOCK, 0, err, errlen);
-    if (rc == 0) rc = prepare(c, STMT_CAND, SQL_CAND, 2, err, errlen);
-    if (rc == 0) rc = prepare(c, STMT_UNLOCK, SQL_UNLOCK, 0, err, errlen);
+        rc = prepare(r, c, STMT_SELECT, SC_RELAY_SQL_SELECT, 1, err, errlen);
+    if (rc == 0) rc = prepare(r, c, STMT_DELETE, SQL_DELETE, 1, err, errlen);
+    if (rc == 0) rc = prepare(r, c, STMT_LOCK, SQL_LOCK, 0, err, errlen);
+    if (rc == 0) rc = prepare(r, c, STMT_CAND, SQL_CAND, 2, err, errlen);
+    if (rc == 0) rc = prepare(r, c, STMT_UNLOCK, SQL_UNLOCK, 0, err, errlen);
     if (rc != 0) {
         PQfinish(c);
         return rc;
@@ -502,7 +533,7 @@ static int session_open(sc_relay *r, sc_pg_fail *fail, char *err,
  * (session dropped). */
 static int try_lead(sc_relay *r)
 {
-    PGresult *res = PQexecPrepared(r->conn, STMT_LOCK, 0, NULL, NULL, NULL, 0);
+    PGresult *res = exec_prepared(r, STMT_LOCK, 0, NULL, NULL, NULL, 0);
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
         char why[256];
         pg_message(r->conn, res, why, sizeof why);
@@ -522,7 +553,7 @@ static int try_lead(sc_relay *r)
     /* LISTEN after the lock, so a standby is never notified; the batch
      * that follows picks up whatever committed before it. */
     char why[256];
-    if (!exec_ok(r->conn, "LISTEN " SC_RELAY_CHANNEL, why, sizeof why)) {
+    if (!exec_ok(r, r->conn, "LISTEN " SC_RELAY_CHANNEL, why, sizeof why)) {
         drop_session(r, why);
         return -1;
     }
@@ -540,7 +571,7 @@ static bool set_listening(sc_relay *r, bool on)
 {
     if (r->listening == on) return true;
     char why[256];
-    if (!exec_ok(r->conn, on ? "LISTEN " SC_RELAY_CHANNEL
+    if (!exec_ok(r, r->conn, on ? "LISTEN " SC_RELAY_CHANNEL
                              : "UNLISTEN " SC_RELAY_CHANNEL, why, sizeof why)) {
         drop_session(r, why);
         return false;
@@ -605,7 +636,7 @@ static int pg_failed(sc_relay *r, PGresult *res)
  * when the session failed (dropped). */
 static bool step_down(sc_relay *r)
 {
-    PGresult *res = PQexecPrepared(r->conn, STMT_UNLOCK, 0, NULL, NULL, NULL, 0);
+    PGresult *res = exec_prepared(r, STMT_UNLOCK, 0, NULL, NULL, NULL, 0);
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
         pg_failed(r, res);
         return false;
@@ -642,7 +673,7 @@ static int store_failed(sc_relay *r, brk_status st, const char *what)
         r->store_warned_at = now;
     }
     char pgwhy[256];
-    if (!exec_ok(r->conn, "ROLLBACK", pgwhy, sizeof pgwhy)) {
+    if (!exec_ok(r, r->conn, "ROLLBACK", pgwhy, sizeof pgwhy)) {
         drop_session(r, pgwhy);         /* the rows stay all the same */
         return -1;
     }
@@ -659,7 +690,7 @@ static int cand_left(sc_relay *r)
     snprintf(lo, sizeof lo, "%" PRId64, r->cand.lo);
     snprintf(hi, sizeof hi, "%" PRId64, r->cand.hi);
     const char *pv[2] = { lo, hi };
-    PGresult *res = PQexecPrepared(r->conn, STMT_CAND, 2, pv, NULL, NULL, 0);
+    PGresult *res = exec_prepared(r, STMT_CAND, 2, pv, NULL, NULL, 0);
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1)
         return pg_failed(r, res);
     int left = PQgetvalue(res, 0, 0)[0] == 't';
@@ -721,7 +752,7 @@ static int run_batch(sc_relay *r, size_t *handled, bool *full)
     *handled = 0;
     *full = false;
     char why[256];
-    if (!exec_ok(r->conn, "BEGIN", why, sizeof why)) {
+    if (!exec_ok(r, r->conn, "BEGIN", why, sizeof why)) {
         drop_session(r, why);
         return -1;
     }
@@ -734,7 +765,7 @@ static int run_batch(sc_relay *r, size_t *handled, bool *full)
     char lim[16];
     snprintf(lim, sizeof lim, "%u", (unsigned)r->batch);
     const char *pv[1] = { lim };
-    PGresult *res = PQexecPrepared(r->conn, STMT_SELECT, 1, pv, NULL, NULL, 1);
+    PGresult *res = exec_prepared(r, STMT_SELECT, 1, pv, NULL, NULL, 1);
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK
         || PQnfields(res) != SC_RELAY_C_COUNT)
         return pg_failed(r, res);
@@ -743,7 +774,7 @@ static int run_batch(sc_relay *r, size_t *handled, bool *full)
     if (n > 0 && (!sc_relay_row_read(res, 0, &first)
                   || !sc_relay_row_read(res, n - 1, &last))) {
         PQclear(res);
-        exec_ok(r->conn, "ROLLBACK", why, sizeof why);
+        exec_ok(r, r->conn, "ROLLBACK", why, sizeof why);
         drop_session(r, "outbox.messages returned a row of an unexpected "
                      "shape; " MIGRATE_HINT);
         return -1;
@@ -769,7 +800,7 @@ static int run_batch(sc_relay *r, size_t *handled, bool *full)
         sc_relay_row w;
         if (!sc_relay_row_read(res, i, &w)) {
             PQclear(res);
-            exec_ok(r->conn, "ROLLBACK", why, sizeof why);
+            exec_ok(r, r->conn, "ROLLBACK", why, sizeof why);
             drop_session(r, "outbox.messages returned a row of an unexpected "
                          "shape; " MIGRATE_HINT);
             return -1;
@@ -806,7 +837,7 @@ static int run_batch(sc_relay *r, size_t *handled, bool *full)
         r->ids[ids_len++] = '}';
         r->ids[ids_len] = '\0';
         const char *dv[1] = { r->ids };
-        res = PQexecPrepared(r->conn, STMT_DELETE, 1, dv, NULL, NULL, 0);
+        res = exec_prepared(r, STMT_DELETE, 1, dv, NULL, NULL, 0);
         if (!res || PQresultStatus(res) != PGRES_COMMAND_OK)
             return pg_failed(r, res);
         PQclear(res);
@@ -815,12 +846,12 @@ static int run_batch(sc_relay *r, size_t *handled, bool *full)
     if (left < 0) return -1;
     if (r->fail_commit > 0 && n > 0) {
         r->fail_commit--;
-        exec_ok(r->conn, "ROLLBACK", why, sizeof why);
+        exec_ok(r, r->conn, "ROLLBACK", why, sizeof why);
         drop_session(r, "fail_before_commit_test: this batch fails before "
                      "its COMMIT");
         return -1;
     }
-    if (!exec_ok(r->conn, "COMMIT", why, sizeof why)) {
+    if (!exec_ok(r, r->conn, "COMMIT", why, sizeof why)) {
         /* The outcome may be either: the rows become candidates. */
         drop_session(r, why);
         return -1;

@@ -15,6 +15,9 @@
  * with a generous deadline; nothing asserts on speed.  Helpers:
  * relay_harness.h.
  */
+#include <signal.h>
+#include <unistd.h>
+
 #include "relay_harness.h"
 /* The HTTP API's own codec: a relayed JSON body must be the bytes it
  * stores for the same JSON. */
@@ -752,6 +755,52 @@ static void close_cancels_a_batch_blocked_in_postgresql(void **state)
     msgs_free(&l);
 }
 
+/* A backend that stops answering while its kernel still ACKs (SIGSTOP):
+ * neither keepalives nor statement_timeout help, so every round trip has
+ * its own deadline (statement_timeout + connect_timeout).  The relay must
+ * give up on the session and close() must return while the backend is
+ * still stopped.  SIGSTOP of the server's backend needs root (it runs as
+ * nobody). */
+static void close_returns_while_the_backend_is_stopped(void **state)
+{
+    if (geteuid() != 0) {
+        print_message("skipped: SIGSTOP of the server's backend needs root\n");
+        skip();
+    }
+    fixture *f = *state;
+    brk_store *s = open_store(f, 0);
+    sc_relay_opts o;
+    relay_opts(f, &o, s, true);
+    o.poll_interval_ms = 100;
+    o.pg.statement_timeout_ms = 500;
+    o.pg.application_name = "relay-sigstop";
+    sc_relay *r = open_relay(&o);
+    inserted a;
+    insert(f->db, &(newrow){ .topic = "orders", .key = "k", .body = "{\"n\": 1}" }, &a);
+    WAIT_FOR(stats(r).rows_stored == 1);
+    long long pid = pgh_sql_int(g_pg, "postgres", "SELECT pid FROM pg_stat_activity"
+                                " WHERE application_name = 'relay-sigstop'");
+    assert_true(pid > 0);
+    assert_int_equal(kill((pid_t)pid, SIGSTOP), 0);
+    /* The next poll sends BEGIN to the stopped backend; past its deadline
+     * (0.5 + 2 s) the session is dropped. */
+    int64_t end = now_ms() + 20000;
+    while (stats(r).connected && now_ms() < end) sleep_ms(20);
+    bool dropped = !stats(r).connected;
+
+    closer c = { .r = r };
+    atomic_init(&c.done, false);
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, close_main, &c), 0);
+    end = now_ms() + 20000;
+    while (!atomic_load(&c.done) && now_ms() < end) sleep_ms(10);
+    bool closed = atomic_load(&c.done);
+    kill((pid_t)pid, SIGCONT);      /* either way, so the thread can end */
+    pthread_join(t, NULL);
+    assert_true(dropped);
+    assert_true(closed);
+}
+
 /* ---- start-up -------------------------------------------------------------------------------- */
 
 static void missing_schema_is_78_with_the_migrate_hint(void **state)
@@ -874,6 +923,7 @@ int main(void)
         T(full_store_keeps_rows_until_there_is_room),
         T(full_store_makes_the_thread_retry_and_keep_the_rows),
         T(close_cancels_a_batch_blocked_in_postgresql),
+        T(close_returns_while_the_backend_is_stopped),
         T(missing_schema_is_78_with_the_migrate_hint),
         T(role_without_delete_is_78_naming_the_grant),
         T(sidecar_role_is_enough_to_relay),
