@@ -15,71 +15,26 @@
 #
 # Each step checks the status and the fields it relies on; the script exits
 # non-zero at the first surprise.  Only the outboxd it started is stopped
-# (by PID).
+# (by PID).  The helpers (call, expect, step, start_outboxd, ...) are in
+# examples/lib.sh, shared with order_demo.sh.
 set -euo pipefail
 
+DEMO=http_demo
 BIN=${1:?usage: http_demo.sh path/to/outboxd}
+# shellcheck source=examples/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 command -v curl >/dev/null || { echo "http_demo: curl is required (make deps)" >&2; exit 69; }
 command -v jq >/dev/null || { echo "http_demo: jq is required (make deps)" >&2; exit 69; }
 
-DIR=$(mktemp -d)
-LOG="$DIR/outboxd.log"
-PID=""
+TMP=$(mktemp -d)
+LOG="$TMP/outboxd.log"
 cleanup() {
-    if [[ -n "$PID" ]] && kill -0 "$PID" 2>/dev/null; then
-        kill -TERM "$PID" 2>/dev/null || true
-        wait "$PID" 2>/dev/null || true
-    fi
-    rm -rf "$DIR"
+    kill_outboxd
+    rm -rf "$TMP"
 }
 trap cleanup EXIT
 
-"$BIN" --data-dir="$DIR/data" --listen=127.0.0.1:0 2>"$LOG" &
-PID=$!
-
-# Wait for the "listening" log line, which carries the bound address.
-ADDR=""
-for _ in $(seq 1 100); do
-    ADDR=$(grep '"listening"' "$LOG" 2>/dev/null | grep -oE '127\.0\.0\.1:[0-9]+' | head -n1 || true)
-    [[ -n "$ADDR" ]] && break
-    kill -0 "$PID" 2>/dev/null || { echo "http_demo: outboxd exited:" >&2; cat "$LOG" >&2; exit 1; }
-    sleep 0.1
-done
-[[ -n "$ADDR" ]] || { echo "http_demo: outboxd did not start listening" >&2; cat "$LOG" >&2; exit 1; }
-BASE="http://$ADDR"
-
-STATUS="" BODY=""
-# call METHOD PATH [JSON] [extra curl args...]: print the exchange, set STATUS and BODY.
-call() {
-    local method=$1 path=$2 data=${3:-}
-    shift $(( $# >= 3 ? 3 : $# ))
-    local args=(-sS -X "$method" -o "$DIR/body" -w '%{http_code}' "$@")
-    echo
-    if [[ -n "$data" ]]; then
-        echo "> $method $path $data"
-        STATUS=$(curl "${args[@]}" -H 'Content-Type: application/json' --data-binary "$data" "$BASE$path")
-    else
-        echo "> $method $path"
-        STATUS=$(curl "${args[@]}" "$BASE$path")
-    fi
-    BODY=$(cat "$DIR/body")
-    if jq -e . >/dev/null 2>&1 <<<"$BODY"; then
-        echo "< $STATUS $(jq -c . <<<"$BODY")"
-    else
-        echo "< $STATUS (${#BODY} bytes of text)"
-    fi
-}
-
-expect() {  # expect STATUS [jq-condition...]
-    local want=$1
-    shift
-    [[ "$STATUS" == "$want" ]] || { echo "http_demo: expected HTTP $want, got $STATUS" >&2; exit 1; }
-    for cond in "$@"; do
-        jq -e "$cond" >/dev/null <<<"$BODY" || { echo "http_demo: expected $cond in $BODY" >&2; exit 1; }
-    done
-}
-
-step() { echo; echo "=== $*"; }
+start_outboxd --data-dir="$TMP/data" --listen=127.0.0.1:0
 
 step "1. half message -> commit -> receive -> ack"
 call POST /v1/transactions '{"topic":"orders","key":"order-1001","txid":"order-1001-created","headers":{"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},"body":{"order":1001,"total":"42.50"}}'
@@ -171,12 +126,6 @@ expect 200 '.status == "ready"'
 curl -sS "$BASE/metrics" | grep -E '^outboxd_(transactions_total|messages_published_total|store_fsync_seconds_count)' | head -n 8
 
 step "8. SIGTERM: graceful shutdown"
-kill -TERM "$PID"
-rc=0
-wait "$PID" || rc=$?
-PID=""
-[[ $rc -eq 0 ]] || { echo "http_demo: outboxd exited $rc" >&2; cat "$LOG" >&2; exit 1; }
-echo "outboxd exited 0; last log lines:"
-tail -n 3 "$LOG"
+stop_outboxd
 echo
 echo "http_demo: all steps passed"

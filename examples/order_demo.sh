@@ -29,6 +29,11 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DEMO=order_demo
+# call, expect, step, ok, fail, until_ok, start_outboxd, stop_outboxd,
+# kill_outboxd: examples/lib.sh, shared with http_demo.sh
+# shellcheck source=examples/lib.sh
+. "$ROOT/examples/lib.sh"
 BIN=${1:-$ROOT/${BUILD:-build}/sidecar/outboxd}
 PY=/usr/bin/python3     # Debian's python3-psycopg2 is installed for it
 SVC="$ROOT/examples/order_service.py"
@@ -44,40 +49,13 @@ command -v jq >/dev/null || need "jq is required (make deps)"
 TMP=$(mktemp -d /tmp/order_demo.XXXXXX)
 chmod 0755 "$TMP"       # PostgreSQL runs as `nobody` under root: it must reach $TMP/pg
 LOG="$TMP/outboxd.log"
-PID=""
 PG_STARTED=""
 cleanup() {
-    if [[ -n "$PID" ]] && kill -0 "$PID" 2>/dev/null; then
-        kill -TERM "$PID" 2>/dev/null || true
-        # a graceful exit takes well under the 20 s grace; never hang here
-        for _ in $(seq 1 300); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$PID" 2>/dev/null || true
-        wait "$PID" 2>/dev/null || true
-    fi
+    kill_outboxd
     [[ -z "$PG_STARTED" ]] || bash "$ROOT/scripts/pgtmp.sh" stop "$TMP/pg" || true
     rm -rf "$TMP"
 }
 trap cleanup EXIT
-
-step() { echo; echo "=== $*"; }
-fail() {
-    echo "order_demo: FAILED: $*" >&2
-    [[ -f "$LOG" ]] && { echo "--- outboxd log (last 20 lines)" >&2; tail -n 20 "$LOG" >&2; }
-    exit 1
-}
-ok() { echo "   ok: $*"; }
-
-# until SECONDS COMMAND...: run COMMAND (quietly) until it succeeds; 1 when
-# SECONDS pass first.
-until_ok() {
-    local secs=$1
-    shift
-    local end=$((${EPOCHREALTIME//[!0-9]/} + secs * 1000000))   # microseconds
-    until "$@" >/dev/null 2>&1; do
-        ((${EPOCHREALTIME//[!0-9]/} < end)) || return 1
-        sleep 0.1
-    done
-}
 
 # sql QUERY: run as the superuser (the demo inspecting the database); one
 # value per line.
@@ -92,37 +70,6 @@ svc() {
     "$PY" "$SVC" "$@" >"$TMP/svc.out" || { cat "$TMP/svc.out"; fail "order_service.py $1 exited non-zero"; }
     sed '$d' "$TMP/svc.out"
     RESULT=$(tail -n 1 "$TMP/svc.out" | jq -c .result)
-}
-
-STATUS="" BODY=""
-# call METHOD PATH [JSON]: print the exchange, set STATUS and BODY.
-call() {
-    local method=$1 path=$2 data=${3:-}
-    local args=(-sS -X "$method" -o "$TMP/body" -w '%{http_code}')
-    echo
-    if [[ -n "$data" ]]; then
-        echo "> $method $path $data"
-        STATUS=$(curl "${args[@]}" -H 'Content-Type: application/json' --data-binary "$data" "$BASE$path")
-    else
-        echo "> $method $path"
-        STATUS=$(curl "${args[@]}" "$BASE$path")
-    fi
-    BODY=$(cat "$TMP/body")
-    if jq -e . >/dev/null 2>&1 <<<"$BODY"; then
-        echo "< $STATUS $(jq -c . <<<"$BODY")"
-    else
-        echo "< $STATUS (${#BODY} bytes of text)"
-    fi
-}
-
-expect() {  # expect STATUS [jq-condition...]
-    local want=$1
-    shift
-    [[ "$STATUS" == "$want" ]] || fail "expected HTTP $want, got $STATUS"
-    for cond in "$@"; do
-        jq -e "$cond" >/dev/null <<<"$BODY" || fail "expected $cond in $BODY"
-        ok "$cond"
-    done
 }
 
 # expect_result JQ-CONDITION...: check the last svc result.
@@ -218,17 +165,9 @@ echo
 echo "$ outboxd --data-dir=$TMP/outboxd --listen=127.0.0.1:0 --database-url=$OUTBOXD_DB"
 echo "          --relay=true --relay-poll-interval=200ms --check-first=1s --check-interval=1s --check-max=3"
 echo "  (default check policy shortened for the demo: first check after 1 s, every 1 s, 3 checks)"
-"$BIN" --data-dir="$TMP/outboxd" --listen=127.0.0.1:0 --database-url="$OUTBOXD_DB" \
+start_outboxd --data-dir="$TMP/outboxd" --listen=127.0.0.1:0 --database-url="$OUTBOXD_DB" \
     --relay=true --relay-poll-interval=200ms \
-    --check-first=1s --check-interval=1s --check-max=3 2>"$LOG" &
-PID=$!
-
-# The "listening" log line carries the bound address.
-listening() { grep -q '"listening"' "$LOG" || ! kill -0 "$PID"; }
-until_ok 20 listening || fail "outboxd did not start listening within 20 s"
-kill -0 "$PID" 2>/dev/null || { PID=""; fail "outboxd exited at start-up"; }
-ADDR=$(grep '"listening"' "$LOG" | grep -oE '127\.0\.0\.1:[0-9]+' | head -n1)
-BASE="http://$ADDR"
+    --check-first=1s --check-interval=1s --check-max=3
 export OUTBOXD_URL="$BASE"
 ready() { [[ "$(curl -s -o /dev/null -w '%{http_code}' "$BASE/readyz")" == 200 ]]; }
 until_ok 10 ready || true       # the call below shows what it answers
@@ -344,15 +283,7 @@ echo "   (the relay stored the row in outboxd and deleted it from outbox.message
 
 # ------------------------------------------------------------------- 8
 step "8. SIGTERM: graceful shutdown"
-kill -TERM "$PID"
-gone() { ! kill -0 "$PID"; }
-until_ok 30 gone || fail "outboxd still runs 30 s after SIGTERM"
-rc=0
-wait "$PID" || rc=$?
-PID=""
-[[ $rc -eq 0 ]] || fail "outboxd exited $rc"
-echo "outboxd exited 0; last log lines:"
-tail -n 3 "$LOG"
+stop_outboxd
 bash "$ROOT/scripts/pgtmp.sh" stop "$TMP/pg"
 PG_STARTED=""
 echo "PostgreSQL stopped"

@@ -23,6 +23,8 @@
 
 #include "handler_fx.h"
 #include "idem.h"
+/* check_page, count_name: shared with test_daemon_pg.c */
+#include "../sidecar/prom_page.h"
 
 /* ---- routing and the shared checks ------------------------------------------------------- */
 
@@ -1066,17 +1068,25 @@ static void ext_render(void *ctx, FILE *out)
                  "outboxd_test_ext{call=\"%d\"} 1\n", n);
 }
 
-static void metrics_ext_families_are_appended_to_the_page(void **state)
+/* Reopen the fixture's handler with `ext` as its metrics_ext (NULL: none).
+ * A test that installs one reopens without it before `ext` goes out of
+ * scope. */
+static void reopen_with_ext(fx *f, api_metrics_ext *ext)
 {
-    fx *f = *state;
     char err[256];
-    ext_ctx e = { 0 };
-    api_metrics_ext ext = { ext_render, &e };
     api_handler_close(f->h);
-    f->cfg.metrics_ext = &ext;
+    f->cfg.metrics_ext = ext;
     api_broker b = { f->s, f->t, f->d, f->g };
     assert_int_equal(api_handler_open(&f->h, &f->cfg, &b, err, sizeof err),
                      BRK_OK);
+}
+
+static void metrics_ext_families_are_appended_to_the_page(void **state)
+{
+    fx *f = *state;
+    ext_ctx e = { 0 };
+    api_metrics_ext ext = { ext_render, &e };
+    reopen_with_ext(f, &ext);
     res r;
     call(f, "GET", "/metrics", NULL, &r);
     expect_status(&r, 200);
@@ -1096,83 +1106,10 @@ static void metrics_ext_families_are_appended_to_the_page(void **state)
     res_free(&r);
     assert_int_equal(atomic_load(&e.calls), 2);
     /* the handler is closed (teardown) before `ext` goes out of scope */
-    api_handler_close(f->h);
-    f->cfg.metrics_ext = NULL;
-    assert_int_equal(api_handler_open(&f->h, &f->cfg, &b, err, sizeof err),
-                     BRK_OK);
+    reopen_with_ext(f, NULL);
     call(f, "GET", "/metrics", NULL, &r);
     assert_null(strstr(r.body, "outboxd_test_ext"));
     res_free(&r);
-}
-
-/* The page as Prometheus' text format 0.0.4 reads it: every family has one
- * "# HELP" and one "# TYPE", before its samples, and its samples follow
- * it without another family in between (a histogram's _bucket, _sum and
- * _count belong to it); every line ends with '\n'.  Fails naming the line.
- * The families' names are appended to names[] (cap entries). */
-static size_t check_page(const char *page, char (*names)[96], size_t cap)
-{
-    size_t n = 0;
-    char current[96] = "";
-    assert_true(*page);
-    if (page[strlen(page) - 1] != '\n')
-        fail_msg("the page does not end with a newline:\n%s", page);
-    for (const char *line = page; *line;) {
-        const char *eol = strchr(line, '\n');
-        size_t len = (size_t)(eol - line);
-        char l[512];
-        snprintf(l, sizeof l, "%.*s", (int)(len < sizeof l ? len : sizeof l - 1),
-                 line);
-        line = eol + 1;
-        if (len == 0)
-            fail_msg("an empty line in the page:\n%s", page);
-        char name[96];
-        if (strncmp(l, "# HELP ", 7) == 0 || strncmp(l, "# TYPE ", 7) == 0) {
-            bool help = l[2] == 'H';
-            snprintf(name, sizeof name, "%.*s", (int)strcspn(l + 7, " "), l + 7);
-            size_t i = 0;
-            while (i < n && strcmp(names[i], name) != 0)
-                i++;
-            if (help) {
-                if (i < n)
-                    fail_msg("family %s appears twice: %s", name, l);
-                assert_true(n < cap);
-                snprintf(names[n++], sizeof names[0], "%s", name);
-                snprintf(current, sizeof current, "%s", name);
-            } else if (i == n || strcmp(current, name) != 0) {
-                fail_msg("# TYPE without its # HELP just before: %s", l);
-            } else if (!strstr(l + 7 + strlen(name), " counter") &&
-                       !strstr(l + 7 + strlen(name), " gauge") &&
-                       !strstr(l + 7 + strlen(name), " histogram")) {
-                fail_msg("unknown type: %s", l);
-            }
-            continue;
-        }
-        if (l[0] == '#')
-            fail_msg("unexpected comment: %s", l);
-        snprintf(name, sizeof name, "%.*s", (int)strcspn(l, "{ "), l);
-        size_t cl = strlen(current);
-        bool mine = strcmp(name, current) == 0 ||
-                    (strncmp(name, current, cl) == 0 &&
-                     (strcmp(name + cl, "_bucket") == 0 ||
-                      strcmp(name + cl, "_sum") == 0 ||
-                      strcmp(name + cl, "_count") == 0));
-        if (!cl || !mine)
-            fail_msg("sample outside its family (after %s): %s", current, l);
-        const char *v = strrchr(l, ' ');
-        char *end;
-        if (!v || (strtod(v + 1, &end), *end != '\0'))
-            fail_msg("sample without a value: %s", l);
-    }
-    return n;
-}
-
-static size_t count_name(char (*names)[96], size_t n, const char *name)
-{
-    size_t k = 0;
-    for (size_t i = 0; i < n; i++)
-        k += strcmp(names[i], name) == 0;
-    return k;
 }
 
 /* A hook that forgets the last newline cannot glue its last sample to
@@ -1189,13 +1126,8 @@ static void metrics_ext_without_a_final_newline_still_ends_the_page(
     void **state)
 {
     fx *f = *state;
-    char err[256];
     api_metrics_ext ext = { ext_no_newline, NULL };
-    api_handler_close(f->h);
-    f->cfg.metrics_ext = &ext;
-    api_broker b = { f->s, f->t, f->d, f->g };
-    assert_int_equal(api_handler_open(&f->h, &f->cfg, &b, err, sizeof err),
-                     BRK_OK);
+    reopen_with_ext(f, &ext);
     res r;
     call(f, "GET", "/metrics", NULL, &r);
     expect_status(&r, 200);
@@ -1204,10 +1136,7 @@ static void metrics_ext_without_a_final_newline_still_ends_the_page(
     assert_int_equal(count_name(names, n, "outboxd_test_nonl"), 1);
     assert_true(has_line(r.body, "outboxd_test_nonl 7"));
     res_free(&r);
-    api_handler_close(f->h);
-    f->cfg.metrics_ext = NULL;
-    assert_int_equal(api_handler_open(&f->h, &f->cfg, &b, err, sizeof err),
-                     BRK_OK);
+    reopen_with_ext(f, NULL);
 }
 
 /* Scrapes from several threads at once: the hook runs once per scrape,
@@ -1240,14 +1169,9 @@ static void concurrent_scrapes_run_the_ext_once_each_and_stay_valid(
     void **state)
 {
     fx *f = *state;
-    char err[256];
     ext_ctx e = { 0 };
     api_metrics_ext ext = { ext_render, &e };
-    api_handler_close(f->h);
-    f->cfg.metrics_ext = &ext;
-    api_broker b = { f->s, f->t, f->d, f->g };
-    assert_int_equal(api_handler_open(&f->h, &f->cfg, &b, err, sizeof err),
-                     BRK_OK);
+    reopen_with_ext(f, &ext);
     send_ok(f, "mt", "{'key':'a','body':1}");
     scraper sc[4] = { { f, 0 }, { f, 0 }, { f, 0 }, { f, 0 } };
     pthread_t th[4];
@@ -1258,10 +1182,7 @@ static void concurrent_scrapes_run_the_ext_once_each_and_stay_valid(
     for (int i = 0; i < 4; i++)
         assert_int_equal(sc[i].pages, 25);
     assert_int_equal(atomic_load(&e.calls), 100);
-    api_handler_close(f->h);
-    f->cfg.metrics_ext = NULL;
-    assert_int_equal(api_handler_open(&f->h, &f->cfg, &b, err, sizeof err),
-                     BRK_OK);
+    reopen_with_ext(f, NULL);
 }
 
 /* ---- concurrency (TSan) ---------------------------------------------------------------------- */

@@ -1,10 +1,12 @@
 /*
- * daemon_harness.h - what test_daemon.c drives the outboxd binary with:
- * child processes (fork/exec of OUTBOXD_BIN, stdout and stderr drained by a
- * thread), the JSON log they write, and HTTP through libcurl.
+ * daemon_harness.h - what test_daemon.c and test_daemon_pg.c drive the
+ * outboxd binary with: child processes (fork/exec of OUTBOXD_BIN, stdout
+ * and stderr drained by a thread), the JSON log they write, HTTP through
+ * libcurl, and sets of message ids.
  *
- * Included by test_daemon.c only (tests/CMakeLists.txt builds each test
- * file alone), so it holds definitions: static, each used there.
+ * tests/CMakeLists.txt builds each test file alone, so this header holds
+ * definitions: static, and (for the warning below) not all of them used by
+ * each file that includes it.
  *
  * The child inherits this process's environment minus every OUTBOXD_*
  * variable (so sanitizer options reach it) plus what a test adds.  Its
@@ -41,6 +43,10 @@
 #include <unistd.h>
 
 extern char **environ;
+
+/* Each including file uses most, not all, of the definitions below. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-function"
 
 #define ARGS(...) ((const char *const[]){ __VA_ARGS__, NULL })
 
@@ -432,10 +438,8 @@ static bool wait_log(proc *p, const char *msg, int timeout_ms)
     }
 }
 
-/* A port that was free a moment ago.  For a daemon whose log the test
- * cannot read: should another process take the port first, the daemon
- * exits 69 and start_blind tries another. */
-static uint16_t probe_port(void)
+/* A TCP socket bound to 127.0.0.1 at a port the kernel chose (*port). */
+static int bind_loopback(uint16_t *port)
 {
     int s = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in sa = { .sin_family = AF_INET,
@@ -443,8 +447,42 @@ static uint16_t probe_port(void)
     socklen_t sl = sizeof sa;
     assert_int_equal(bind(s, (struct sockaddr *)&sa, sizeof sa), 0);
     assert_int_equal(getsockname(s, (struct sockaddr *)&sa, &sl), 0);
-    close(s);
-    return ntohs(sa.sin_port);
+    *port = ntohs(sa.sin_port);
+    return s;
+}
+
+/* A port that was free a moment ago (bound, then closed: nobody listens
+ * there).  For a daemon whose log the test cannot read: should another
+ * process take the port first, the daemon exits 69 and start_blind tries
+ * another. */
+static uint16_t probe_port(void)
+{
+    uint16_t port;
+    close(bind_loopback(&port));
+    return port;
+}
+
+/* A socket listening on 127.0.0.1 (*port) that never accepts: the port is
+ * taken, and up to `backlog` connections complete and are never answered. */
+static int listen_loopback(int backlog, uint16_t *port)
+{
+    int s = bind_loopback(port);
+    assert_int_equal(listen(s, backlog), 0);
+    return s;
+}
+
+/* A GET or POST (body may be NULL) that must answer `want`; its body as
+ * JSON (a new reference). */
+static json_t *http_json(uint16_t port, const char *method, const char *path,
+                         const char *body, long want)
+{
+    resp r;
+    http(NULL, port, method, path, body, NULL, &r);
+    if (r.status != want)
+        fail_msg("%s %s: %ld %s", method, path, r.status, r.body ? r.body : "");
+    json_t *j = resp_json(&r);
+    resp_free(&r);
+    return j;
 }
 
 /* Start a daemon without a readable stderr; ready once /healthz answers. */
@@ -477,5 +515,39 @@ static proc *start_blind(const char *dir, stdio_mode mode)
     fail_msg("no free port in 5 attempts");
     return NULL;
 }
+
+/* ---- sets of ids ------------------------------------------------------------------ */
+
+typedef struct ids {
+    char (*v)[160];
+    size_t n, cap;
+} ids;
+
+static void ids_add(ids *s, const char *id)
+{
+    if (s->n == s->cap) {
+        s->cap = s->cap ? s->cap * 2 : 256;
+        s->v = realloc(s->v, s->cap * sizeof *s->v);
+    }
+    snprintf(s->v[s->n++], sizeof s->v[0], "%s", id);
+}
+
+static int ids_cmp(const void *a, const void *b)
+{
+    return strcmp(a, b);
+}
+
+/* How many distinct ids the set holds.  Sorts it. */
+static size_t ids_distinct(ids *s)
+{
+    qsort(s->v, s->n, sizeof s->v[0], ids_cmp);
+    size_t d = 0;
+    for (size_t i = 0; i < s->n; i++)
+        if (i == 0 || strcmp(s->v[i], s->v[i - 1]) != 0)
+            d++;
+    return d;
+}
+
+#pragma GCC diagnostic pop
 
 #endif /* SIDECAR_TEST_DAEMON_HARNESS_H */

@@ -1,7 +1,8 @@
 /*
  * relay_harness.h - what the relay tests (test_relay.c, test_relay_dedup.c)
- * share: one PostgreSQL server per program (group setup), a database and a
- * scratch directory for stores per test (setup/teardown), rows written
+ * share: one PostgreSQL server per program (pg_fixture.h's group setup), a
+ * database and a scratch directory for stores per test (setup/teardown),
+ * relays opened with the tests' options, rows written
  * with libpq and parameters, stores read back message by message, and
  * waits that poll for a state with a generous deadline.
  *
@@ -33,7 +34,7 @@
 #include "broker/store.h"
 #include "broker/uuid.h"
 #include "log.h"
-#include "pg_harness.h"
+#include "pg_fixture.h"
 #include "relay.h"
 #include "tmpdir.h"
 
@@ -41,7 +42,6 @@
 
 #define WAIT_MS 30000           /* deadline of every wait for a state */
 
-static pgh *g_pg;
 static int g_db_seq;
 
 /* ---- helpers ----------------------------------------------------------------- */
@@ -65,12 +65,6 @@ RH_UNUSED static void sleep_ms(int ms)
         while (!(cond) && now_ms() < wait_end_) sleep_ms(10);                   \
         if (!(cond)) fail_msg("timed out waiting for: %s", #cond);              \
     } while (0)
-
-RH_UNUSED static void sql(const char *db, const char *text)
-{
-    if (pgh_sql(g_pg, db, text, NULL, 0) != 0)
-        fail_msg("SQL failed in %s: %s", db, text);
-}
 
 RH_UNUSED static long long rows_left(const char *db)
 {
@@ -210,6 +204,32 @@ RH_UNUSED static sc_relay *open_relay(const sc_relay_opts *o)
     return r;
 }
 
+/* A relay without a thread (sc_relay_run_once drives it) on store s,
+ * with relay_opts' options. */
+RH_UNUSED static sc_relay *open_manual_relay(fixture *f, brk_store *s)
+{
+    sc_relay_opts o;
+    relay_opts(f, &o, s, false);
+    return open_relay(&o);
+}
+
+/* A relay with its thread on store s, polling every poll_ms. */
+RH_UNUSED static sc_relay *start_relay(fixture *f, brk_store *s, int poll_ms)
+{
+    sc_relay_opts o;
+    relay_opts(f, &o, s, true);
+    o.poll_interval_ms = poll_ms;
+    return open_relay(&o);
+}
+
+/* One sc_relay_run_once that must succeed with a batch of `want` rows. */
+RH_UNUSED static void run_once_takes(sc_relay *r, size_t want)
+{
+    size_t n = 0;
+    assert_int_equal(sc_relay_run_once(r, &n), 0);
+    assert_int_equal(n, want);
+}
+
 RH_UNUSED static sc_relay_stats stats(sc_relay *r)
 {
     sc_relay_stats s;
@@ -313,6 +333,15 @@ RH_UNUSED static uint8_t (*sorted_unique_ids(const msgs *l))[BRK_UUID_LEN]
     return ids;
 }
 
+/* The store holds `want` messages of `topic`, none of them twice. */
+RH_UNUSED static void assert_stored_once(brk_store *s, const char *topic, size_t want)
+{
+    msgs l = read_topic(s, topic);
+    assert_int_equal(l.n, want);
+    free(sorted_unique_ids(&l));
+    msgs_free(&l);
+}
+
 RH_UNUSED static bool prop_is(const smsg *m, const char *key, const char *want)
 {
     brk_bytes v;
@@ -331,24 +360,6 @@ RH_UNUSED static bool prop_has(const smsg *m, const char *key, const char *part)
     memcpy(buf, v.ptr, n);
     buf[n] = 0;
     return strstr(buf, part) != NULL;
-}
-
-RH_UNUSED static int group_setup(void **state)
-{
-    (void)state;
-    static const char *const vars[] = { "PGHOST", "PGHOSTADDR", "PGPORT",
-        "PGDATABASE", "PGUSER", "PGPASSWORD", "PGPASSFILE", "PGSERVICE",
-        "PGSSLMODE", "PGOPTIONS", "PGCONNECT_TIMEOUT" };
-    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) unsetenv(vars[i]);
-    g_pg = pgh_start(OUTBOXD_SOURCE_DIR);
-    return g_pg ? 0 : -1;
-}
-
-RH_UNUSED static int group_teardown(void **state)
-{
-    (void)state;
-    pgh_destroy(g_pg);
-    return 0;
 }
 
 #endif /* SIDECAR_TEST_RELAY_HARNESS_H */

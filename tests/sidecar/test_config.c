@@ -669,14 +669,23 @@ static char *print_config(const sc_config *c)
     return buf;
 }
 
+/* The printed configuration holds `line` and nowhere `secret`. */
+static void assert_printed_without(const sc_config *c, const char *line,
+                                   const char *secret)
+{
+    char *out = print_config(c);
+    bool has_secret = strstr(out, secret) != NULL;
+    bool has_line = strstr(out, line) != NULL;
+    free(out);
+    assert_false(has_secret);
+    assert_true(has_line);
+}
+
 static void config_output_masks_secrets(void **state)
 {
     fixture *f = *state;
     assert_int_equal(load(f, NONE, ARGS("OUTBOXD_TOKEN=s3cr3t-s3cr3t-s3cr3t")), 0);
-    char *out = print_config(&f->cfg);
-    assert_null(strstr(out, "s3cr3t"));
-    assert_non_null(strstr(out, "\ntoken = ********  # from env\n"));
-    free(out);
+    assert_printed_without(&f->cfg, "\ntoken = ********  # from env\n", "s3cr3t");
 }
 
 static void config_output_has_one_line_per_option_with_its_source(void **state)
@@ -750,14 +759,22 @@ static void config_output_quotes_values_that_need_it(void **state)
     free(first);
 }
 
-static void usage_lists_every_option_with_env_and_default(void **state)
+/* What --help prints (sc_config_usage); the caller frees it. */
+static char *usage_text(void)
 {
-    (void)state;
     char *buf = NULL;
     size_t len = 0;
     FILE *m = open_memstream(&buf, &len);
+    assert_non_null(m);
     sc_config_usage(m);
     fclose(m);
+    return buf;
+}
+
+static void usage_lists_every_option_with_env_and_default(void **state)
+{
+    (void)state;
+    char *buf = usage_text();
     assert_non_null(strstr(buf, "--data-dir=PATH  (OUTBOXD_DATA_DIR, default "
                                 "/var/lib/outboxd)"));
     assert_non_null(strstr(buf, "--flush=sync|async  (OUTBOXD_FLUSH, default sync)"));
@@ -966,20 +983,15 @@ static void password_file_is_checked_but_never_held_or_printed(void **state)
     assert_int_equal(load(f, ARGS(arg), ARGS("PGHOST=127.0.0.1")), 0);
     assert_string_equal(f->cfg.database_password_file, p);
     assert_null(memmem(&f->cfg, sizeof f->cfg, "pw-s3cr3t", 9));
-    char *out = print_config(&f->cfg);
-    assert_null(strstr(out, "pw-s3cr3t"));
-    assert_non_null(strstr(out, "\ndatabase_password_file = "));
-    free(out);
+    assert_printed_without(&f->cfg, "\ndatabase_password_file = ", "pw-s3cr3t");
 }
 
 static void database_url_is_masked_in_output_and_errors_and_wiped(void **state)
 {
     fixture *f = *state;
     assert_int_equal(load(f, NONE, ARGS("DATABASE_URL=" URL)), 0);
-    char *out = print_config(&f->cfg);
-    assert_null(strstr(out, "s3cr3t"));
-    assert_non_null(strstr(out, "\ndatabase_url = ********  # from env\n"));
-    free(out);
+    assert_printed_without(&f->cfg, "\ndatabase_url = ********  # from env\n",
+                           "s3cr3t");
     sc_config_wipe(&f->cfg);
     assert_null(memmem(&f->cfg, sizeof f->cfg, "s3cr3t", 6));
     /* too long: the error names the option, not the value */
@@ -1026,11 +1038,7 @@ static void db_commands_parse_and_need_a_subcommand(void **state)
 static void usage_describes_db_commands_and_DATABASE_URL(void **state)
 {
     (void)state;
-    char *buf = NULL;
-    size_t len = 0;
-    FILE *m = open_memstream(&buf, &len);
-    sc_config_usage(m);
-    fclose(m);
+    char *buf = usage_text();
     assert_non_null(strstr(buf, "  db migrate  "));
     assert_non_null(strstr(buf, "  db status   "));
     assert_non_null(strstr(buf, "--database-url=URL  (OUTBOXD_DATABASE_URL, "

@@ -155,17 +155,12 @@ static void locked_data_dir_exits_75(void **state)
 static void busy_port_exits_69(void **state)
 {
     fixture *f = *state;
-    int s = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in sa = { .sin_family = AF_INET,
-                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-    socklen_t sl = sizeof sa;
-    assert_int_equal(bind(s, (struct sockaddr *)&sa, sizeof sa), 0);
-    assert_int_equal(listen(s, 4), 0);
-    getsockname(s, (struct sockaddr *)&sa, &sl);
+    uint16_t port;
+    int s = listen_loopback(4, &port);
     char data[700], listen_arg[64], line[1024];
     snprintf(data, sizeof data, "--data-dir=%s", f->data);
     snprintf(listen_arg, sizeof listen_arg, "--listen=127.0.0.1:%u",
-             (unsigned)ntohs(sa.sin_port));
+             (unsigned)port);
     proc *p;
     p = run_cmd(ARGS(data, listen_arg), NULL);
     assert_int_equal(p->status, 69);
@@ -445,25 +440,6 @@ static void draining_refuses_new_writes_keeps_commits_and_a_second_signal_ends_i
 /* ---- load ------------------------------------------------------------------------ */
 
 #define WORKERS 8
-
-typedef struct ids {
-    char (*v)[160];
-    size_t n, cap;
-} ids;
-
-static void ids_add(ids *s, const char *id)
-{
-    if (s->n == s->cap) {
-        s->cap = s->cap ? s->cap * 2 : 256;
-        s->v = realloc(s->v, s->cap * sizeof *s->v);
-    }
-    snprintf(s->v[s->n++], sizeof s->v[0], "%s", id);
-}
-
-static int ids_cmp(const void *a, const void *b)
-{
-    return strcmp(a, b);
-}
 
 typedef struct load_shared {
     uint16_t port;

@@ -24,14 +24,10 @@
  * and fails at once when a wrong terminal state shows up.  The outage test
  * does wait out the schedule on purpose (that is its point).
  */
-/* daemon_harness.h holds static definitions written for test_daemon.c;
- * this file uses most, not all of them. */
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunused-function"
 #include "daemon_harness.h"
-#pragma GCC diagnostic pop
 
 #include "pg_harness.h"
+#include "prom_page.h"
 #include "tmpdir.h"
 
 static pgh *pg;                       /* one server for every test */
@@ -43,16 +39,35 @@ static bool pg_down;                  /* stopped by the running test */
 #define PW_RIGHT "right-s3cr3t-pw"
 #define PW_WRONG "wrong-s3cr3t-pw"
 
+/* What the daemon logs when the server does not answer at start. */
+#define UNREACHABLE_WARNING "PostgreSQL unreachable at start: check-backs " \
+                            "answer error (retried, never counted) until it answers"
+
+/* Relay mode, polling often (NOTIFY wakes it anyway). */
+static const char *const relay_args[] = { "--relay", "--relay-poll-interval=100ms",
+                                          NULL };
+
 /* ---- fixture ------------------------------------------------------------------- */
 
 typedef struct fixture {
     char dir[512];                    /* scratch; data dir is <dir>/data */
     char data[600];
+    char data_arg[620];               /* "--data-dir=<data>" */
     char db[64];                      /* this test's database */
-    char env_url[400];                /* "DATABASE_URL=postgresql://..." */
+    char env_url[420];                /* "DATABASE_URL=postgresql://..." */
 } fixture;
 
 static int test_no;
+
+/* "DATABASE_URL=<url>" for `db` as `user` (NULL: the superuser) with
+ * `password` (NULL: none) into env[cap]. */
+static void db_env(const char *db, const char *user, const char *password,
+                   char *env, size_t cap)
+{
+    char url[400];
+    pgh_url(pg, db, user, password, url, sizeof url);
+    snprintf(env, cap, "DATABASE_URL=%s", url);
+}
 
 static int setup(void **state)
 {
@@ -60,10 +75,9 @@ static int setup(void **state)
     if (!f || brk_tmpdir_new("sc_daemon_pg", f->dir, sizeof f->dir) != 0)
         return -1;
     snprintf(f->data, sizeof f->data, "%s/data", f->dir);
+    snprintf(f->data_arg, sizeof f->data_arg, "--data-dir=%s", f->data);
     snprintf(f->db, sizeof f->db, "dpg_%d", ++test_no);
-    char url[300];
-    pgh_url(pg, f->db, NULL, NULL, url, sizeof url);
-    snprintf(f->env_url, sizeof f->env_url, "DATABASE_URL=%s", url);
+    db_env(f->db, NULL, NULL, f->env_url, sizeof f->env_url);
     *state = f;
     return 0;
 }
@@ -119,6 +133,27 @@ static proc *start_pg(fixture *f, const char *const *more)
     return start_daemon(f->data, more, ARGS(f->env_url));
 }
 
+/* The log line whose msg is `msg` (a new reference); the test fails when
+ * the child has not written it. */
+static json_t *expect_log(proc *p, const char *msg)
+{
+    json_t *j = proc_find_log(p, msg);
+    if (!j)
+        fail_msg("no \"%s\"; stderr:\n%s", msg, p->err);
+    return j;
+}
+
+/* A start or command that must have exited 78 with a last line of
+ * stderr starting with `prefix`; that line into line[cap]. */
+static void expect_78(proc *p, const char *prefix, char *line, size_t cap)
+{
+    if (p->status != 78)
+        fail_msg("exit %d; stderr:\n%s", p->status, p->err);
+    last_line(p->err, line, cap);
+    if (strncmp(line, prefix, strlen(prefix)) != 0)
+        fail_msg("last line: %s", line);
+}
+
 /* ---- HTTP helpers ----------------------------------------------------------------- */
 
 /* POST /v1/transactions for `txid` in topic "orders" with POLICY (or
@@ -130,14 +165,9 @@ static void prepare(uint16_t port, const char *txid, const char *policy,
     snprintf(body, sizeof body, "{\"topic\":\"orders\",\"txid\":\"%s\","
              "\"key\":\"%s\",\"body\":{\"order\":\"%s\"},\"check\":%s}", txid,
              txid, txid, policy ? policy : POLICY);
-    resp r;
-    http(NULL, port, "POST", "/v1/transactions", body, NULL, &r);
-    if (r.status != 201)
-        fail_msg("prepare %s: %ld %s", txid, r.status, r.body ? r.body : "");
-    json_t *j = resp_json(&r);
+    json_t *j = http_json(port, "POST", "/v1/transactions", body, 201);
     snprintf(msg_id, 64, "%s", json_string_value(json_object_get(j, "msg_id")));
     json_decref(j);
-    resp_free(&r);
 }
 
 typedef struct txn_view {
@@ -149,17 +179,12 @@ static void get_txn(uint16_t port, const char *txid, txn_view *v)
 {
     char path[256];
     snprintf(path, sizeof path, "/v1/transactions/%s", txid);
-    resp r;
-    http(NULL, port, "GET", path, NULL, NULL, &r);
-    if (r.status != 200)
-        fail_msg("GET %s: %ld %s", path, r.status, r.body ? r.body : "");
-    json_t *j = resp_json(&r);
+    json_t *j = http_json(port, "GET", path, NULL, 200);
     snprintf(v->state, sizeof v->state, "%s",
              json_string_value(json_object_get(j, "state")));
     v->checks = json_integer_value(json_object_get(j, "checks"));
     v->check_errors = json_integer_value(json_object_get(j, "check_errors"));
     json_decref(j);
-    resp_free(&r);
 }
 
 /* Poll until the transaction is in `want`; a different final state (or
@@ -183,34 +208,18 @@ static void wait_state(uint16_t port, const char *txid, const char *want,
     }
 }
 
-typedef struct ids {
-    char (*v)[64];
-    size_t n, cap;
-} ids;
-
-static void ids_add(ids *s, const char *id)
+/* Poll (at most 20 s) until the transaction was checked at least once;
+ * with `prepared_throughout`, every poll must find it still prepared. */
+static void wait_checked(uint16_t port, const char *txid,
+                         bool prepared_throughout, txn_view *v)
 {
-    if (s->n == s->cap) {
-        s->cap = s->cap ? s->cap * 2 : 256;
-        s->v = realloc(s->v, s->cap * sizeof *s->v);
-    }
-    snprintf(s->v[s->n++], sizeof s->v[0], "%s", id);
-}
-
-static int ids_cmp(const void *a, const void *b)
-{
-    return strcmp(a, b);
-}
-
-/* Every distinct id once?  Sorts. */
-static size_t ids_distinct(ids *s)
-{
-    qsort(s->v, s->n, sizeof s->v[0], ids_cmp);
-    size_t d = 0;
-    for (size_t i = 0; i < s->n; i++)
-        if (i == 0 || strcmp(s->v[i], s->v[i - 1]) != 0)
-            d++;
-    return d;
+    int64_t end = now_ms() + 20000;
+    do {
+        get_txn(port, txid, v);
+        if (prepared_throughout)
+            assert_string_equal(v->state, "prepared");
+        sleep_ms(20);
+    } while (v->checks < 1 && now_ms() < end);
 }
 
 /* Receive (and ack) from `topic` as `group` until `want` messages came,
@@ -227,11 +236,7 @@ static void receive_all(uint16_t port, const char *group, const char *topic,
         bool reached = out->n >= want;
         snprintf(body, sizeof body, "{\"topic\":\"%s\",\"max\":256,"
                  "\"wait_ms\":%d}", topic, reached ? 300 : 500);
-        resp r;
-        http(NULL, port, "POST", path, body, NULL, &r);
-        if (r.status != 200)
-            fail_msg("receive: %ld %s", r.status, r.body ? r.body : "");
-        json_t *j = resp_json(&r);
+        json_t *j = http_json(port, "POST", path, body, 200);
         json_t *msgs = json_object_get(j, "messages");
         json_t *receipts = json_array();
         for (size_t i = 0; i < json_array_size(msgs); i++) {
@@ -251,7 +256,6 @@ static void receive_all(uint16_t port, const char *group, const char *topic,
         }
         json_decref(receipts);
         json_decref(j);
-        resp_free(&r);
         if (last && got == 0)
             return;
         if (out->n >= want)
@@ -317,6 +321,35 @@ static void insert_rows(fixture *f, const char *topic, int from, int to,
     free(buf);
 }
 
+/* The group "shipping" receives exactly one message of "orders": msg_id. */
+static void expect_only_order(uint16_t port, const char *msg_id)
+{
+    ids got = { 0 };
+    receive_all(port, "shipping", "orders", 1, &got, 20000);
+    assert_int_equal(got.n, 1);
+    assert_string_equal(got.v[0], msg_id);
+    free(got.v);
+}
+
+/* Nothing reaches "orders" (as the group "shipping" sees it). */
+static void expect_no_order(uint16_t port)
+{
+    ids got = { 0 };
+    receive_all(port, "shipping", "orders", 0, &got, 0);
+    assert_int_equal(got.n, 0);
+    free(got.v);
+}
+
+/* Insert rows from..to of `topic` into *rows and receive them as `group`
+ * into *got: all of them. */
+static void relay_rows(fixture *f, uint16_t port, const char *group,
+                       const char *topic, int from, int to, ids *rows, ids *got)
+{
+    insert_rows(f, topic, from, to, rows);
+    receive_all(port, group, topic, (size_t)(to - from + 1), got, 30000);
+    assert_int_equal(got->n, (size_t)(to - from + 1));
+}
+
 static void assert_same_ids(ids *got, ids *want)
 {
     size_t dg = ids_distinct(got);
@@ -327,12 +360,6 @@ static void assert_same_ids(ids *got, ids *want)
     for (size_t i = 0; i < got->n; i++)
         if (strcmp(got->v[i], want->v[i]) != 0)
             fail_msg("received %s, inserted %s", got->v[i], want->v[i]);
-}
-
-/* Last line of the child's stderr into buf. */
-static const char *err_line(proc *p, char *buf, size_t cap)
-{
-    return last_line(p->err, buf, cap);
 }
 
 /* ---- the payment-timeout flow --------------------------------------------------------- */
@@ -348,21 +375,12 @@ static void paid_in_time_is_committed_by_the_check_back(void **state)
     prepare(p->port, "order-a", NULL, msg_id);
     sql(f, "INSERT INTO outbox.transactions (txid) VALUES ('order-a')");
     txn_view v;
-    int64_t end = now_ms() + 20000;
-    do {                             /* pending answers were counted */
-        get_txn(p->port, "order-a", &v);
-        assert_string_equal(v.state, "prepared");
-        sleep_ms(20);
-    } while (v.checks < 1 && now_ms() < end);
-    assert_true(v.checks >= 1);
+    wait_checked(p->port, "order-a", true, &v);
+    assert_true(v.checks >= 1);      /* pending answers were counted */
     sql(f, "UPDATE outbox.transactions SET state = 'commit' WHERE txid = "
         "'order-a'");
     wait_state(p->port, "order-a", "committed", 20000, &v);
-    ids got = { 0 };
-    receive_all(p->port, "shipping", "orders", 1, &got, 20000);
-    assert_int_equal(got.n, 1);
-    assert_string_equal(got.v[0], msg_id);
-    free(got.v);
+    expect_only_order(p->port, msg_id);
     stop_daemon(p);
 }
 
@@ -377,20 +395,12 @@ static void paid_and_posted_commit_is_committed_at_once(void **state)
     sql(f, "BEGIN; INSERT INTO outbox.transactions (txid) VALUES ('order-b'); "
         "UPDATE outbox.transactions SET state = 'commit' WHERE txid = "
         "'order-b'; COMMIT;");
-    resp r;
-    http(NULL, p->port, "POST", "/v1/transactions/order-b/commit", NULL, NULL,
-         &r);
-    assert_int_equal(r.status, 200);
-    json_t *j = resp_json(&r);
+    json_t *j = http_json(p->port, "POST", "/v1/transactions/order-b/commit",
+                          NULL, 200);
     assert_string_equal(json_string_value(json_object_get(j, "state")),
                         "committed");
     json_decref(j);
-    resp_free(&r);
-    ids got = { 0 };
-    receive_all(p->port, "shipping", "orders", 1, &got, 20000);
-    assert_int_equal(got.n, 1);
-    assert_string_equal(got.v[0], msg_id);
-    free(got.v);
+    expect_only_order(p->port, msg_id);
     stop_daemon(p);
 }
 
@@ -407,13 +417,11 @@ static void never_paid_is_rolled_back_and_publishes_the_expiry(void **state)
     txn_view v;
     wait_state(p->port, "order-c", "rolled_back", 30000, &v);
     assert_int_equal(v.checks, 5);
-    ids exp = { 0 }, orders = { 0 };
+    ids exp = { 0 };
     receive_all(p->port, "billing", "orders.expired", 1, &exp, 20000);
     assert_int_equal(exp.n, 1);
-    receive_all(p->port, "shipping", "orders", 0, &orders, 0);
-    assert_int_equal(orders.n, 0);
+    expect_no_order(p->port);
     free(exp.v);
-    free(orders.v);
     stop_daemon(p);
 }
 
@@ -436,11 +444,7 @@ static void crash_after_the_db_commit_is_committed_by_the_check_back(
     txn_view v;
     wait_state(p->port, "order-d", "committed", 20000, &v);
     assert_int_equal(v.checks, 0);           /* decided by the first check */
-    ids got = { 0 };
-    receive_all(p->port, "shipping", "orders", 1, &got, 20000);
-    assert_int_equal(got.n, 1);
-    assert_string_equal(got.v[0], msg_id);
-    free(got.v);
+    expect_only_order(p->port, msg_id);
     assert_true(metric(p->port, "outboxd_check_queries_total",
                        "answer=\"commit\"") >= before + 1);
     stop_daemon(p);
@@ -464,10 +468,7 @@ static void failed_db_transaction_is_rolled_back(void **state)
     assert_int_equal(v.checks, 0);
     wait_state(p->port, "order-e1", "rolled_back", 30000, &v);
     assert_int_equal(v.checks, 5);
-    ids got = { 0 };
-    receive_all(p->port, "shipping", "orders", 0, &got, 0);
-    assert_int_equal(got.n, 0);
-    free(got.v);
+    expect_no_order(p->port);
     assert_true(metric(p->port, "outboxd_check_queries_total",
                        "answer=\"unknown\"") >= 5);
     assert_true(metric(p->port, "outboxd_check_queries_total",
@@ -489,11 +490,7 @@ static void outage_longer_than_the_schedule_never_rolls_back(void **state)
     sql(f, "INSERT INTO outbox.transactions (txid) VALUES ('order-out')");
     prepare(p->port, "order-out", NULL, msg_id);
     txn_view v;
-    int64_t end = now_ms() + 20000;
-    do {
-        get_txn(p->port, "order-out", &v);
-        sleep_ms(20);
-    } while (v.checks < 1 && now_ms() < end);
+    wait_checked(p->port, "order-out", false, &v);
     assert_string_equal(v.state, "prepared");
     assert_true(v.checks >= 1);
     long long checks_before = v.checks;
@@ -502,7 +499,7 @@ static void outage_longer_than_the_schedule_never_rolls_back(void **state)
     int64_t down = now_ms();
     /* the whole schedule is 300 + 300 * 5 ms; wait it out twice over, and
      * until the outage was seen */
-    end = down + 30000;
+    int64_t end = down + 30000;
     do {
         get_txn(p->port, "order-out", &v);
         assert_string_equal(v.state, "prepared");
@@ -517,11 +514,7 @@ static void outage_longer_than_the_schedule_never_rolls_back(void **state)
     sql(f, "UPDATE outbox.transactions SET state = 'commit' WHERE txid = "
         "'order-out'");
     wait_state(p->port, "order-out", "committed", 60000, &v);
-    ids got = { 0 };
-    receive_all(p->port, "shipping", "orders", 1, &got, 20000);
-    assert_int_equal(got.n, 1);
-    assert_string_equal(got.v[0], msg_id);
-    free(got.v);
+    expect_only_order(p->port, msg_id);
     assert_true(metric(p->port, "outboxd_check_queries_total",
                        "answer=\"error\"") >= 1);
     stop_daemon(p);
@@ -536,11 +529,7 @@ static void unreachable_at_start_warns_and_works_once_up(void **state)
     stop_pg();
     proc *p = start_pg(f, NULL);
     assert_int_equal(status_of(p->port, "GET", "/healthz", NULL, NULL), 200);
-    json_t *w = proc_find_log(p, "PostgreSQL unreachable at start: check-backs "
-                                 "answer error (retried, never counted) until "
-                                 "it answers");
-    if (!w)
-        fail_msg("no warning; stderr:\n%s", p->err);
+    json_t *w = expect_log(p, UNREACHABLE_WARNING);
     assert_string_equal(json_string_value(json_object_get(w, "level")), "warn");
     json_decref(w);
     char msg_id[64];
@@ -563,13 +552,9 @@ static void relay_and_check_back_survive_a_restart(void **state)
 {
     fixture *f = *state;
     make_db(f, true);
-    static const char *const more[] = { "--relay", "--relay-poll-interval=100ms",
-                                        NULL };
-    proc *p = start_pg(f, more);
+    proc *p = start_pg(f, relay_args);
     ids rows = { 0 }, got = { 0 };
-    insert_rows(f, "relayed", 1, 20, &rows);
-    receive_all(p->port, "g1", "relayed", 20, &got, 30000);
-    assert_int_equal(got.n, 20);
+    relay_rows(f, p->port, "g1", "relayed", 1, 20, &rows, &got);
     assert_true(metric(p->port, "outboxd_relay_leader", NULL) == 1);
     assert_true(metric(p->port, "outboxd_relay_rows_total",
                        "result=\"stored\"") >= 20);
@@ -582,7 +567,7 @@ static void relay_and_check_back_survive_a_restart(void **state)
     insert_rows(f, "relayed", 21, 50, &rows);
     sql(f, "UPDATE outbox.transactions SET state = 'commit' WHERE txid = "
         "'order-r'");
-    p = start_pg(f, more);
+    p = start_pg(f, relay_args);
     txn_view v;
     wait_state(p->port, "order-r", "committed", 30000, &v);
     /* a new group reads the topic from its start: the store's content */
@@ -592,14 +577,10 @@ static void relay_and_check_back_survive_a_restart(void **state)
     /* the table is empty: every row was taken */
     assert_int_equal(pgh_sql_int(pg, f->db, "SELECT count(*) FROM "
                                  "outbox.messages"), 0);
-    ids order = { 0 };
-    receive_all(p->port, "shipping", "orders", 1, &order, 20000);
-    assert_int_equal(order.n, 1);
-    assert_string_equal(order.v[0], msg_id);
+    expect_only_order(p->port, msg_id);
     free(rows.v);
     free(got.v);
     free(all.v);
-    free(order.v);
     stop_daemon(p);
 }
 
@@ -662,16 +643,11 @@ static void wrong_password_is_78_and_never_printed(void **state)
     fixture *f = *state;
     make_db(f, true);
     make_password_user();
-    char url[400], env[420], line[2048];
-    pgh_url(pg, f->db, PW_USER, PW_WRONG, url, sizeof url);
-    snprintf(env, sizeof env, "DATABASE_URL=%s", url);
-    char data[700];
-    snprintf(data, sizeof data, "--data-dir=%s", f->data);
-    proc *p = run_cmd(ARGS("run", data, "--listen=127.0.0.1:0"), ARGS(env));
-    assert_int_equal(p->status, 78);
-    err_line(p, line, sizeof line);
-    if (strncmp(line, "outboxd: postgres: ", 19) != 0)
-        fail_msg("last line: %s", line);
+    char env[420], line[2048];
+    db_env(f->db, PW_USER, PW_WRONG, env, sizeof env);
+    proc *p = run_cmd(ARGS("run", f->data_arg, "--listen=127.0.0.1:0"),
+                      ARGS(env));
+    expect_78(p, "outboxd: postgres: ", line, sizeof line);
     assert_non_null(strstr(line, PW_USER));
     assert_null(strstr(p->err, PW_WRONG));
     assert_null(p->out ? strstr(p->out, PW_WRONG) : NULL);
@@ -686,19 +662,16 @@ static void password_file_and_sidecar_role_work_and_nothing_leaks(
     fixture *f = *state;
     make_db(f, true);
     make_password_user();
-    char pwfile[700], pwarg[800], url[400], env[420];
+    char pwfile[700], pwarg[800], env[420];
     snprintf(pwfile, sizeof pwfile, "%s/pw", f->dir);
     FILE *fp = fopen(pwfile, "w");
     assert_non_null(fp);
     fputs(PW_RIGHT "\n", fp);
     fclose(fp);
     snprintf(pwarg, sizeof pwarg, "--database-password-file=%s", pwfile);
-    pgh_url(pg, f->db, PW_USER, NULL, url, sizeof url);
-    snprintf(env, sizeof env, "DATABASE_URL=%s", url);
+    db_env(f->db, PW_USER, NULL, env, sizeof env);
     proc *p = start_daemon(f->data, ARGS(pwarg), ARGS(env));
-    json_t *j = proc_find_log(p, "postgres connected");
-    if (!j)
-        fail_msg("no \"postgres connected\"; stderr:\n%s", p->err);
+    json_t *j = expect_log(p, "postgres connected");
     assert_non_null(strstr(json_string_value(json_object_get(j, "target")),
                            PW_USER));
     json_decref(j);
@@ -718,15 +691,12 @@ static void bad_custom_check_query_is_78(void **state)
 {
     fixture *f = *state;
     make_db(f, true);
-    char data[700], line[2048];
-    snprintf(data, sizeof data, "--data-dir=%s", f->data);
+    char line[2048];
     /* no $1: refused by the configuration already */
-    proc *p = run_cmd(ARGS("run", data, "--listen=127.0.0.1:0",
+    proc *p = run_cmd(ARGS("run", f->data_arg, "--listen=127.0.0.1:0",
                            "--check-query=SELECT 1"), ARGS(f->env_url));
-    assert_int_equal(p->status, 78);
-    err_line(p, line, sizeof line);
-    if (strncmp(line, "outboxd: config: flag --check-query: check_query: ", 50))
-        fail_msg("last line: %s", line);
+    expect_78(p, "outboxd: config: flag --check-query: check_query: ", line,
+              sizeof line);
     /* PostgreSQL's prepare: wrong column type, unknown table */
     static const char *const bad[] = {
         "--check-query=SELECT 1 WHERE $1 = 'x'",
@@ -734,11 +704,11 @@ static void bad_custom_check_query_is_78(void **state)
         NULL
     };
     for (size_t i = 0; bad[i]; i++) {
-        p = run_cmd(ARGS("run", data, "--listen=127.0.0.1:0", bad[i]),
+        p = run_cmd(ARGS("run", f->data_arg, "--listen=127.0.0.1:0", bad[i]),
                     ARGS(f->env_url));
         if (p->status != 78)
             fail_msg("%s: exit %d; stderr:\n%s", bad[i], p->status, p->err);
-        err_line(p, line, sizeof line);
+        last_line(p->err, line, sizeof line);
         if (strncmp(line, "outboxd: postgres: ", 19) != 0)
             fail_msg("%s: last line: %s", bad[i], line);
     }
@@ -749,14 +719,11 @@ static void default_query_without_the_schema_is_78_naming_db_migrate(
 {
     fixture *f = *state;
     make_db(f, false);
-    char data[700], line[2048];
-    snprintf(data, sizeof data, "--data-dir=%s", f->data);
-    proc *p = run_cmd(ARGS("run", data, "--listen=127.0.0.1:0"),
+    char line[2048];
+    proc *p = run_cmd(ARGS("run", f->data_arg, "--listen=127.0.0.1:0"),
                       ARGS(f->env_url));
-    assert_int_equal(p->status, 78);
-    err_line(p, line, sizeof line);
-    if (strncmp(line, "outboxd: postgres: ", 19) != 0 ||
-        !strstr(line, "outboxd db migrate"))
+    expect_78(p, "outboxd: postgres: ", line, sizeof line);
+    if (!strstr(line, "outboxd db migrate"))
         fail_msg("last line: %s", line);
     /* exactly one error line: the log lines before it are JSON */
     assert_int_equal(line[0], 'o');
@@ -772,15 +739,10 @@ static void default_query_without_the_schema_is_78_naming_db_migrate(
 static void relay_without_a_database_is_78(void **state)
 {
     fixture *f = *state;
-    char data[700], line[2048];
-    snprintf(data, sizeof data, "--data-dir=%s", f->data);
-    proc *p = run_cmd(ARGS("run", data, "--relay"), NULL);
-    assert_int_equal(p->status, 78);
-    err_line(p, line, sizeof line);
-    static const char want[] = "outboxd: config: flag --relay: relay: relay "
-                               "mode needs a database";
-    if (strncmp(line, want, sizeof want - 1) != 0)
-        fail_msg("last line: %s", line);
+    char line[2048];
+    proc *p = run_cmd(ARGS("run", f->data_arg, "--relay"), NULL);
+    expect_78(p, "outboxd: config: flag --relay: relay: relay mode needs a "
+              "database", line, sizeof line);
 }
 
 /* ---- outboxd db ---------------------------------------------------------------------- */
@@ -817,18 +779,15 @@ static void db_migrate_and_status_through_the_binary(void **state)
     char line[2048];
     p = run_cmd(ARGS("db", "migrate"), ARGS(f->env_url));
     assert_int_equal(p->status, 65);
-    err_line(p, line, sizeof line);
+    last_line(p->err, line, sizeof line);
     if (strncmp(line, "outboxd: db migrate: ", 21) != 0 || !strstr(line, "99"))
         fail_msg("last line: %s", line);
     p = run_cmd(ARGS("db", "status"), ARGS(f->env_url));
     assert_int_equal(p->status, 65);
     /* ... which the daemon only warns about */
     proc *d = start_pg(f, NULL);
-    json_t *w = proc_find_log(d, "the database's outbox schema is newer than "
-                                 "this outboxd knows");
-    if (!w)
-        fail_msg("no warning; stderr:\n%s", d->err);
-    json_decref(w);
+    json_decref(expect_log(d, "the database's outbox schema is newer than "
+                              "this outboxd knows"));
     stop_daemon(d);
 
     /* no database at all */
@@ -842,19 +801,6 @@ static void db_migrate_and_status_through_the_binary(void **state)
 /* ---- secrets ------------------------------------------------------------------------ */
 
 #define LEAK "s3cr3t"                 /* in every password below */
-
-/* A TCP port on 127.0.0.1 that nobody listens on (bound, then closed). */
-static uint16_t closed_port(void)
-{
-    int s = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = { .sin_family = AF_INET,
-                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-    socklen_t al = sizeof a;
-    assert_int_equal(bind(s, (struct sockaddr *)&a, sizeof a), 0);
-    assert_int_equal(getsockname(s, (struct sockaddr *)&a, &al), 0);
-    close(s);
-    return ntohs(a.sin_port);
-}
 
 /* Spawn and wait until the child exits (a command, a failed start) or
  * logs "ready"; *ready says which. */
@@ -923,7 +869,7 @@ static void the_password_shows_nowhere_whatever_its_source_and_command(
     snprintf(url[MALFORMED], sizeof url[0], "postgresql://%s:%s@[::1/%s",
              PW_USER, PW_WRONG, f->db);
     snprintf(url[UNREACHABLE], sizeof url[0], "postgresql://%s:%s@127.0.0.1:"
-             "%u/%s", PW_USER, PW_RIGHT, (unsigned)closed_port(), f->db);
+             "%u/%s", PW_USER, PW_RIGHT, (unsigned)probe_port(), f->db);
     pgh_url(pg, f->db, PW_USER, PW_RIGHT, url[RIGHT], sizeof url[0]);
     /* exit codes: config, db status, db migrate; run: -1 = ready */
     static const int want[NURLS][4] = {
@@ -934,6 +880,8 @@ static void the_password_shows_nowhere_whatever_its_source_and_command(
     char conf[700], conf_arg[720], data[700];
     snprintf(conf, sizeof conf, "%s/db.conf", f->dir);
     snprintf(conf_arg, sizeof conf_arg, "--config=%s", conf);
+    /* f->data_arg would do, but without this copy GCC's Release build
+     * misjudges url[u]'s size below (-Wformat-truncation) */
     snprintf(data, sizeof data, "--data-dir=%s", f->data);
     for (int u = 0; u < NURLS; u++) {
         assert_null(strchr(url[u], '"'));
@@ -1046,17 +994,11 @@ static void a_failed_start_after_the_pool_opened_closes_what_was_opened(
                 "daemon_app_only LOGIN IN ROLE outbox_app; END IF; END $$;",
                 NULL, 0) != 0)
         fail_msg("cannot create role daemon_app_only");
-    char url[400], env[420], data[700], line[2048];
-    pgh_url(pg, f->db, "daemon_app_only", NULL, url, sizeof url);
-    snprintf(env, sizeof env, "DATABASE_URL=%s", url);
-    snprintf(data, sizeof data, "--data-dir=%s", f->data);
-    proc *p = run_cmd(ARGS("run", data, "--listen=127.0.0.1:0", "--relay"),
-                      ARGS(env));
-    if (p->status != 78)
-        fail_msg("exit %d; stderr:\n%s", p->status, p->err);
-    err_line(p, line, sizeof line);
-    if (strncmp(line, "outboxd: postgres: ", 19) != 0)
-        fail_msg("last line: %s", line);
+    char env[420], line[2048];
+    db_env(f->db, "daemon_app_only", NULL, env, sizeof env);
+    proc *p = run_cmd(ARGS("run", f->data_arg, "--listen=127.0.0.1:0",
+                           "--relay"), ARGS(env));
+    expect_78(p, "outboxd: postgres: ", line, sizeof line);
     json_t *j = proc_find_log(p, "check-backs answered by PostgreSQL");
     assert_non_null(j);                  /* the pool had opened */
     json_decref(j);
@@ -1070,16 +1012,12 @@ static void a_failed_start_after_the_pool_opened_closes_what_was_opened(
         pgh_sql(pg, bare, "CREATE TABLE orders (id text PRIMARY KEY, state "
                 "text)", NULL, 0) != 0)
         fail_msg("cannot create database %s", bare);
-    pgh_url(pg, bare, NULL, NULL, url, sizeof url);
-    snprintf(env, sizeof env, "DATABASE_URL=%s", url);
-    p = run_cmd(ARGS("run", data, "--listen=127.0.0.1:0", "--relay",
+    db_env(bare, NULL, NULL, env, sizeof env);
+    p = run_cmd(ARGS("run", f->data_arg, "--listen=127.0.0.1:0", "--relay",
                      "--check-query=SELECT state FROM orders WHERE id = $1"),
                 ARGS(env));
-    if (p->status != 78)
-        fail_msg("exit %d; stderr:\n%s", p->status, p->err);
-    err_line(p, line, sizeof line);
-    if (strncmp(line, "outboxd: postgres: database has no outbox schema", 48))
-        fail_msg("last line: %s", line);
+    expect_78(p, "outboxd: postgres: database has no outbox schema", line,
+              sizeof line);
     assert_closed(p, ARGS("pgcheck", "delay", "store"));
 }
 
@@ -1139,16 +1077,12 @@ static void sigterm_during_a_postgresql_outage_exits_0_in_time(void **state)
     proc *p = start_pg(f, more);
     pending_checks(f, p->port, 6);
     txn_view v;
-    int64_t end = now_ms() + 20000;
-    do {
-        get_txn(p->port, "out-0", &v);
-        sleep_ms(20);
-    } while (v.checks < 1 && now_ms() < end);
+    wait_checked(p->port, "out-0", false, &v);
     assert_true(v.checks >= 1);
     stop_pg();
     wait_check_error(p->port);
     /* let the relay notice and back off a few times */
-    end = now_ms() + 20000;
+    int64_t end = now_ms() + 20000;
     while (metric(p->port, "outboxd_relay_errors_total", NULL) < 1 &&
            metric(p->port, "outboxd_relay_leader", NULL) != 0 && now_ms() < end)
         sleep_ms(50);
@@ -1164,28 +1098,18 @@ static void sigterm_during_a_postgresql_outage_exits_0_in_time(void **state)
 static void sigterm_while_postgresql_hangs_exits_0_in_time(void **state)
 {
     fixture *f = *state;
-    int hole = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = { .sin_family = AF_INET,
-                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-    socklen_t al = sizeof a;
-    assert_int_equal(bind(hole, (struct sockaddr *)&a, sizeof a), 0);
-    assert_int_equal(listen(hole, 64), 0);           /* never accepted */
-    assert_int_equal(getsockname(hole, (struct sockaddr *)&a, &al), 0);
+    uint16_t port;
+    int hole = listen_loopback(64, &port);          /* never accepted */
     char env[200];
     snprintf(env, sizeof env, "DATABASE_URL=postgresql://nobody@127.0.0.1:%u/"
-             "db", (unsigned)ntohs(a.sin_port));
+             "db", (unsigned)port);
     static const char *const more[] = { "--relay", "--relay-poll-interval=100ms",
                                         "--db-connect-timeout=2s",
                                         "--shutdown-grace=1s", NULL };
     pg_down = true;                  /* pending_checks: no rows to write */
     proc *p = start_daemon(f->data, more, ARGS(env));
     pg_down = false;
-    json_t *w = proc_find_log(p, "PostgreSQL unreachable at start: check-backs "
-                                 "answer error (retried, never counted) until "
-                                 "it answers");
-    if (!w)
-        fail_msg("no warning; stderr:\n%s", p->err);
-    json_decref(w);
+    json_decref(expect_log(p, UNREACHABLE_WARNING));
     pg_down = true;
     pending_checks(f, p->port, 6);
     pg_down = false;
@@ -1197,71 +1121,15 @@ static void sigterm_while_postgresql_hangs_exits_0_in_time(void **state)
 
 /* ---- /metrics ------------------------------------------------------------------------ */
 
-/* The page as Prometheus' text format reads it (see test_handler.c's
- * check_page): one HELP and one TYPE per family, samples right after
- * them, every line ended.  The families' names go into names[]. */
-static size_t check_page(const char *page, char (*names)[96], size_t cap)
-{
-    size_t n = 0;
-    char current[96] = "";
-    assert_true(*page);
-    if (page[strlen(page) - 1] != '\n')
-        fail_msg("the page does not end with a newline");
-    for (const char *line = page; *line;) {
-        const char *eol = strchr(line, '\n');
-        size_t len = (size_t)(eol - line);
-        char l[512];
-        snprintf(l, sizeof l, "%.*s", (int)(len < sizeof l ? len : sizeof l - 1),
-                 line);
-        line = eol + 1;
-        if (len == 0)
-            fail_msg("an empty line in the page");
-        char name[96];
-        if (strncmp(l, "# HELP ", 7) == 0 || strncmp(l, "# TYPE ", 7) == 0) {
-            snprintf(name, sizeof name, "%.*s", (int)strcspn(l + 7, " "), l + 7);
-            size_t i = 0;
-            while (i < n && strcmp(names[i], name) != 0)
-                i++;
-            if (l[2] == 'H') {
-                if (i < n)
-                    fail_msg("family %s appears twice", name);
-                assert_true(n < cap);
-                snprintf(names[n++], sizeof names[0], "%s", name);
-                snprintf(current, sizeof current, "%s", name);
-            } else if (i == n || strcmp(current, name) != 0) {
-                fail_msg("# TYPE without its # HELP just before: %s", l);
-            } else if (!strstr(l + 7, " counter") && !strstr(l + 7, " gauge") &&
-                       !strstr(l + 7, " histogram")) {
-                fail_msg("unknown type: %s", l);
-            }
-            continue;
-        }
-        snprintf(name, sizeof name, "%.*s", (int)strcspn(l, "{ "), l);
-        size_t cl = strlen(current);
-        bool mine = cl && (strcmp(name, current) == 0 ||
-                           (strncmp(name, current, cl) == 0 &&
-                            (strcmp(name + cl, "_bucket") == 0 ||
-                             strcmp(name + cl, "_sum") == 0 ||
-                             strcmp(name + cl, "_count") == 0)));
-        if (!mine)
-            fail_msg("sample outside its family (after %s): %s", current, l);
-    }
-    return n;
-}
-
 /* The daemon's database families on a real page (pool and relay up):
  * each exactly once with its TYPE, none clashing with http_api's own. */
 static void metrics_database_families_appear_once_each_with_a_type(void **state)
 {
     fixture *f = *state;
     make_db(f, true);
-    static const char *const more[] = { "--relay", "--relay-poll-interval=100ms",
-                                        NULL };
-    proc *p = start_pg(f, more);
+    proc *p = start_pg(f, relay_args);
     ids rows = { 0 }, got = { 0 };
-    insert_rows(f, "m", 1, 5, &rows);
-    receive_all(p->port, "g", "m", 5, &got, 30000);
-    assert_int_equal(got.n, 5);
+    relay_rows(f, p->port, "g", "m", 1, 5, &rows, &got);
     resp r;
     http(NULL, p->port, "GET", "/metrics", NULL, NULL, &r);
     assert_int_equal(r.status, 200);
@@ -1276,9 +1144,7 @@ static void metrics_database_families_appear_once_each_with_a_type(void **state)
         "outboxd_relay_lag_seconds", NULL
     };
     for (size_t i = 0; mine[i]; i++) {
-        size_t k = 0;
-        for (size_t j = 0; j < n; j++)
-            k += strcmp(names[j], mine[i]) == 0;
+        size_t k = count_name(names, n, mine[i]);
         if (k != 1)
             fail_msg("%s appears %zu times:\n%s", mine[i], k, r.body);
         char type[128];
@@ -1298,11 +1164,8 @@ static void metrics_database_families_appear_once_each_with_a_type(void **state)
 int main(void)
 {
     /* The children inherit this environment: no stray database settings. */
-    static const char *const vars[] = { "DATABASE_URL", "PGHOST", "PGHOSTADDR",
-                                        "PGDATABASE", "PGSERVICE", "PGUSER",
-                                        "PGPASSWORD", "PGPORT", NULL };
-    for (size_t i = 0; vars[i]; i++)
-        unsetenv(vars[i]);
+    unsetenv("DATABASE_URL");
+    pgh_clear_libpq_env();
     pg = pgh_start(OUTBOXD_SOURCE_DIR);
     if (!pg) {
         fprintf(stderr, "test_daemon_pg: cannot start PostgreSQL (see above); "

@@ -31,25 +31,8 @@
 
 #include "migrate.h"
 #include "pg.h"
-#include "pg_harness.h"
+#include "pg_fixture.h"
 #include "tmpdir.h"
-
-static pgh *g_pg;
-
-static int group_setup(void **state)
-{
-    (void)state;
-    g_pg = pgh_start(OUTBOXD_SOURCE_DIR);
-    return g_pg ? 0 : -1;
-}
-
-static int group_teardown(void **state)
-{
-    (void)state;
-    pgh_destroy(g_pg);
-    g_pg = NULL;
-    return 0;
-}
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -86,6 +69,42 @@ static int run(command cmd, const sc_pg_opts *o, char **out, char *err, size_t e
     return code;
 }
 
+/* Run a command whose output the test does not look at; its code. */
+static int run_code(command cmd, const sc_pg_opts *o, char *err, size_t errlen)
+{
+    char *out;
+    int code = run(cmd, o, &out, err, errlen);
+    free(out);
+    return code;
+}
+
+/* Run a command that must fail with `code` and print nothing. */
+static void run_fails(command cmd, const sc_pg_opts *o, int code, char *err,
+                      size_t errlen)
+{
+    char *out;
+    assert_int_equal(run(cmd, o, &out, err, errlen), code);
+    assert_string_equal(out, "");
+    free(out);
+}
+
+/* A connection of the test's own (libpq, no sc_pg options). */
+static PGconn *connect_ok(const char *url)
+{
+    PGconn *c = PQconnectdb(url);
+    assert_int_equal(PQstatus(c), CONNECTION_OK);
+    return c;
+}
+
+/* sc_db_schema_version on c, which must succeed. */
+static int schema_version_on(PGconn *c)
+{
+    char err[1024];
+    int v = -1;
+    assert_int_equal(sc_db_schema_version(c, &v, err, sizeof err), 0);
+    return v;
+}
+
 static long long sql_int(const char *db, const char *sql)
 {
     return pgh_sql_int(g_pg, db, sql);
@@ -105,14 +124,27 @@ static long long version_rows(const char *db)
     return sql_int(db, "SELECT count(*) FROM outbox.schema_version");
 }
 
+/* The migration lock's rows in pg_locks, in the current database (held:
+ * AND granted; waited for: AND NOT granted). */
+#define MIGRATION_LOCK_ROWS                                                   \
+    "pg_locks WHERE locktype = 'advisory'"                                    \
+    " AND database = (SELECT oid FROM pg_database"                            \
+    "                  WHERE datname = current_database())"                   \
+    " AND classid = 1869707363 AND objid = 0 AND objsubid = 2"
+
 /* The migration lock held by some session in the current database. */
 static long long lock_holders(const char *db)
 {
-    return sql_int(db, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
-                       " AND database = (SELECT oid FROM pg_database"
-                       "                  WHERE datname = current_database())"
-                       " AND classid = 1869707363 AND objid = 0 AND objsubid = 2"
-                       " AND granted");
+    return sql_int(db, "SELECT count(*) FROM " MIGRATION_LOCK_ROWS " AND granted");
+}
+
+/* How many of the outbox schema's four tables exist. */
+static long long outbox_tables(const char *db)
+{
+    return sql_int(db,
+        "SELECT count(*) FROM (VALUES ('outbox.transactions'), ('outbox.messages'),"
+        " ('outbox.inbox'), ('outbox.schema_version')) t(n)"
+        " WHERE to_regclass(n) IS NOT NULL");
 }
 
 /* "applied X\n" for every compiled-in migration from index `from` on,
@@ -127,6 +159,28 @@ static void expected_applied(size_t from, char *out, size_t cap)
         used += (size_t)snprintf(out + used, cap - used, "applied %s\n", all[i].name);
     snprintf(out + used, cap - used, "database schema is at version %d\n",
              sc_migrations_latest());
+}
+
+/* What `db status` prints for a database at `version` whose migrations
+ * from index `from` on are pending. */
+static void expected_status(int version, size_t from, char *out, size_t cap)
+{
+    size_t n;
+    const sc_migration *all = sc_migrations(&n);
+    size_t used = (size_t)snprintf(out, cap, "database schema version: %d\n"
+                                   "outboxd knows: %d\n", version,
+                                   sc_migrations_latest());
+    for (size_t i = from; i < n; i++)
+        used += (size_t)snprintf(out + used, cap - used, "pending: %s\n", all[i].name);
+}
+
+/* Replace the file at `path` with `text`. */
+static void write_text(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fputs(text, f);
+    fclose(f);
 }
 
 static char *read_whole(const char *path)
@@ -181,6 +235,22 @@ static void compiled_in_migrations_match_the_files_on_disk(void **state)
     globfree(&g);
 }
 
+/* Run `cmd` (a shell command line); its exit status, output into out. */
+static int shell(const char *cmd, char *out, size_t cap)
+{
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    size_t used = 0;
+    out[0] = '\0';
+    char line[512];
+    while (fgets(line, sizeof line, p)) {
+        size_t l = strlen(line);
+        if (used + l < cap) { memcpy(out + used, line, l + 1); used += l; }
+    }
+    int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
 /* Run embed_sql.cmake on a folder holding `files` (name, text pairs, NULL
  * ended); its exit status, its output (stdout+stderr) into out. */
 static int embed(const char *dir, const char *const *files, char *out, size_t cap)
@@ -205,16 +275,7 @@ static int embed(const char *dir, const char *const *files, char *out, size_t ca
     snprintf(cmd, sizeof cmd,
              "cmake -DSQL_DIR='%s' -DOUT='%s' -P '%s/sidecar/embed_sql.cmake' 2>&1",
              sqldir, gen, OUTBOXD_SOURCE_DIR);
-    FILE *p = popen(cmd, "r");
-    assert_non_null(p);
-    size_t used = 0;
-    out[0] = '\0';
-    char line[512];
-    while (fgets(line, sizeof line, p)) {
-        size_t l = strlen(line);
-        if (used + l < cap) { memcpy(out + used, line, l + 1); used += l; }
-    }
-    int st = pclose(p);
+    int rc = shell(cmd, out, cap);
     /* CMake wraps its messages; compare with single spaces. */
     char *w = out;
     for (const char *r = out; *r; r++) {
@@ -225,7 +286,7 @@ static int embed(const char *dir, const char *const *files, char *out, size_t ca
         }
     }
     *w = '\0';
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    return rc;
 }
 
 /* A scratch folder per test, removed even when the test fails. */
@@ -282,22 +343,6 @@ static void embed_script_rejects_misnamed_and_misnumbered_files(void **state)
     assert_non_null(strstr(text, "{ 2, \"0002_two_2\", "));
     assert_non_null(strstr(text, "sc_migrations_embedded_count = 2;"));
     free(text);
-}
-
-/* Run `cmd` (a shell command line); its exit status, output into out. */
-static int shell(const char *cmd, char *out, size_t cap)
-{
-    FILE *p = popen(cmd, "r");
-    assert_non_null(p);
-    size_t used = 0;
-    out[0] = '\0';
-    char line[512];
-    while (fgets(line, sizeof line, p)) {
-        size_t l = strlen(line);
-        if (used + l < cap) { memcpy(out + used, line, l + 1); used += l; }
-    }
-    int st = pclose(p);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
 /* The build rule (sidecar_embed_migrations, as sidecar/CMakeLists.txt uses
@@ -395,10 +440,7 @@ static void fresh_database_gets_every_migration(void **state)
 
     assert_int_equal(db_version("mig_fresh"), sc_migrations_latest());
     assert_int_equal(version_rows("mig_fresh"), sc_migrations_latest());
-    assert_int_equal(sql_int("mig_fresh",
-        "SELECT count(*) FROM (VALUES ('outbox.transactions'), ('outbox.messages'),"
-        " ('outbox.inbox'), ('outbox.schema_version')) t(n)"
-        " WHERE to_regclass(n) IS NOT NULL"), 4);
+    assert_int_equal(outbox_tables("mig_fresh"), 4);
     assert_int_equal(sql_int("mig_fresh",
         "SELECT count(*) FROM pg_roles WHERE rolname IN ('outbox_sidecar', 'outbox_app')"), 2);
     /* The schema works, not just exists. */
@@ -409,30 +451,22 @@ static void fresh_database_gets_every_migration(void **state)
     assert_int_equal(lock_holders("mig_fresh"), 0);
 
     /* sc_db_schema_version agrees, on a connection of our own. */
-    PGconn *c = PQconnectdb(url);
-    assert_int_equal(PQstatus(c), CONNECTION_OK);
-    int v = -1;
-    assert_int_equal(sc_db_schema_version(c, &v, err, sizeof err), 0);
-    assert_int_equal(v, sc_migrations_latest());
+    PGconn *c = connect_ok(url);
+    assert_int_equal(schema_version_on(c), sc_migrations_latest());
     PQfinish(c);
 }
 
 static void schema_version_is_zero_without_the_version_table(void **state)
 {
     (void)state;
-    char url[512], err[1024];
+    char url[512];
     sc_pg_opts o;
     fresh_db("mig_zero", url, sizeof url, &o);
-    PGconn *c = PQconnectdb(url);
-    assert_int_equal(PQstatus(c), CONNECTION_OK);
-    int v = -1;
-    assert_int_equal(sc_db_schema_version(c, &v, err, sizeof err), 0);
-    assert_int_equal(v, 0);
+    PGconn *c = connect_ok(url);
+    assert_int_equal(schema_version_on(c), 0);
     /* Schema outbox without its version table is still version 0. */
     assert_int_equal(pgh_sql(g_pg, "mig_zero", "CREATE SCHEMA outbox", NULL, 0), 0);
-    v = -1;
-    assert_int_equal(sc_db_schema_version(c, &v, err, sizeof err), 0);
-    assert_int_equal(v, 0);
+    assert_int_equal(schema_version_on(c), 0);
     PQfinish(c);
 }
 
@@ -442,8 +476,7 @@ static void second_run_applies_nothing(void **state)
     char url[512], err[1024], want[128], *out;
     sc_pg_opts o;
     fresh_db("mig_twice", url, sizeof url, &o);
-    assert_int_equal(run(MIGRATE, &o, &out, err, sizeof err), 0);
-    free(out);
+    assert_int_equal(run_code(MIGRATE, &o, err, sizeof err), 0);
     char before[256], after[256];
     assert_int_equal(pgh_sql(g_pg, "mig_twice",
         "SELECT string_agg(version || '@' || applied_at, ',' ORDER BY version)"
@@ -515,9 +548,7 @@ static long long wait_for_waiters(PGconn *holder, long long n)
     long long waiting = 0;
     for (;;) {
         PGresult *res = PQexec(holder,
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
-            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            " AND classid = 1869707363 AND objid = 0 AND objsubid = 2 AND NOT granted");
+            "SELECT count(*) FROM " MIGRATION_LOCK_ROWS " AND NOT granted");
         assert_int_equal(PQresultStatus(res), PGRES_TUPLES_OK);
         waiting = atoll(PQgetvalue(res, 0, 0));
         PQclear(res);
@@ -525,6 +556,16 @@ static long long wait_for_waiters(PGconn *holder, long long n)
         if (waiting == n || now.tv_sec - start.tv_sec > 60) return waiting;
         nanosleep(&(struct timespec){ .tv_nsec = 20 * 1000 * 1000 }, NULL);
     }
+}
+
+/* A session of the test's own that holds the migration lock. */
+static PGconn *hold_migration_lock(const char *url)
+{
+    PGconn *holder = connect_ok(url);
+    PGresult *res = exec_lock(holder, "pg_advisory_lock");
+    assert_int_equal(PQresultStatus(res), PGRES_TUPLES_OK);
+    PQclear(res);
+    return holder;
 }
 
 static int count_lines(const char *s, const char *prefix)
@@ -546,11 +587,7 @@ static void concurrent_migrates_apply_each_file_once(void **state)
     fresh_db("mig_race", url, sizeof url, &o);
 
     /* Hold the lock so both runs queue up behind it. */
-    PGconn *holder = PQconnectdb(url);
-    assert_int_equal(PQstatus(holder), CONNECTION_OK);
-    PGresult *res = exec_lock(holder, "pg_advisory_lock");
-    assert_int_equal(PQresultStatus(res), PGRES_TUPLES_OK);
-    PQclear(res);
+    PGconn *holder = hold_migration_lock(url);
 
     mig_run runs[2] = { { .o = &o, .code = -1 }, { .o = &o, .code = -1 } };
     pthread_t th[2];
@@ -561,7 +598,7 @@ static void concurrent_migrates_apply_each_file_once(void **state)
     /* Nothing ran while they waited. */
     assert_int_equal(db_version("mig_race"), 0);
 
-    res = exec_lock(holder, "pg_advisory_unlock");
+    PGresult *res = exec_lock(holder, "pg_advisory_unlock");
     assert_int_equal(PQresultStatus(res), PGRES_TUPLES_OK);
     PQclear(res);
     PQfinish(holder);
@@ -589,21 +626,15 @@ static void connection_lost_while_waiting_for_the_lock_is_unavailable(void **sta
     char url[512];
     sc_pg_opts o;
     fresh_db("mig_lost", url, sizeof url, &o);
-    PGconn *holder = PQconnectdb(url);
-    assert_int_equal(PQstatus(holder), CONNECTION_OK);
-    PGresult *res = exec_lock(holder, "pg_advisory_lock");
-    assert_int_equal(PQresultStatus(res), PGRES_TUPLES_OK);
-    PQclear(res);
+    PGconn *holder = hold_migration_lock(url);
 
     mig_run r = { .o = &o, .code = -1 };
     pthread_t th;
     assert_int_equal(pthread_create(&th, NULL, migrate_thread, &r), 0);
     assert_int_equal(wait_for_waiters(holder, 1), 1);
     /* The server ends the waiting session (as at a shutdown or failover). */
-    res = PQexec(holder,
-        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
-        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        " AND classid = 1869707363 AND objid = 0 AND objsubid = 2 AND NOT granted");
+    PGresult *res = PQexec(holder,
+        "SELECT pg_terminate_backend(pid) FROM " MIGRATION_LOCK_ROWS " AND NOT granted");
     assert_int_equal(PQresultStatus(res), PGRES_TUPLES_OK);
     PQclear(res);
     assert_int_equal(pthread_join(th, NULL), 0);
@@ -622,8 +653,7 @@ static void newer_database_is_refused_and_left_alone(void **state)
     char url[512], err[1024], want[256], *out;
     sc_pg_opts o;
     fresh_db("mig_newer", url, sizeof url, &o);
-    assert_int_equal(run(MIGRATE, &o, &out, err, sizeof err), 0);
-    free(out);
+    assert_int_equal(run_code(MIGRATE, &o, err, sizeof err), 0);
     assert_int_equal(pgh_sql(g_pg, "mig_newer",
         "INSERT INTO outbox.schema_version (version, name) VALUES (99, '0099_future')",
         NULL, 0), 0);
@@ -638,10 +668,8 @@ static void newer_database_is_refused_and_left_alone(void **state)
     snprintf(want, sizeof want,
              "database schema version 99 is newer than this outboxd knows (%d); upgrade outboxd",
              sc_migrations_latest());
-    assert_int_equal(run(MIGRATE, &o, &out, err, sizeof err), EX_DATAERR);
+    run_fails(MIGRATE, &o, EX_DATAERR, err, sizeof err);
     assert_string_equal(err, want);
-    assert_string_equal(out, "");
-    free(out);
     assert_int_equal(pgh_sql(g_pg, "mig_newer", snapshot, after, sizeof after), 0);
     assert_string_equal(before, after);
     assert_int_equal(lock_holders("mig_newer"), 0);
@@ -659,7 +687,7 @@ static void newer_database_is_refused_and_left_alone(void **state)
 static void failing_first_migration_changes_nothing(void **state)
 {
     (void)state;
-    char url[512], err[1024], *out;
+    char url[512], err[1024];
     sc_pg_opts o;
     fresh_db("mig_fail1", url, sizeof url, &o);
     /* Someone made schema outbox by hand: 0001's CREATE SCHEMA fails. */
@@ -667,19 +695,14 @@ static void failing_first_migration_changes_nothing(void **state)
         "CREATE SCHEMA outbox; CREATE TABLE outbox.keep_me (x int);"
         " INSERT INTO outbox.keep_me VALUES (7)", NULL, 0), 0);
 
-    assert_int_equal(run(MIGRATE, &o, &out, err, sizeof err), EX_DATAERR);
-    assert_string_equal(out, "");
-    free(out);
+    run_fails(MIGRATE, &o, EX_DATAERR, err, sizeof err);
     if (strncmp(err, "migration 0001_outbox failed", 28) != 0
         || !strstr(err, "schema \"outbox\" already exists") || strchr(err, '\n'))
         fail_msg("unexpected message: %s", err);
 
     /* Atomic: nothing of the file is left, the hand-made table is intact,
      * and no transaction or lock is left open. */
-    assert_int_equal(sql_int("mig_fail1",
-        "SELECT count(*) FROM (VALUES ('outbox.transactions'), ('outbox.messages'),"
-        " ('outbox.inbox'), ('outbox.schema_version')) t(n)"
-        " WHERE to_regclass(n) IS NOT NULL"), 0);
+    assert_int_equal(outbox_tables("mig_fail1"), 0);
     assert_int_equal(sql_int("mig_fail1", "SELECT x FROM outbox.keep_me"), 7);
     assert_int_equal(lock_holders("mig_fail1"), 0);
     assert_int_equal(sql_int("mig_fail1",
@@ -690,7 +713,7 @@ static void failing_first_migration_changes_nothing(void **state)
 static void failing_later_migration_keeps_the_earlier_ones(void **state)
 {
     (void)state;
-    char url[512], err[1024], *out;
+    char url[512], err[1024];
     sc_pg_opts o;
     fresh_db("mig_fail2", url, sizeof url, &o);
     psql_first_migration("mig_fail2");
@@ -704,9 +727,7 @@ static void failing_later_migration_keeps_the_earlier_ones(void **state)
         " THEN CREATE ROLE outbox_app NOLOGIN; END IF; END $$;"
         "DROP FUNCTION outbox.inbox_cleanup(interval)", NULL, 0), 0);
 
-    assert_int_equal(run(MIGRATE, &o, &out, err, sizeof err), EX_DATAERR);
-    assert_string_equal(out, "");
-    free(out);
+    run_fails(MIGRATE, &o, EX_DATAERR, err, sizeof err);
     if (strncmp(err, "migration 0002_roles failed", 27) != 0
         || !strstr(err, "outbox.inbox_cleanup(interval) does not exist"))
         fail_msg("unexpected message: %s", err);
@@ -721,7 +742,7 @@ static void failing_later_migration_keeps_the_earlier_ones(void **state)
 static void migration_that_does_not_record_itself_is_an_error(void **state)
 {
     (void)state;
-    char url[512], err[1024], want[512], *out;
+    char url[512], err[1024], want[512];
     sc_pg_opts o;
     fresh_db("mig_norec", url, sizeof url, &o);
     psql_first_migration("mig_norec");
@@ -732,9 +753,7 @@ static void migration_that_does_not_record_itself_is_an_error(void **state)
         "CREATE TRIGGER swallow BEFORE INSERT ON outbox.schema_version"
         " FOR EACH ROW EXECUTE FUNCTION public.swallow()", NULL, 0), 0);
 
-    assert_int_equal(run(MIGRATE, &o, &out, err, sizeof err), EX_DATAERR);
-    assert_string_equal(out, "");
-    free(out);
+    run_fails(MIGRATE, &o, EX_DATAERR, err, sizeof err);
     size_t n;
     const sc_migration *all = sc_migrations(&n);
     snprintf(want, sizeof want,
@@ -747,12 +766,11 @@ static void migration_that_does_not_record_itself_is_an_error(void **state)
 static void migrate_ignores_the_configured_statement_timeout(void **state)
 {
     (void)state;
-    char url[512], err[1024], *out;
+    char url[512], err[1024];
     sc_pg_opts o;
     fresh_db("mig_slow", url, sizeof url, &o);
     o.statement_timeout_ms = 1;   /* far shorter than any migration */
-    assert_int_equal(run(MIGRATE, &o, &out, err, sizeof err), 0);
-    free(out);
+    assert_int_equal(run_code(MIGRATE, &o, err, sizeof err), 0);
     assert_int_equal(db_version("mig_slow"), sc_migrations_latest());
 }
 
@@ -763,17 +781,12 @@ static void status_lists_what_is_pending(void **state)
     (void)state;
     char url[512], err[1024], want[1024], *out;
     sc_pg_opts o;
-    size_t n;
-    const sc_migration *all = sc_migrations(&n);
     int latest = sc_migrations_latest();
     fresh_db("mig_status", url, sizeof url, &o);
 
     /* fresh */
     assert_int_equal(run(STATUS, &o, &out, err, sizeof err), 0);
-    size_t used = (size_t)snprintf(want, sizeof want,
-        "database schema version: 0\noutboxd knows: %d\n", latest);
-    for (size_t i = 0; i < n; i++)
-        used += (size_t)snprintf(want + used, sizeof want - used, "pending: %s\n", all[i].name);
+    expected_status(0, 0, want, sizeof want);
     assert_string_equal(out, want);
     free(out);
     /* status changes nothing */
@@ -784,16 +797,12 @@ static void status_lists_what_is_pending(void **state)
     /* partial */
     psql_first_migration("mig_status");
     assert_int_equal(run(STATUS, &o, &out, err, sizeof err), 0);
-    used = (size_t)snprintf(want, sizeof want,
-        "database schema version: 1\noutboxd knows: %d\n", latest);
-    for (size_t i = 1; i < n; i++)
-        used += (size_t)snprintf(want + used, sizeof want - used, "pending: %s\n", all[i].name);
+    expected_status(1, 1, want, sizeof want);
     assert_string_equal(out, want);
     free(out);
 
     /* current */
-    assert_int_equal(run(MIGRATE, &o, &out, err, sizeof err), 0);
-    free(out);
+    assert_int_equal(run_code(MIGRATE, &o, err, sizeof err), 0);
     assert_int_equal(run(STATUS, &o, &out, err, sizeof err), 0);
     snprintf(want, sizeof want,
              "database schema version: %d\noutboxd knows: %d\npending: none\n", latest, latest);
@@ -806,71 +815,53 @@ static void status_lists_what_is_pending(void **state)
 static void no_database_configured_is_a_config_error(void **state)
 {
     (void)state;
-    char err[1024], *out;
-    assert_int_equal(run(MIGRATE, NULL, &out, err, sizeof err), EX_CONFIG);
+    char err[1024];
+    assert_int_equal(run_code(MIGRATE, NULL, err, sizeof err), EX_CONFIG);
     assert_non_null(strstr(err, "no database is configured"));
-    free(out);
-    assert_int_equal(run(STATUS, NULL, &out, err, sizeof err), EX_CONFIG);
-    free(out);
+    assert_int_equal(run_code(STATUS, NULL, err, sizeof err), EX_CONFIG);
 }
 
 static void wrong_password_is_a_config_error_that_hides_the_password(void **state)
 {
     const char *dir = *state;
-    char url[512], err[1024], *out;
+    char url[512], err[1024];
     sc_pg_opts o;
     assert_int_equal(pgh_create_db(g_pg, "mig_auth", false), 0);
-    assert_int_equal(pgh_sql(g_pg, "postgres",
-        "DROP ROLE IF EXISTS mig_pw;"
-        "CREATE ROLE mig_pw LOGIN PASSWORD 'Right-Pw-4711' IN ROLE password_required",
-        NULL, 0), 0);
+    recreate_role("mig_pw", "PASSWORD 'Right-Pw-4711' IN ROLE password_required");
 
     /* In the URL */
     db_opts("mig_auth", "mig_pw", "Wr0ng-S3cret-8086", url, sizeof url, &o);
-    assert_int_equal(run(MIGRATE, &o, &out, err, sizeof err), EX_CONFIG);
-    assert_string_equal(out, "");
-    free(out);
+    run_fails(MIGRATE, &o, EX_CONFIG, err, sizeof err);
     assert_non_null(strstr(err, "password authentication failed"));
     assert_null(strstr(err, "Wr0ng-S3cret-8086"));
-    assert_int_equal(run(STATUS, &o, &out, err, sizeof err), EX_CONFIG);
-    free(out);
+    assert_int_equal(run_code(STATUS, &o, err, sizeof err), EX_CONFIG);
     assert_null(strstr(err, "Wr0ng-S3cret-8086"));
 
     /* In a password file: wrong, then right. */
     char pwfile[600];
     snprintf(pwfile, sizeof pwfile, "%s/pw", dir);
-    FILE *f = fopen(pwfile, "w");
-    assert_non_null(f);
-    fputs("Wr0ng-S3cret-8086\n", f);
-    fclose(f);
+    write_text(pwfile, "Wr0ng-S3cret-8086\n");
     db_opts("mig_auth", "mig_pw", NULL, url, sizeof url, &o);
     o.password_file = pwfile;
-    assert_int_equal(run(MIGRATE, &o, &out, err, sizeof err), EX_CONFIG);
-    free(out);
+    assert_int_equal(run_code(MIGRATE, &o, err, sizeof err), EX_CONFIG);
     assert_null(strstr(err, "Wr0ng-S3cret-8086"));
 
-    f = fopen(pwfile, "w");
-    assert_non_null(f);
-    fputs("Right-Pw-4711\n", f);
-    fclose(f);
-    assert_int_equal(run(STATUS, &o, &out, err, sizeof err), 0);
-    free(out);
+    write_text(pwfile, "Right-Pw-4711\n");
+    assert_int_equal(run_code(STATUS, &o, err, sizeof err), 0);
 }
 
 static void stopped_server_is_unavailable(void **state)
 {
     (void)state;
-    char url[512], err[1024], *out;
+    char url[512], err[1024];
     sc_pg_opts o;
     fresh_db("mig_down", url, sizeof url, &o);
     assert_int_equal(pgh_stop(g_pg), 0);
 
-    int migrate_code = run(MIGRATE, &o, &out, err, sizeof err);
-    free(out);
+    int migrate_code = run_code(MIGRATE, &o, err, sizeof err);
     char migrate_err[1024];
     snprintf(migrate_err, sizeof migrate_err, "%s", err);
-    int status_code = run(STATUS, &o, &out, err, sizeof err);
-    free(out);
+    int status_code = run_code(STATUS, &o, err, sizeof err);
     /* Bring it back before asserting, so a failure here does not take
      * the tests after it down too. */
     assert_int_equal(pgh_restart(g_pg), 0);
@@ -880,8 +871,7 @@ static void stopped_server_is_unavailable(void **state)
     assert_non_null(strstr(migrate_err, "cannot connect to PostgreSQL at 127.0.0.1:"));
 
     /* And once it is back, migrate works. */
-    assert_int_equal(run(MIGRATE, &o, &out, err, sizeof err), 0);
-    free(out);
+    assert_int_equal(run_code(MIGRATE, &o, err, sizeof err), 0);
     assert_int_equal(db_version("mig_down"), sc_migrations_latest());
 }
 
@@ -911,5 +901,5 @@ int main(void)
                                         dir_setup, dir_teardown),
         cmocka_unit_test(stopped_server_is_unavailable),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return cmocka_run_group_tests(tests, pg_group_setup, pg_group_teardown);
 }

@@ -31,10 +31,8 @@
 #include <unistd.h>
 
 #include "pg.h"
-#include "pg_harness.h"
+#include "pg_fixture.h"
 #include "tmpdir.h"
-
-static pgh *g_pg;
 
 #define SECRET "S3cret-Pw-4711"
 
@@ -45,20 +43,13 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static void must_sql(const char *db, const char *text)
-{
-    if (pgh_sql(g_pg, db, text, NULL, 0) != 0)
-        fail_msg("SQL failed in %s: %s", db, text);
-}
-
 /* A role that must give its password (see pg_harness.h). */
 static void make_pw_role(const char *role, const char *password)
 {
-    char q[512];
-    snprintf(q, sizeof q, "SET client_min_messages = warning;"
-             "DROP ROLE IF EXISTS %s; CREATE ROLE %s LOGIN PASSWORD '%s'"
-             " IN ROLE password_required", role, role, password);
-    must_sql("postgres", q);
+    char attrs[256];
+    snprintf(attrs, sizeof attrs, "PASSWORD '%s' IN ROLE password_required",
+             password);
+    recreate_role(role, attrs);
 }
 
 static bool one_line(const char *s)
@@ -76,6 +67,33 @@ static PGconn *conn_url(const char *url, sc_pg_fail *fail, char *err, size_t cap
     o.conninfo = url;
     o.connect_timeout_ms = 3000;
     return sc_pg_connect(&o, fail, err, cap);
+}
+
+/* conn_url that must fail, with class `want`; the message into err. */
+static void connect_fails(const char *url, sc_pg_fail want, char *err, size_t cap)
+{
+    sc_pg_fail fail = SC_PG_OK;
+    assert_null(conn_url(url, &fail, err, cap));
+    assert_int_equal(fail, want);
+}
+
+/* Options that reach database postgres as the superuser; url[cap] holds
+ * the URL and must outlive o. */
+static void postgres_opts(sc_pg_opts *o, char *url, size_t cap)
+{
+    pgh_url(g_pg, "postgres", NULL, NULL, url, cap);
+    sc_pg_opts_init(o);
+    o->conninfo = url;
+}
+
+/* sc_pg_connect that must succeed. */
+static PGconn *must_connect(const sc_pg_opts *o)
+{
+    char err[1024];
+    sc_pg_fail fail;
+    PGconn *c = sc_pg_connect(o, &fail, err, sizeof err);
+    if (!c) fail_msg("connect: %s", err);
+    return c;
 }
 
 static const char *show(PGconn *c, const char *setting, char *out, size_t cap)
@@ -161,12 +179,9 @@ static void backoff_defaults_and_odd_settings_are_sane(void **state)
 static void refused_port_is_unreachable(void **state)
 {
     (void)state;
-    sc_pg_fail fail = SC_PG_OK;
     char err[1024];
-    PGconn *c = conn_url("postgresql://postgres:" SECRET "@127.0.0.1:1/nodb",
-                         &fail, err, sizeof err);
-    assert_null(c);
-    assert_int_equal(fail, SC_PG_UNREACHABLE);
+    connect_fails("postgresql://postgres:" SECRET "@127.0.0.1:1/nodb",
+                  SC_PG_UNREACHABLE, err, sizeof err);
     if (strncmp(err, "cannot connect to PostgreSQL at 127.0.0.1:1/nodb as postgres: ",
                 62) != 0 || !strstr(err, "Connection refused"))
         fail_msg("message: %s", err);
@@ -177,7 +192,8 @@ static void refused_port_is_unreachable(void **state)
      * malformed, so still a retry. */
     setenv("PGHOST", "127.0.0.1", 1);
     setenv("PGPORT", "1", 1);
-    c = conn_url("somedb", &fail, err, sizeof err);
+    sc_pg_fail fail = SC_PG_OK;
+    PGconn *c = conn_url("somedb", &fail, err, sizeof err);
     unsetenv("PGHOST");
     unsetenv("PGPORT");
     assert_null(c);
@@ -188,13 +204,10 @@ static void refused_port_is_unreachable(void **state)
 static void unresolvable_host_is_unreachable(void **state)
 {
     (void)state;
-    sc_pg_fail fail = SC_PG_OK;
     char err[1024];
-    PGconn *c = conn_url("postgresql://postgres:" SECRET "@no-such-host.invalid:5999/db",
-                         &fail, err, sizeof err);
-    assert_null(c);
     /* DNS may not be ready yet in a starting pod: retry, not exit. */
-    assert_int_equal(fail, SC_PG_UNREACHABLE);
+    connect_fails("postgresql://postgres:" SECRET "@no-such-host.invalid:5999/db",
+                  SC_PG_UNREACHABLE, err, sizeof err);
     assert_non_null(strstr(err, "no-such-host.invalid"));
     assert_true(one_line(err));
     assert_null(strstr(err, SECRET));
@@ -206,15 +219,14 @@ static void wrong_password_is_refused_and_never_echoed(void **state)
     make_pw_role("pt_pw", "Right-" SECRET);
     char url[256], err[1024];
     pgh_url(g_pg, "postgres", "pt_pw", "Wrong-" SECRET, url, sizeof url);
-    sc_pg_fail fail = SC_PG_OK;
-    assert_null(conn_url(url, &fail, err, sizeof err));
-    assert_int_equal(fail, SC_PG_REFUSED);
+    connect_fails(url, SC_PG_REFUSED, err, sizeof err);
     assert_non_null(strstr(err, "password authentication failed"));
     assert_non_null(strstr(err, "as pt_pw"));
     assert_null(strstr(err, SECRET));
     assert_true(one_line(err));
 
     pgh_url(g_pg, "postgres", "pt_pw", "Right-" SECRET, url, sizeof url);
+    sc_pg_fail fail = SC_PG_REFUSED;
     PGconn *c = conn_url(url, &fail, err, sizeof err);
     if (!c) fail_msg("right password: %s", err);
     assert_int_equal(fail, SC_PG_OK);
@@ -230,16 +242,13 @@ static void unknown_database_and_role_are_refused(void **state)
 {
     (void)state;
     char url[256], err[1024];
-    sc_pg_fail fail = SC_PG_OK;
     pgh_url(g_pg, "no_such_db", NULL, NULL, url, sizeof url);
-    assert_null(conn_url(url, &fail, err, sizeof err));
-    assert_int_equal(fail, SC_PG_REFUSED);
+    connect_fails(url, SC_PG_REFUSED, err, sizeof err);
     assert_non_null(strstr(err, "no_such_db"));
     assert_true(one_line(err));
 
     pgh_url(g_pg, "postgres", "no_such_role", NULL, url, sizeof url);
-    assert_null(conn_url(url, &fail, err, sizeof err));
-    assert_int_equal(fail, SC_PG_REFUSED);
+    connect_fails(url, SC_PG_REFUSED, err, sizeof err);
     assert_non_null(strstr(err, "no_such_role"));
 }
 
@@ -332,35 +341,30 @@ static void password_file_first_line_wins_over_the_url(void **state)
 static void session_settings_are_applied_and_win_over_the_url(void **state)
 {
     (void)state;
-    char url[256], full[512], err[1024], v[128];
-    pgh_url(g_pg, "postgres", NULL, NULL, url, sizeof url);
+    char url[256], full[512], v[128];
+    sc_pg_opts o;
+    postgres_opts(&o, url, sizeof url);
     /* The URL asks for other values; outboxd's win. */
     snprintf(full, sizeof full, "%s%sapplication_name=fromurl"
              "&options=-c%%20statement_timeout%%3D0", url,
              strchr(url, '?') ? "&" : "?");
-    sc_pg_opts o;
-    sc_pg_opts_init(&o);
     o.conninfo = full;
     o.application_name = "pg-test-app";
     o.statement_timeout_ms = 1500;
-    sc_pg_fail fail;
-    PGconn *c = sc_pg_connect(&o, &fail, err, sizeof err);
-    if (!c) fail_msg("connect: %s", err);
+    PGconn *c = must_connect(&o);
     assert_string_equal(show(c, "statement_timeout", v, sizeof v), "1500ms");
     assert_string_equal(show(c, "application_name", v, sizeof v), "pg-test-app");
     assert_string_equal(PQparameterStatus(c, "application_name"), "pg-test-app");
     PQfinish(c);
 
     /* No timeout asked: none, whatever role or database say. */
-    must_sql("postgres", "SET client_min_messages = warning;"
-             "DROP ROLE IF EXISTS pt_slowrole; CREATE ROLE pt_slowrole LOGIN;"
-             "ALTER ROLE pt_slowrole SET statement_timeout = '7s'");
+    recreate_role("pt_slowrole", "");
+    sql("postgres", "ALTER ROLE pt_slowrole SET statement_timeout = '7s'");
     pgh_url(g_pg, "postgres", "pt_slowrole", NULL, url, sizeof url);
     o.conninfo = url;
     o.application_name = NULL;
     o.statement_timeout_ms = 0;
-    c = sc_pg_connect(&o, &fail, err, sizeof err);
-    if (!c) fail_msg("connect: %s", err);
+    c = must_connect(&o);
     assert_string_equal(show(c, "statement_timeout", v, sizeof v), "0");
     assert_string_equal(show(c, "application_name", v, sizeof v), "outboxd");
     PQfinish(c);
@@ -379,15 +383,11 @@ static int sockopt(int fd, int level, int name)
 static void tcp_keepalives_and_user_timeout_are_on_the_socket(void **state)
 {
     (void)state;
-    char url[256], err[1024];
-    pgh_url(g_pg, "postgres", NULL, NULL, url, sizeof url);
+    char url[256];
     sc_pg_opts o;
-    sc_pg_opts_init(&o);
-    o.conninfo = url;
+    postgres_opts(&o, url, sizeof url);
     o.connect_timeout_ms = 8000;
-    sc_pg_fail fail;
-    PGconn *c = sc_pg_connect(&o, &fail, err, sizeof err);
-    if (!c) fail_msg("connect: %s", err);
+    PGconn *c = must_connect(&o);
     int fd = PQsocket(c);
     assert_true(fd >= 0);
     assert_int_equal(sockopt(fd, SOL_SOCKET, SO_KEEPALIVE), 1);
@@ -407,17 +407,12 @@ static void tcp_keepalives_and_user_timeout_are_on_the_socket(void **state)
 
 static PGconn *connect_as(const char *app)
 {
-    char url[256], err[1024];
-    pgh_url(g_pg, "postgres", NULL, NULL, url, sizeof url);
+    char url[256];
     sc_pg_opts o;
-    sc_pg_opts_init(&o);
-    o.conninfo = url;
+    postgres_opts(&o, url, sizeof url);
     o.application_name = app;
     o.statement_timeout_ms = 200;
-    sc_pg_fail fail;
-    PGconn *c = sc_pg_connect(&o, &fail, err, sizeof err);
-    if (!c) fail_msg("connect: %s", err);
-    return c;
+    return must_connect(&o);
 }
 
 /* pg_terminate_backend's 57P01 ("terminating connection due to
@@ -571,24 +566,6 @@ static void describe_names_no_password(void **state)
 
 /* ---- main ------------------------------------------------------------------------ */
 
-static int group_setup(void **state)
-{
-    (void)state;
-    static const char *const vars[] = { "PGHOST", "PGHOSTADDR", "PGPORT",
-        "PGDATABASE", "PGUSER", "PGPASSWORD", "PGPASSFILE", "PGSERVICE",
-        "PGSSLMODE", "PGOPTIONS", "PGCONNECT_TIMEOUT", "PGAPPNAME" };
-    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) unsetenv(vars[i]);
-    g_pg = pgh_start(OUTBOXD_SOURCE_DIR);
-    return g_pg ? 0 : -1;
-}
-
-static int group_teardown(void **state)
-{
-    (void)state;
-    pgh_destroy(g_pg);
-    return 0;
-}
-
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -609,5 +586,5 @@ int main(void)
         cmocka_unit_test(one_line_folds_blanks_and_trims),
         cmocka_unit_test(describe_names_no_password),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return cmocka_run_group_tests(tests, pg_group_setup, pg_group_teardown);
 }

@@ -39,11 +39,10 @@
 #include "broker/store.h"
 #include "broker/txn.h"
 #include "log.h"
-#include "pg_harness.h"
+#include "pg_fixture.h"
 #include "pgcheck.h"
 #include "tmpdir.h"
 
-static pgh *g_pg;
 /* A backend this program stopped with SIGSTOP; teardown resumes it. */
 static pid_t g_stopped;
 
@@ -66,12 +65,6 @@ static void new_db(const char *db, bool migrate)
 {
     if (pgh_create_db(g_pg, db, migrate) != 0)
         fail_msg("cannot create database %s", db);
-}
-
-static void sql(const char *db, const char *text)
-{
-    if (pgh_sql(g_pg, db, text, NULL, 0) != 0)
-        fail_msg("SQL failed in %s: %s", db, text);
 }
 
 /* One parameterised statement as the superuser. */
@@ -163,13 +156,29 @@ static int open_pc(fx *f, const char *url, const char *query)
     return sc_pgcheck_open(&f->pc, &f->o, f->err, sizeof f->err);
 }
 
-/* Open on `db` as the superuser; must succeed. */
-static void open_ok(fx *f, const char *db, const char *query)
+/* Open on `db` as `user` (NULL: the superuser); must succeed. */
+static void open_ok_as(fx *f, const char *db, const char *user, const char *query)
 {
-    pgh_url(g_pg, db, NULL, NULL, f->url, sizeof f->url);
+    pgh_url(g_pg, db, user, NULL, f->url, sizeof f->url);
     int rc = open_pc(f, f->url, query);
     if (rc != 0)
         fail_msg("sc_pgcheck_open: %d: %s", rc, f->err);
+}
+
+static void open_ok(fx *f, const char *db, const char *query)
+{
+    open_ok_as(f, db, NULL, query);
+}
+
+/* Open on `db` while the server is stopped (it is started again right
+ * after): the checker must open all the same. */
+static void open_while_down(fx *f, const char *db, const char *query)
+{
+    pgh_url(g_pg, db, NULL, NULL, f->url, sizeof f->url);
+    assert_int_equal(pgh_stop(g_pg), 0);
+    int rc = open_pc(f, f->url, query);
+    assert_int_equal(pgh_restart(g_pg), 0);
+    if (rc != 0) fail_msg("open with the server down: %d: %s", rc, f->err);
 }
 
 static brk_check_result ask(sc_pgcheck *pc, const char *txid)
@@ -367,13 +376,7 @@ static void garbage_answer_is_error_and_logged_without_txid(void **state)
     const char *t = log_text(f);
     assert_non_null(strstr(t, "\"level\":\"warn\""));
     assert_non_null(strstr(t, "maybe"));
-    /* The txid is only on debug lines. */
-    for (const char *p = strstr(t, "order-secret-77"); p;
-         p = strstr(p + 1, "order-secret-77")) {
-        const char *line = p;
-        while (line > t && line[-1] != '\n') line--;
-        assert_true(strncmp(strstr(line, "\"level\":"), "\"level\":\"debug\"", 15) == 0);
-    }
+    assert_txid_only_at_debug(f, "order-secret-77");
 }
 
 static void more_than_one_row_is_error(void **state)
@@ -559,9 +562,8 @@ static void wrong_password_is_78_without_the_password(void **state)
 {
     fx *f = *state;
     new_db("pc_pw", true);
-    sql("postgres", "SET client_min_messages = warning; DROP ROLE IF EXISTS pc_pw;"
-                    "CREATE ROLE pc_pw LOGIN PASSWORD 'Right-Pw-4711'"
-                    " IN ROLE password_required, outbox_sidecar");
+    recreate_role("pc_pw", "PASSWORD 'Right-Pw-4711'"
+                           " IN ROLE password_required, outbox_sidecar");
     char url[256];
     pgh_url(g_pg, "pc_pw", "pc_pw", "Wrong-Pw-0815", url, sizeof url);
     assert_int_equal(open_pc(f, url, NULL), 78);
@@ -583,9 +585,8 @@ static void password_file_supplies_the_password(void **state)
 {
     fx *f = *state;
     new_db("pc_pwfile", true);
-    sql("postgres", "SET client_min_messages = warning; DROP ROLE IF EXISTS pc_pwfile;"
-                    "CREATE ROLE pc_pwfile LOGIN PASSWORD 'File-Pw-9' "
-                    " IN ROLE password_required, outbox_sidecar");
+    recreate_role("pc_pwfile", "PASSWORD 'File-Pw-9'"
+                               " IN ROLE password_required, outbox_sidecar");
     put_txn("pc_pwfile", "pf-1", "rollback");
     char dir[512], path[600];
     assert_int_equal(brk_tmpdir_new("pc_pwfile", dir, sizeof dir), 0);
@@ -688,11 +689,7 @@ static void invalid_query_found_after_start_makes_every_check_error(void **state
     fx *f = *state;
     new_db("pc_lateinvalid", false);
     sql("pc_lateinvalid", "CREATE TABLE orders (id text PRIMARY KEY, status text)");
-    pgh_url(g_pg, "pc_lateinvalid", NULL, NULL, f->url, sizeof f->url);
-    assert_int_equal(pgh_stop(g_pg), 0);
-    int rc = open_pc(f, f->url, "SELECT status, id FROM orders WHERE id = $1");
-    assert_int_equal(pgh_restart(g_pg), 0);
-    if (rc != 0) fail_msg("open with the server down: %d: %s", rc, f->err);
+    open_while_down(f, "pc_lateinvalid", "SELECT status, id FROM orders WHERE id = $1");
 
     int64_t end = now_ms() + 30000;
     while (!strstr(log_text(f), "\"level\":\"error\"") && now_ms() < end) {
@@ -734,15 +731,11 @@ static void concurrent_checks_find_an_invalid_query_once_per_period(void **state
     fx *f = *state;
     new_db("pc_ivconc", false);
     sql("pc_ivconc", "CREATE TABLE orders (id text PRIMARY KEY, status text)");
-    pgh_url(g_pg, "pc_ivconc", NULL, NULL, f->url, sizeof f->url);
     f->o.pool_size = 4;
     f->o.pg.backoff_min_ms = 20;
     f->o.pg.backoff_max_ms = 60000;          /* one period for the whole test */
     f->o.pg.application_name = "pc-ivconc";
-    assert_int_equal(pgh_stop(g_pg), 0);
-    int rc = open_pc(f, f->url, "SELECT status, id FROM orders WHERE id = $1");
-    assert_int_equal(pgh_restart(g_pg), 0);
-    if (rc != 0) fail_msg("open with the server down: %d: %s", rc, f->err);
+    open_while_down(f, "pc_ivconc", "SELECT status, id FROM orders WHERE id = $1");
     /* Past the first connect's backoff. */
     sleep_ms(200);
 
@@ -776,11 +769,7 @@ static void schema_installed_after_start_is_picked_up(void **state)
 {
     fx *f = *state;
     new_db("pc_late", false);
-    pgh_url(g_pg, "pc_late", NULL, NULL, f->url, sizeof f->url);
-    assert_int_equal(pgh_stop(g_pg), 0);
-    int rc = open_pc(f, f->url, NULL);
-    assert_int_equal(pgh_restart(g_pg), 0);
-    if (rc != 0) fail_msg("open with the server down: %d: %s", rc, f->err);
+    open_while_down(f, "pc_late", NULL);
 
     int64_t end = now_ms() + 30000;
     while (!strstr(log_text(f), "outboxd db migrate") && now_ms() < end) {
@@ -1012,17 +1001,14 @@ static void busy_healthy_connection_is_awaited_rather_than_one_in_backoff(void *
 {
     fx *f = *state;
     new_db("pc_bo", false);
-    sql("postgres", "SET client_min_messages = warning; DROP ROLE IF EXISTS pc_bo;"
-                    " CREATE ROLE pc_bo LOGIN");
-    pgh_url(g_pg, "pc_bo", "pc_bo", NULL, f->url, sizeof f->url);
+    recreate_role("pc_bo", "");
     f->o.pool_size = 2;
     f->o.pg.backoff_min_ms = 20000;            /* the refused slot stays out */
     f->o.pg.backoff_max_ms = 40000;
     f->o.pg.application_name = "pc-bo";
-    int rc = open_pc(f, f->url,
-            "SELECT CASE WHEN $1 = 'slow' THEN (SELECT 'commit'::text FROM pg_sleep(3))"
-            " ELSE 'rollback' END");
-    if (rc != 0) fail_msg("open: %d: %s", rc, f->err);
+    open_ok_as(f, "pc_bo", "pc_bo",
+               "SELECT CASE WHEN $1 = 'slow' THEN (SELECT 'commit'::text FROM pg_sleep(3))"
+               " ELSE 'rollback' END");
     sql("postgres", "ALTER ROLE pc_bo NOLOGIN");   /* slot 1 cannot connect */
 
     bg_ask slow;
@@ -1232,12 +1218,10 @@ static void txn_outage_longer_than_schedule_then_commit(void **state)
 {
     fx *f = *state;
     new_db("pc_txn", true);
-    sql("postgres", "SET client_min_messages = warning; DROP ROLE IF EXISTS pc_chk; CREATE ROLE pc_chk LOGIN IN ROLE outbox_sidecar");
+    recreate_role("pc_chk", "IN ROLE outbox_sidecar");
     put_txn("pc_txn", "order-1001", "pending");
-    pgh_url(g_pg, "pc_txn", "pc_chk", NULL, f->url, sizeof f->url);
     f->o.pg.connect_timeout_ms = 2000;
-    int rc = open_pc(f, f->url, NULL);
-    if (rc != 0) fail_msg("open: %d: %s", rc, f->err);
+    open_ok_as(f, "pc_txn", "pc_chk", NULL);
     assert_int_equal(ask(f->pc, "order-1001"), BRK_CHECK_UNKNOWN);
 
     txfx *x = &f->x;
@@ -1304,25 +1288,6 @@ static void txn_pending_forever_rolls_back_with_expiry_event(void **state)
 
 /* ---- main ----------------------------------------------------------------------- */
 
-static int group_setup(void **state)
-{
-    (void)state;
-    /* Only what a test sets itself may steer libpq. */
-    static const char *const vars[] = { "PGHOST", "PGHOSTADDR", "PGPORT",
-        "PGDATABASE", "PGUSER", "PGPASSWORD", "PGPASSFILE", "PGSERVICE",
-        "PGSSLMODE", "PGOPTIONS", "PGCONNECT_TIMEOUT" };
-    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) unsetenv(vars[i]);
-    g_pg = pgh_start(OUTBOXD_SOURCE_DIR);
-    return g_pg ? 0 : -1;
-}
-
-static int group_teardown(void **state)
-{
-    (void)state;
-    pgh_destroy(g_pg);
-    return 0;
-}
-
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1359,5 +1324,5 @@ int main(void)
         T(txn_pending_forever_rolls_back_with_expiry_event),
 #undef T
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return cmocka_run_group_tests(tests, pg_group_setup, pg_group_teardown);
 }

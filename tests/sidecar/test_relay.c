@@ -42,12 +42,8 @@ static void row_maps_every_field_and_is_deleted(void **state)
     insert(f->db, &(newrow){ .topic = "blobs", .bytes = bytes,
                              .bytes_len = sizeof bytes }, &b);
 
-    sc_relay_opts o;
-    relay_opts(f, &o, s, false);
-    sc_relay *r = open_relay(&o);
-    size_t n = 0;
-    assert_int_equal(sc_relay_run_once(r, &n), 0);
-    assert_int_equal(n, 2);
+    sc_relay *r = open_manual_relay(f, s);
+    run_once_takes(r, 2);
     assert_int_equal(rows_left(f->db), 0);
     sc_relay_stats st = stats(r);
     assert_int_equal(st.rows_stored, 2);
@@ -91,8 +87,7 @@ static void row_maps_every_field_and_is_deleted(void **state)
     brk_batch_free(bt);
 
     /* Nothing left: the next batch is empty. */
-    assert_int_equal(sc_relay_run_once(r, &n), 0);
-    assert_int_equal(n, 0);
+    run_once_takes(r, 0);
     msgs_free(&orders);
     msgs_free(&blobs);
     sc_relay_close(r);
@@ -124,12 +119,8 @@ static void json_body_is_the_http_api_bytes(void **state)
     for (int i = 0; i < N; i++)
         insert(f->db, &(newrow){ .topic = "json", .body = cases[i].body }, &in[i]);
 
-    sc_relay_opts o;
-    relay_opts(f, &o, s, false);
-    sc_relay *r = open_relay(&o);
-    size_t n = 0;
-    assert_int_equal(sc_relay_run_once(r, &n), 0);
-    assert_int_equal(n, N);
+    sc_relay *r = open_manual_relay(f, s);
+    run_once_takes(r, N);
     sc_relay_stats st = stats(r);
     if (st.rows_rejected) {
         msgs rej = read_topic(s, SC_RELAY_REJECT_TOPIC);
@@ -170,11 +161,7 @@ static void json_body_is_the_http_api_bytes(void **state)
 static void notify_wakes_a_relay_waiting_a_minute(void **state)
 {
     fixture *f = *state;
-    brk_store *s = open_store(f, 0);
-    sc_relay_opts o;
-    relay_opts(f, &o, s, true);
-    o.poll_interval_ms = 60000;
-    sc_relay *r = open_relay(&o);
+    sc_relay *r = start_relay(f, open_store(f, 0), 60000);
     WAIT_FOR(stats(r).leader && stats(r).batches >= 1);
     sleep_ms(100);              /* well into its 60 s wait */
     int64_t t0 = now_ms();
@@ -191,11 +178,7 @@ static void polling_relays_rows_when_no_notification_comes(void **state)
 {
     fixture *f = *state;
     sql(f->db, "ALTER TABLE outbox.messages DISABLE TRIGGER messages_wake");
-    brk_store *s = open_store(f, 0);
-    sc_relay_opts o;
-    relay_opts(f, &o, s, true);
-    o.poll_interval_ms = 100;
-    sc_relay *r = open_relay(&o);
+    sc_relay *r = start_relay(f, open_store(f, 0), 100);
     WAIT_FOR(stats(r).leader);
     insert(f->db, &(newrow){ .topic = "orders", .body = "{\"n\": 1}" }, NULL);
     insert(f->db, &(newrow){ .topic = "orders", .body = "{\"n\": 2}" }, NULL);
@@ -209,11 +192,7 @@ static void wake_runs_a_batch_at_once(void **state)
 {
     fixture *f = *state;
     sql(f->db, "ALTER TABLE outbox.messages DISABLE TRIGGER messages_wake");
-    brk_store *s = open_store(f, 0);
-    sc_relay_opts o;
-    relay_opts(f, &o, s, true);
-    o.poll_interval_ms = 60000;
-    sc_relay *r = open_relay(&o);
+    sc_relay *r = start_relay(f, open_store(f, 0), 60000);
     WAIT_FOR(stats(r).leader && stats(r).batches >= 1);
     insert(f->db, &(newrow){ .topic = "orders", .body = "{\"n\": 1}" }, NULL);
     sc_relay_wake(r);
@@ -247,6 +226,19 @@ static bool is_deadlock(const PGresult *r)
     return st && strcmp(st, "40P01") == 0;
 }
 
+/* A failed UPDATE or INSERT of a writer: a deadlock is counted (the
+ * transaction rolls back), anything else is a failure to report. */
+static void writer_failed(writers *w, PGresult *r)
+{
+    if (!is_deadlock(r)) {
+        snprintf(w->failure, sizeof w->failure, "%s", PQresultErrorMessage(r));
+        atomic_fetch_add(&w->failures, 1);
+    } else {
+        atomic_fetch_add(&w->deadlocks, 1);
+    }
+    PQclear(r);
+}
+
 static void *writer_main(void *p)
 {
     writer_arg *a = p;
@@ -270,15 +262,8 @@ static void *writer_main(void *p)
             r = PQexecParams(c, "UPDATE counters SET n = n + 1 WHERE key = $1"
                              " RETURNING n", 1, NULL, v1, NULL, NULL, 0);
             if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-                if (!is_deadlock(r)) {
-                    snprintf(w->failure, sizeof w->failure, "%s",
-                             PQresultErrorMessage(r));
-                    atomic_fetch_add(&w->failures, 1);
-                } else {
-                    atomic_fetch_add(&w->deadlocks, 1);
-                }
+                writer_failed(w, r);
                 ok = false;
-                PQclear(r);
                 break;
             }
             char nbuf[32];
@@ -290,15 +275,8 @@ static void *writer_main(void *p)
                              " 'n', $2::bigint)) RETURNING msg_id::text",
                              2, NULL, v2, NULL, NULL, 0);
             if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-                if (!is_deadlock(r)) {
-                    snprintf(w->failure, sizeof w->failure, "%s",
-                             PQresultErrorMessage(r));
-                    atomic_fetch_add(&w->failures, 1);
-                } else {
-                    atomic_fetch_add(&w->deadlocks, 1);
-                }
+                writer_failed(w, r);
                 ok = false;
-                PQclear(r);
                 break;
             }
             brk_uuid_parse(PQgetvalue(r, 0, 0), BRK_UUID_STR_LEN, ids[i]);
@@ -412,17 +390,11 @@ static void replicas_relay_each_row_into_one_store_and_take_over(void **state)
 {
     fixture *f = *state;
     brk_store *sa = open_store(f, 0), *sb = open_store(f, 1), *sc = open_store(f, 2);
-    sc_relay_opts o;
-    relay_opts(f, &o, sa, true);
-    o.poll_interval_ms = 100;
-    sc_relay *ra = open_relay(&o);
+    sc_relay *ra = start_relay(f, sa, 100);
     WAIT_FOR(stats(ra).leader);
-    o.store = sb;
-    sc_relay *rb = open_relay(&o);
+    sc_relay *rb = start_relay(f, sb, 100);
     WAIT_FOR(stats(rb).connected);
-    sc_relay_opts oc;
-    relay_opts(f, &oc, sc, false);
-    sc_relay *rc = open_relay(&oc);
+    sc_relay *rc = open_manual_relay(f, sc);
 
     /* A standby never waits for the leader: it says so and returns. */
     assert_int_equal(sc_relay_run_once(rc, NULL), 1);
@@ -480,14 +452,9 @@ static void a_leader_that_cannot_store_lets_a_standby_take_over(void **state)
     brk_store *sa = open_store(f, 0);
     f->so.disk_budget_bytes = 0;
     brk_store *sb = open_store(f, 1);
-    sc_relay_opts o;
-    relay_opts(f, &o, sa, true);
-    o.poll_interval_ms = 100;
-    sc_relay *ra = open_relay(&o);
+    sc_relay *ra = start_relay(f, sa, 100);
     WAIT_FOR(stats(ra).leader);
-    relay_opts(f, &o, sb, true);
-    o.poll_interval_ms = 100;
-    sc_relay *rb = open_relay(&o);
+    sc_relay *rb = start_relay(f, sb, 100);
     WAIT_FOR(stats(rb).connected);
     insert_many(f->db, 1, 3);
     WAIT_FOR(stats(rb).rows_stored == 3);
@@ -525,11 +492,7 @@ static void postgres_stopped_mid_run_then_every_row_stored_once(void **state)
     insert_many(f->db, 2001, 20);
     WAIT_FOR(rows_left(f->db) == 0);
     sc_relay_close(r);          /* finishes the batch in hand */
-
-    msgs l = read_topic(s, "orders");
-    assert_int_equal(l.n, 2020);
-    free(sorted_unique_ids(&l));
-    msgs_free(&l);
+    assert_stored_once(s, "orders", 2020);
 }
 
 static void rows_refused_for_good_are_kept_aside_and_the_rest_flows(void **state)
@@ -561,9 +524,7 @@ static void rows_refused_for_good_are_kept_aside_and_the_rest_flows(void **state
     relay_opts(f, &o, s, false);
     o.log = log;
     sc_relay *r = open_relay(&o);
-    size_t n = 0;
-    assert_int_equal(sc_relay_run_once(r, &n), 0);
-    assert_int_equal(n, 5);
+    run_once_takes(r, 5);
     sc_relay_stats st = stats(r);
     assert_int_equal(st.rows_rejected, 4);
     assert_int_equal(st.rows_stored, 1);
@@ -618,8 +579,7 @@ static void rows_refused_for_good_are_kept_aside_and_the_rest_flows(void **state
 
     /* The next rows still flow. */
     insert(f->db, &(newrow){ .topic = "orders", .key = "good", .body = "{\"ok\": 2}" }, NULL);
-    assert_int_equal(sc_relay_run_once(r, &n), 0);
-    assert_int_equal(n, 1);
+    run_once_takes(r, 1);
     assert_int_equal(stats(r).rows_stored, 2);
     msgs_free(&ok);
     msgs_free(&rej);
@@ -637,9 +597,7 @@ static void full_store_keeps_rows_until_there_is_room(void **state)
     for (int i = 0; i < 3; i++)
         insert(f->db, &(newrow){ .topic = "orders", .body = "{\"big\": \"0123456789\"}" },
                &in[i]);
-    sc_relay_opts o;
-    relay_opts(f, &o, s, false);
-    sc_relay *r = open_relay(&o);
+    sc_relay *r = open_manual_relay(f, s);
     size_t n = 0;
     assert_int_equal(sc_relay_run_once(r, &n), -1);
     assert_int_equal(sc_relay_run_once(r, &n), -1);
@@ -655,10 +613,8 @@ static void full_store_keeps_rows_until_there_is_room(void **state)
     close_store(f, 0);
     f->so.disk_budget_bytes = 0;
     s = open_store(f, 0);
-    o.store = s;
-    r = open_relay(&o);
-    assert_int_equal(sc_relay_run_once(r, &n), 0);
-    assert_int_equal(n, 3);
+    r = open_manual_relay(f, s);
+    run_once_takes(r, 3);
     assert_int_equal(stats(r).rows_stored, 3);
     assert_string_equal(stats(r).last_error, "");
     assert_int_equal(rows_left(f->db), 0);
@@ -674,10 +630,7 @@ static void full_store_makes_the_thread_retry_and_keep_the_rows(void **state)
     f->so.disk_budget_bytes = 1;
     brk_store *s = open_store(f, 0);
     insert(f->db, &(newrow){ .topic = "orders", .body = "{\"n\": 1}" }, NULL);
-    sc_relay_opts o;
-    relay_opts(f, &o, s, true);
-    o.poll_interval_ms = 100;
-    sc_relay *r = open_relay(&o);
+    sc_relay *r = start_relay(f, s, 100);
     WAIT_FOR(stats(r).errors >= 3);
     assert_non_null(strstr(stats(r).last_error, "FULL"));
     /* A store error keeps the session (leadership steps down and comes
@@ -688,7 +641,10 @@ static void full_store_makes_the_thread_retry_and_keep_the_rows(void **state)
     sc_relay_close(r);
 }
 
+/* sc_relay_close on a thread of its own, for a test that must let go of
+ * what the close may be waiting for whether or not it returned. */
 typedef struct closer {
+    pthread_t th;
     sc_relay *r;
     atomic_bool done;
 } closer;
@@ -699,6 +655,18 @@ static void *close_main(void *p)
     sc_relay_close(c->r);
     atomic_store(&c->done, true);
     return NULL;
+}
+
+/* Start closing r and wait (at most 20 s) for the close to return; true
+ * when it did.  pthread_join(c->th) once the close can end. */
+static bool close_returns_within_20s(closer *c, sc_relay *r)
+{
+    c->r = r;
+    atomic_init(&c->done, false);
+    assert_int_equal(pthread_create(&c->th, NULL, close_main, c), 0);
+    int64_t end = now_ms() + 20000;
+    while (!atomic_load(&c->done) && now_ms() < end) sleep_ms(10);
+    return atomic_load(&c->done);
 }
 
 /* A batch blocked in PostgreSQL (its DELETE waits for a row lock an
@@ -718,34 +686,23 @@ static void close_cancels_a_batch_blocked_in_postgresql(void **state)
     assert_int_equal(PQresultStatus(res), PGRES_TUPLES_OK);
     PQclear(res);
 
-    sc_relay_opts o;
-    relay_opts(f, &o, s, true);
-    o.poll_interval_ms = 100;
-    sc_relay *r = open_relay(&o);
+    sc_relay *r = start_relay(f, s, 100);
     WAIT_FOR(pgh_sql_int(g_pg, f->db, "SELECT count(*) FROM pg_stat_activity"
                          " WHERE wait_event_type = 'Lock'"
                          " AND query LIKE 'DELETE FROM outbox.messages%'") == 1);
-    closer c = { .r = r };
-    atomic_init(&c.done, false);
-    pthread_t t;
-    assert_int_equal(pthread_create(&t, NULL, close_main, &c), 0);
-    int64_t end = now_ms() + 20000;
-    while (!atomic_load(&c.done) && now_ms() < end) sleep_ms(10);
-    bool closed = atomic_load(&c.done);
+    closer c;
+    bool closed = close_returns_within_20s(&c, r);
     /* Let go of the lock either way, so that the thread can end. */
     res = PQexec(app, "ROLLBACK");
     PQclear(res);
     PQfinish(app);
-    pthread_join(t, NULL);
+    pthread_join(c.th, NULL);
     assert_true(closed);
     assert_int_equal(rows_left(f->db), 1);
 
     /* The row was appended and flushed before the DELETE: not again. */
-    relay_opts(f, &o, s, false);
-    r = open_relay(&o);
-    size_t n = 0;
-    assert_int_equal(sc_relay_run_once(r, &n), 0);
-    assert_int_equal(n, 1);
+    r = open_manual_relay(f, s);
+    run_once_takes(r, 1);
     assert_int_equal(stats(r).rows_duplicate, 1);
     assert_int_equal(rows_left(f->db), 0);
     sc_relay_close(r);
@@ -788,20 +745,24 @@ static void close_returns_while_the_backend_is_stopped(void **state)
     while (stats(r).connected && now_ms() < end) sleep_ms(20);
     bool dropped = !stats(r).connected;
 
-    closer c = { .r = r };
-    atomic_init(&c.done, false);
-    pthread_t t;
-    assert_int_equal(pthread_create(&t, NULL, close_main, &c), 0);
-    end = now_ms() + 20000;
-    while (!atomic_load(&c.done) && now_ms() < end) sleep_ms(10);
-    bool closed = atomic_load(&c.done);
+    closer c;
+    bool closed = close_returns_within_20s(&c, r);
     kill((pid_t)pid, SIGCONT);      /* either way, so the thread can end */
-    pthread_join(t, NULL);
+    pthread_join(c.th, NULL);
     assert_true(dropped);
     assert_true(closed);
 }
 
 /* ---- start-up -------------------------------------------------------------------------------- */
+
+/* sc_relay_open must refuse o with 78 (a configuration error); the
+ * message into err. */
+static void open_is_78(const sc_relay_opts *o, char *err, size_t cap)
+{
+    sc_relay *r = NULL;
+    assert_int_equal(sc_relay_open(&r, o, err, cap), 78);
+    assert_null(r);
+}
 
 static void missing_schema_is_78_with_the_migrate_hint(void **state)
 {
@@ -814,10 +775,8 @@ static void missing_schema_is_78_with_the_migrate_hint(void **state)
     sc_relay_opts o;
     relay_opts(f, &o, open_store(f, 0), false);
     o.pg.conninfo = url;
-    sc_relay *r = NULL;
     char err[512];
-    assert_int_equal(sc_relay_open(&r, &o, err, sizeof err), 78);
-    assert_null(r);
+    open_is_78(&o, err, sizeof err);
     assert_non_null(strstr(err, "no outbox schema"));
     assert_non_null(strstr(err, "outboxd db migrate"));
 }
@@ -825,19 +784,16 @@ static void missing_schema_is_78_with_the_migrate_hint(void **state)
 static void role_without_delete_is_78_naming_the_grant(void **state)
 {
     fixture *f = *state;
-    sql(f->db, "DROP ROLE IF EXISTS relay_nodelete;"
-               "CREATE ROLE relay_nodelete LOGIN;"
-               "GRANT USAGE ON SCHEMA outbox TO relay_nodelete;"
+    recreate_role("relay_nodelete", "");
+    sql(f->db, "GRANT USAGE ON SCHEMA outbox TO relay_nodelete;"
                "GRANT SELECT ON outbox.messages TO relay_nodelete;");
     char url[256];
     pgh_url(g_pg, f->db, "relay_nodelete", NULL, url, sizeof url);
     sc_relay_opts o;
     relay_opts(f, &o, open_store(f, 0), false);
     o.pg.conninfo = url;
-    sc_relay *r = NULL;
     char err[512];
-    assert_int_equal(sc_relay_open(&r, &o, err, sizeof err), 78);
-    assert_null(r);
+    open_is_78(&o, err, sizeof err);
     assert_non_null(strstr(err, "relay_nodelete"));
     assert_non_null(strstr(err, "DELETE on outbox.messages"));
     assert_null(strstr(err, "SELECT"));
@@ -850,8 +806,7 @@ static void role_without_delete_is_78_naming_the_grant(void **state)
 static void sidecar_role_is_enough_to_relay(void **state)
 {
     fixture *f = *state;
-    sql(f->db, "DROP ROLE IF EXISTS relay_least;"
-               "CREATE ROLE relay_least LOGIN IN ROLE outbox_sidecar;");
+    recreate_role("relay_least", "IN ROLE outbox_sidecar");
     insert(f->db, &(newrow){ .topic = "orders", .body = "{\"n\": 1}" }, NULL);
     char url[256];
     pgh_url(g_pg, f->db, "relay_least", NULL, url, sizeof url);
@@ -859,9 +814,7 @@ static void sidecar_role_is_enough_to_relay(void **state)
     relay_opts(f, &o, open_store(f, 0), false);
     o.pg.conninfo = url;
     sc_relay *r = open_relay(&o);
-    size_t n = 0;
-    assert_int_equal(sc_relay_run_once(r, &n), 0);
-    assert_int_equal(n, 1);
+    run_once_takes(r, 1);
     assert_int_equal(rows_left(f->db), 0);
     sc_relay_close(r);
     sql(f->db, "DROP ROLE relay_least;");
@@ -897,10 +850,8 @@ static void bad_batch_size_is_78(void **state)
     sc_relay_opts o;
     relay_opts(f, &o, open_store(f, 0), false);
     o.batch = SC_RELAY_BATCH_MAX + 1;
-    sc_relay *r = NULL;
     char err[256];
-    assert_int_equal(sc_relay_open(&r, &o, err, sizeof err), 78);
-    assert_null(r);
+    open_is_78(&o, err, sizeof err);
     assert_non_null(strstr(err, "batch"));
 }
 
@@ -931,5 +882,5 @@ int main(void)
         T(bad_batch_size_is_78),
 #undef T
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return cmocka_run_group_tests(tests, pg_group_setup, pg_group_teardown);
 }

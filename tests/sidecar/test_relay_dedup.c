@@ -44,11 +44,8 @@ static void row_stored_before_a_crash_is_not_stored_again(void **state)
     insert(f->db, &(newrow){ .topic = "orders", .key = "k", .body = "{\"a\": 2}" }, &b);
 
     s = open_store(f, 0);
-    relay_opts(f, &o, s, false);
-    r = open_relay(&o);
-    size_t n = 0;
-    assert_int_equal(sc_relay_run_once(r, &n), 0);
-    assert_int_equal(n, 2);
+    r = open_manual_relay(f, s);
+    run_once_takes(r, 2);
     sc_relay_stats st = stats(r);
     assert_int_equal(st.rows_duplicate, 1);
     assert_int_equal(st.rows_stored, 1);
@@ -92,8 +89,7 @@ static void restart_with_a_backlog_looks_up_only_the_unfinished_batch(void **sta
     insert_many(f->db, 101, 5000);
 
     s = open_store(f, 0);
-    relay_opts(f, &o, s, false);        /* batch 500 */
-    r = open_relay(&o);
+    r = open_manual_relay(f, s);        /* batch 500 */
     assert_int_equal(drain(r), 5100);
     sc_relay_stats st = stats(r);
     assert_int_equal(st.rows_duplicate, 100);
@@ -101,14 +97,11 @@ static void restart_with_a_backlog_looks_up_only_the_unfinished_batch(void **sta
     assert_int_equal(st.lookups, 100);
     assert_int_equal(rows_left(f->db), 0);
     sc_relay_close(r);
-    msgs l = read_topic(s, "orders");
-    assert_int_equal(l.n, 5100);
-    free(sorted_unique_ids(&l));
-    msgs_free(&l);
+    assert_stored_once(s, "orders", 5100);
 
     /* A relay whose last batch committed leaves nothing to look up. */
     insert_many(f->db, 5101, 10);
-    r = open_relay(&o);
+    r = open_manual_relay(f, s);
     assert_int_equal(drain(r), 10);
     assert_int_equal(stats(r).lookups, 0);
     assert_int_equal(stats(r).rows_stored, 10);
@@ -142,8 +135,7 @@ static void late_commits_are_stored_and_unfinished_rows_found_once(void **state)
     size_t n = 0;
     assert_int_equal(sc_relay_run_once(r, &n), -1);     /* 2..6, 8..13 */
     PQclear(PQexec(late1, "COMMIT"));
-    assert_int_equal(sc_relay_run_once(r, &n), 0);      /* 1..6, 8..12 */
-    assert_int_equal(n, 11);
+    run_once_takes(r, 11);                              /* 1..6, 8..12 */
     sc_relay_stats st = stats(r);
     assert_int_equal(st.lookups, 10);
     assert_int_equal(st.rows_duplicate, 10);
@@ -153,24 +145,18 @@ static void late_commits_are_stored_and_unfinished_rows_found_once(void **state)
 
     o.fail_before_commit_test = 0;
     r = open_relay(&o);
-    assert_int_equal(sc_relay_run_once(r, &n), 0);
-    assert_int_equal(n, 1);
+    run_once_takes(r, 1);
     assert_int_equal(stats(r).lookups, 1);
     assert_int_equal(stats(r).rows_duplicate, 1);
     PQclear(PQexec(late7, "COMMIT"));
-    assert_int_equal(sc_relay_run_once(r, &n), 0);
-    assert_int_equal(n, 1);
+    run_once_takes(r, 1);
     assert_int_equal(stats(r).lookups, 1);
     assert_int_equal(stats(r).rows_stored, 1);
     assert_int_equal(rows_left(f->db), 0);
     sc_relay_close(r);
     PQfinish(late1);
     PQfinish(late7);
-
-    msgs l = read_topic(s, "orders");
-    assert_int_equal(l.n, 13);
-    free(sorted_unique_ids(&l));
-    msgs_free(&l);
+    assert_stored_once(s, "orders", 13);
 }
 
 /* The POSIX disk, except that once armed, `pass` more pwrites go through
@@ -205,9 +191,7 @@ static void rows_appended_before_a_store_error_are_not_stored_twice(void **state
     f->so.flush_mode = BRK_FLUSH_SYNC;
     f->so.checkpoint_interval_ms = 3600000;    /* no index writes meanwhile */
     brk_store *s = open_store(f, 0);
-    sc_relay_opts o;
-    relay_opts(f, &o, s, false);
-    sc_relay *r = open_relay(&o);
+    sc_relay *r = open_manual_relay(f, s);
     /* Warm up: topics and the segment exist. */
     insert(f->db, &(newrow){ .topic = "orders", .key = "k", .body = "{\"n\": 0}" }, NULL);
     assert_int_equal(sc_relay_run_once(r, NULL), 0);
@@ -218,15 +202,10 @@ static void rows_appended_before_a_store_error_are_not_stored_twice(void **state
     assert_int_equal(sc_relay_run_once(r, &n), -1);
     assert_non_null(strstr(stats(r).last_error, "NOSPC"));
     assert_int_equal(rows_left(f->db), 4);
-    assert_int_equal(sc_relay_run_once(r, &n), 0);
-    assert_int_equal(n, 4);
+    run_once_takes(r, 4);
     assert_int_equal(rows_left(f->db), 0);
     sc_relay_close(r);
-
-    msgs l = read_topic(s, "orders");
-    assert_int_equal(l.n, 5);
-    free(sorted_unique_ids(&l));
-    msgs_free(&l);
+    assert_stored_once(s, "orders", 5);
 }
 
 /* The disk crashes at every point of a batch (each write, the flush), in
@@ -252,9 +231,7 @@ static void crash_at_any_point_of_a_batch_stores_every_row_once(void **state)
             brk_store *s = NULL;
             char err[256];
             assert_int_equal(brk_store_open(&s, "/s", &so, err, sizeof err), BRK_OK);
-            sc_relay_opts o;
-            relay_opts(f, &o, s, false);
-            sc_relay *r = open_relay(&o);
+            sc_relay *r = open_manual_relay(f, s);
             insert_many(f->db, next_g++, 1);    /* warm up: topics, segment */
             assert_int_equal(drain(r), 1);
             insert_many(f->db, next_g, ROWS);
@@ -270,16 +247,12 @@ static void crash_at_any_point_of_a_batch_stores_every_row_once(void **state)
             brk_store_close(s);
             assert_int_equal(brk_sim_crash(sim, modes[m]), BRK_OK);
             assert_int_equal(brk_store_open(&s, "/s", &so, err, sizeof err), BRK_OK);
-            o.store = s;
-            r = open_relay(&o);
+            r = open_manual_relay(f, s);
             drain(r);
             assert_true(stats(r).lookups <= ROWS);
             sc_relay_close(r);
             assert_int_equal(rows_left(f->db), 0);
-            msgs l = read_topic(s, "orders");
-            assert_int_equal(l.n, 1 + ROWS);
-            free(sorted_unique_ids(&l));
-            msgs_free(&l);
+            assert_stored_once(s, "orders", 1 + ROWS);
             brk_store_close(s);
             brk_sim_close(sim);
             if (!crashed) {
@@ -301,5 +274,5 @@ int main(void)
         T(crash_at_any_point_of_a_batch_stores_every_row_once),
 #undef T
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return cmocka_run_group_tests(tests, pg_group_setup, pg_group_teardown);
 }

@@ -44,6 +44,14 @@ static int script(pgh *h, const char *verb, char *line, size_t cap)
     return run_capture(cmd, line, cap);
 }
 
+void pgh_clear_libpq_env(void)
+{
+    static const char *const vars[] = { "PGHOST", "PGHOSTADDR", "PGPORT",
+        "PGDATABASE", "PGUSER", "PGPASSWORD", "PGPASSFILE", "PGSERVICE",
+        "PGSSLMODE", "PGOPTIONS", "PGCONNECT_TIMEOUT", "PGAPPNAME" };
+    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) unsetenv(vars[i]);
+}
+
 pgh *pgh_start(const char *source_dir)
 {
     pgh *h = calloc(1, sizeof *h);

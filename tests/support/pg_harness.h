@@ -22,6 +22,12 @@
 
 typedef struct pgh pgh;
 
+/* Unset the environment variables that steer libpq (PGHOST, PGPORT,
+ * PGUSER, PGPASSWORD, PGSERVICE, PGSSLMODE, PGOPTIONS, PGAPPNAME, ...), so
+ * that only what a test sets itself reaches a connection, psql's included.
+ * Call it once, before pgh_start. */
+void pgh_clear_libpq_env(void);
+
 /* Start a server; `source_dir` is the project root (OUTBOXD_SOURCE_DIR),
  * for scripts/ and sql/.  NULL (with the reason on stderr) on failure. */
 pgh *pgh_start(const char *source_dir);
