@@ -32,6 +32,9 @@ dir=${2:-}
 [[ -n "$cmd" && -n "$dir" ]] || die "usage: pgtmp.sh start|stop|kill|url DIR"
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
+# The server's tools may run as nobody, who cannot enter a caller's private
+# working directory (make bench runs from one).
+cd /
 
 as_owner() {
     if [[ "$(id -u)" -eq 0 ]]; then
