@@ -1,5 +1,8 @@
 /*
- * config.c - the option table and the four configuration layers.
+ * config.c - the option table, the value parsers, the four configuration
+ * layers, the cross-option rules, `outboxd config` and `--help`.  The
+ * PostgreSQL options' own checks and the handling of secrets are in
+ * config_db.c (config_priv.h is what the two share).
  *
  * Load order (sc_config_load):
  *   1. every default is parsed by the same code as user input, so a bad
@@ -24,18 +27,14 @@
  * Each value is checked as it is applied, so an error names the layer it
  * came from even when a higher layer would have replaced it.
  *
- * Secrets in messages: the token and database_url are never echoed.  A
- * database_url is parsed here with libpq (PQconninfoParse, no I/O) so a
- * malformed one is exit 78 with libpq's reason minus its quoted text
- * (libpq quotes what it stumbled on, which may be the password or the
- * whole URL).  Any other text a message would quote (a stray argument, an
- * unknown key, a bad value) is replaced by a placeholder when it looks
- * like a URL with credentials or a conninfo password (looks_secret): a
- * URL passed where something else belongs must not be printed either.
- * sc_config_hide_secrets then overwrites secret flag values in argv, so
- * they do not stay visible in /proc/PID/cmdline.
+ * Secrets in messages: the token and database_url are never echoed, and
+ * any other text a message would quote is replaced by a placeholder when
+ * it looks like a credential (cfg_looks_secret).  sc_config_hide_secrets
+ * then overwrites secret flag values in argv, so they do not stay visible
+ * in /proc/PID/cmdline.  Both are in config_db.c.
  */
 #include "config.h"
+#include "config_priv.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -45,32 +44,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sysexits.h>
-
-#include <libpq-fe.h>
-
-typedef enum sc_type {
-    T_STR,       /* any text (data_dir must not be empty) */
-    T_LISTEN,    /* host:port */
-    T_TOKEN,     /* bearer token: "" or 16..1024 printable bytes */
-    T_URL,       /* a PostgreSQL URL or conninfo; never echoed */
-    T_SQL,       /* "" or a query using $1 */
-    T_BOOL,
-    T_UINT,
-    T_SIZE,
-    T_DUR,
-    T_ENUM
-} sc_type;
-
-typedef struct sc_opt {
-    const char *name;
-    sc_type type;
-    size_t off, size;            /* the field in sc_config */
-    const char *def;             /* default, in input syntax */
-    bool secret;
-    uint64_t min, max;           /* UINT/SIZE: the value; DUR: ms */
-    const char *const *choices;  /* ENUM, NULL-terminated */
-    const char *help;
-} sc_opt;
 
 static const char *const FLUSH_CHOICES[] = { "sync", "async", NULL };
 static const char *const EXHAUSTED_CHOICES[] = { "rollback", "hold", NULL };
@@ -198,25 +171,11 @@ static const sc_opt OPTS[] = {
 _Static_assert(sizeof OPTS / sizeof OPTS[0] == SC_OPT_COUNT,
                "SC_OPT_COUNT must match the option table");
 
-#define WHERE_MAX 300
-
-/* State of one sc_config_load call. */
-typedef struct load_ctx {
-    sc_config *c;
-    char **envp;                           /* for the PG* variables */
-    char *err;
-    size_t errlen;
-    char where[SC_OPT_COUNT][WHERE_MAX];   /* source text of each value */
-} load_ctx;
-
 static const char *const FROM_NAMES[] = { "default", "file", "env", "flag" };
 
 /* ---- small helpers ---------------------------------------------------------- */
 
-static int fail(load_ctx *x, int code, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static int fail(load_ctx *x, int code, const char *fmt, ...)
+int cfg_fail(cfg_ctx *x, int code, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -231,7 +190,7 @@ static int opt_index(const sc_opt *o)
     return (int)(o - OPTS);
 }
 
-static const sc_opt *find_opt(const char *name, size_t len, bool dashes)
+const sc_opt *cfg_find_opt(const char *name, size_t len, bool dashes)
 {
     for (size_t i = 0; i < SC_OPT_COUNT; i++) {
         const char *n = OPTS[i].name;
@@ -266,112 +225,13 @@ static void flag_name(const sc_opt *o, char *buf, size_t cap)
             buf[i] = '-';
 }
 
-static const char *env_get(char **envp, const char *name)
+const char *cfg_env_get(char **envp, const char *name)
 {
     size_t n = strlen(name);
     for (char **e = envp; e && *e; e++)
         if (strncmp(*e, name, n) == 0 && (*e)[n] == '=')
             return *e + n + 1;
     return NULL;
-}
-
-/* Whether `s` may carry a credential: a URL with a user part
- * ("scheme://user:pw@host") or a conninfo "password=".  Such text is
- * never quoted in a message, whichever option or argument it was given as. */
-static bool looks_secret(const char *s)
-{
-    const char *scheme = strstr(s, "://");
-    return (scheme && strchr(scheme, '@')) || strcasestr(s, "password");
-}
-
-/* `s` (n bytes) in double quotes for a message, or a placeholder when it
- * looks_secret. */
-static const char *quoted(const char *s, size_t n, char *buf, size_t cap)
-{
-    char tmp[256];
-    snprintf(tmp, sizeof tmp, "%.*s", (int)(n < sizeof tmp ? n : sizeof tmp - 1),
-             s);
-    if (looks_secret(tmp) || (n >= sizeof tmp && looks_secret(s)))
-        snprintf(buf, cap, "<not shown: it looks like a database URL or "
-                 "password>");
-    else
-        snprintf(buf, cap, "\"%s%s\"", tmp, n >= sizeof tmp ? "..." : "");
-    volatile char *w = tmp;
-    for (size_t i = 0; i < sizeof tmp; i++)
-        w[i] = 0;
-    return buf;
-}
-
-/* A name (n bytes) as it is, or the placeholder when it looks_secret. */
-static const char *plain(const char *s, size_t n, char *buf, size_t cap)
-{
-    snprintf(buf, cap, "%.*s", (int)n, s);
-    if (looks_secret(buf))
-        snprintf(buf, cap, "<not shown: it looks like a database URL or "
-                 "password>");
-    return buf;
-}
-
-/* libpq's parse error, one line, with every quoted part longer than one
- * character replaced by "..." (the one-character ones are syntax: "=",
- * "]"); the rest of the sentence says what is wrong. */
-static void redact_quoted(const char *in, char *out, size_t cap)
-{
-    size_t n = 0;
-    for (const char *p = in; *p && n + 8 < cap; p++) {
-        if (*p == '"') {
-            /* an unclosed quote runs to the end */
-            const char *q = strchr(p + 1, '"');
-            if (!q)
-                q = p + strlen(p) - 1;
-            if (q - p - 1 > 1) {
-                n += (size_t)snprintf(out + n, cap - n, "\"...\"");
-            } else {
-                memcpy(out + n, p, (size_t)(q - p + 1));
-                n += (size_t)(q - p + 1);
-            }
-            p = q;
-            continue;
-        }
-        out[n++] = (*p == '\n' || *p == '\r' || *p == '\t') ? ' ' : *p;
-    }
-    while (n > 0 && out[n - 1] == ' ')
-        n--;
-    out[n] = '\0';
-}
-
-/* A database_url libpq can use: parsed (no I/O, no defaults), and none of
- * the names a message or the log shows (host, port, database, user,
- * service) holds a URL.  Only the top level of a conninfo is expanded, so
- * "dbname=postgresql://u:pw@h/db" would name a database after the URL and
- * have it printed back by the server and the log. */
-static const char *check_conninfo(const char *v, char *what, size_t wl)
-{
-    static const char *const shown_keys[] = { "host", "hostaddr", "port",
-                                              "dbname", "user", "service",
-                                              NULL };
-    char *perr = NULL;
-    PQconninfoOption *opts = PQconninfoParse(v, &perr);
-    if (!opts) {
-        char reason[300] = "";
-        if (perr)
-            redact_quoted(perr, reason, sizeof reason);
-        PQfreemem(perr);
-        snprintf(what, wl, "not a PostgreSQL URL or key=value conninfo%s%s%s",
-                 reason[0] ? " (" : "", reason, reason[0] ? ")" : "");
-        return what;
-    }
-    const char *bad = NULL;
-    for (PQconninfoOption *o = opts; o->keyword && !bad; o++)
-        for (size_t k = 0; shown_keys[k] && !bad; k++)
-            if (o->val && strcmp(o->keyword, shown_keys[k]) == 0 &&
-                strstr(o->val, "://"))
-                bad = shown_keys[k];
-    if (bad)
-        snprintf(what, wl, "its %s holds a URL (not shown): give the URL "
-                 "itself as database_url", bad);
-    PQconninfoFree(opts);
-    return bad ? what : NULL;
 }
 
 /* ---- value parsers: return NULL, or what is wrong in `what` ------------- */
@@ -717,15 +577,10 @@ static const char *parse_into(sc_config *c, const sc_opt *o, const char *v,
         }
         if (o->type == T_TOKEN && check_token(v, "token", what, wl))
             return what;
-        if (o->type == T_URL && *v && check_conninfo(v, what, wl))
+        if (o->type == T_URL && *v && cfg_check_url(v, what, wl))
             return what;
-        /* A quick check only: PostgreSQL prepares the query at start-up
-         * and says precisely what does not fit. */
-        if (o->type == T_SQL && *v && !strstr(v, "$1")) {
-            snprintf(what, wl, "must use the txid as parameter $1 (e.g. "
-                     "SELECT state FROM orders WHERE id = $1)");
+        if (o->type == T_SQL && *v && cfg_check_query(v, what, wl))
             return what;
-        }
         memcpy(p, v, strlen(v) + 1);
         return NULL;
     case T_BOOL:
@@ -751,22 +606,22 @@ static const char *parse_into(sc_config *c, const sc_opt *o, const char *v,
     return NULL;
 }
 
-static int apply(load_ctx *x, const sc_opt *o, const char *value,
+static int apply(cfg_ctx *x, const sc_opt *o, const char *value,
                  sc_source from, const char *where)
 {
     char what[512];
     if (parse_into(x->c, o, value, what, sizeof what)) {
         /* the T_URL and T_TOKEN messages never quote the value; the
          * others do, unless it may hold a password */
-        if (o->type != T_URL && o->type != T_TOKEN && looks_secret(value))
+        if (o->type != T_URL && o->type != T_TOKEN && cfg_looks_secret(value))
             snprintf(what, sizeof what, "invalid value <not shown: it looks "
                      "like a database URL or password>");
-        return fail(x, EX_CONFIG, "outboxd: config: %s: %s: %s", where,
-                    o->name, what);
+        return cfg_fail(x, EX_CONFIG, "outboxd: config: %s: %s: %s", where,
+                        o->name, what);
     }
     int i = opt_index(o);
     x->c->from[i] = (unsigned char)from;
-    snprintf(x->where[i], WHERE_MAX, "%s", where);
+    snprintf(x->where[i], CFG_WHERE_MAX, "%s", where);
     return 0;
 }
 
@@ -781,14 +636,14 @@ static void trim(char **s, char **end)
 }
 
 /* One "key = value" line (already known not blank/comment). */
-static int file_line(load_ctx *x, const char *path, unsigned lineno, char *line)
+static int file_line(cfg_ctx *x, const char *path, unsigned lineno, char *line)
 {
-    char where[WHERE_MAX];
+    char where[CFG_WHERE_MAX];
     snprintf(where, sizeof where, "%s:%u", path, lineno);
     char *eq = strchr(line, '=');
     if (!eq)
-        return fail(x, EX_CONFIG, "outboxd: config: %s: expected \"key = "
-                    "value\"", where);
+        return cfg_fail(x, EX_CONFIG, "outboxd: config: %s: expected \"key = "
+                        "value\"", where);
     char *k = line, *kend = eq;
     trim(&k, &kend);
     char *v = eq + 1, *vend;
@@ -801,9 +656,10 @@ static int file_line(load_ctx *x, const char *path, unsigned lineno, char *line)
     if (*v == '"') {
         char *q = strchr(v + 1, '"');
         if (!q)
-            return fail(x, EX_CONFIG, "outboxd: config: %s: %s: missing "
-                        "closing quote", where,
-                        plain(k, (size_t)(kend - k), shown, sizeof shown));
+            return cfg_fail(x, EX_CONFIG, "outboxd: config: %s: %s: "
+                            "missing closing quote", where,
+                            cfg_plain(k, (size_t)(kend - k), shown,
+                                      sizeof shown));
         rest = q + 1;
     }
     vend = rest + strlen(rest);
@@ -815,18 +671,19 @@ static int file_line(load_ctx *x, const char *path, unsigned lineno, char *line)
     trim(&v, &vend);
     if (*v == '"') {
         if (vend != rest)
-            return fail(x, EX_CONFIG, "outboxd: config: %s: %s: text after "
-                        "the closing quote", where,
-                        plain(k, (size_t)(kend - k), shown, sizeof shown));
+            return cfg_fail(x, EX_CONFIG, "outboxd: config: %s: %s: text "
+                            "after the closing quote", where,
+                            cfg_plain(k, (size_t)(kend - k), shown,
+                                      sizeof shown));
         v++;
         vend--;
     }
     *kend = '\0';
     *vend = '\0';
-    const sc_opt *o = find_opt(k, strlen(k), false);
+    const sc_opt *o = cfg_find_opt(k, strlen(k), false);
     if (!o)
-        return fail(x, EX_CONFIG, "outboxd: config: %s: %s: unknown option",
-                    where, plain(k, strlen(k), shown, sizeof shown));
+        return cfg_fail(x, EX_CONFIG, "outboxd: config: %s: %s: unknown option",
+                        where, cfg_plain(k, strlen(k), shown, sizeof shown));
     return apply(x, o, v, SC_FROM_FILE, where);
 }
 
@@ -856,30 +713,30 @@ static int read_line(FILE *f, char *buf, int *err)
     return ch == EOF && n == 0 ? LINE_EOF : LINE_OK;
 }
 
-static int load_file(load_ctx *x, const char *path)
+static int load_file(cfg_ctx *x, const char *path)
 {
     FILE *f = fopen(path, "r");
     if (!f)
-        return fail(x, EX_CONFIG, "outboxd: config: %s: cannot open: %s", path,
-                    strerror(errno));
+        return cfg_fail(x, EX_CONFIG, "outboxd: config: %s: cannot open: %s",
+                        path, strerror(errno));
     char *line = malloc(LINE_MAX_BYTES + 1);
     if (!line) {
         fclose(f);
-        return fail(x, EX_SOFTWARE, "outboxd: out of memory");
+        return cfg_fail(x, EX_SOFTWARE, "outboxd: out of memory");
     }
     unsigned lineno = 0;
     int rc = 0, r, err = 0;
     while (rc == 0 && (r = read_line(f, line, &err)) != LINE_EOF) {
         lineno++;
         if (r == LINE_ERR)
-            rc = fail(x, EX_CONFIG, "outboxd: config: %s: cannot read: %s",
-                      path, strerror(err));
+            rc = cfg_fail(x, EX_CONFIG, "outboxd: config: %s: cannot read: %s",
+                          path, strerror(err));
         else if (r == LINE_LONG)
-            rc = fail(x, EX_CONFIG, "outboxd: config: %s:%u: line longer than "
-                      "%d bytes", path, lineno, LINE_MAX_BYTES);
+            rc = cfg_fail(x, EX_CONFIG, "outboxd: config: %s:%u: line longer "
+                          "than %d bytes", path, lineno, LINE_MAX_BYTES);
         else if (r == LINE_NUL)
-            rc = fail(x, EX_CONFIG, "outboxd: config: %s:%u: NUL byte in the "
-                      "line", path, lineno);
+            rc = cfg_fail(x, EX_CONFIG, "outboxd: config: %s:%u: NUL byte in "
+                          "the line", path, lineno);
         if (rc)
             break;
         char *s = line, *end = line + strlen(line);
@@ -894,17 +751,17 @@ static int load_file(load_ctx *x, const char *path)
     return rc;
 }
 
-static int load_env(load_ctx *x, char **envp)
+static int load_env(cfg_ctx *x, char **envp)
 {
     for (size_t i = 0; i < SC_OPT_COUNT; i++) {
         char name[64], where[80];
         env_name(&OPTS[i], name, sizeof name);
-        const char *v = env_get(envp, name);
+        const char *v = cfg_env_get(envp, name);
         /* The unprefixed name platforms set for an attached database; the
          * OUTBOXD_ one wins when both are there. */
         if ((!v || !*v) && OPTS[i].off == offsetof(sc_config, database_url)) {
             snprintf(name, sizeof name, "DATABASE_URL");
-            v = env_get(envp, name);
+            v = cfg_env_get(envp, name);
         }
         if (!v || !*v)
             continue;
@@ -922,7 +779,7 @@ typedef struct flag_val {
     const char *value;
 } flag_val;
 
-static bool looks_bool(const char *s)
+bool cfg_looks_bool(const char *s)
 {
     bool b;
     char what[64];
@@ -931,7 +788,7 @@ static bool looks_bool(const char *s)
 
 /* argv[*i] is "--name[=value]": resolve it.  Returns 0, 64, or -1 for a
  * flag that ends the scan (help/version). */
-static int scan_flag(load_ctx *x, int argc, char **argv, int *i,
+static int scan_flag(cfg_ctx *x, int argc, char **argv, int *i,
                      flag_val *fv, const char **config_path)
 {
     const char *a = argv[*i] + 2;
@@ -945,19 +802,19 @@ static int scan_flag(load_ctx *x, int argc, char **argv, int *i,
         x->c->command = SC_CMD_VERSION;
         return -1;
     }
-    const sc_opt *o = find_opt(a, n, true);
+    const sc_opt *o = cfg_find_opt(a, n, true);
     bool is_config = n == 6 && strncmp(a, "config", 6) == 0;
     if (!o && !is_config) {
         char shown[300];
-        plain(a, n, shown, sizeof shown);
-        return fail(x, EX_USAGE, "outboxd: unknown option %s%s (see "
-                    "outboxd --help)", strncmp(shown, "<not shown", 10) ? "--" : "",
-                    shown);
+        cfg_plain(a, n, shown, sizeof shown);
+        return cfg_fail(x, EX_USAGE, "outboxd: unknown option %s%s (see "
+                        "outboxd --help)",
+                        strncmp(shown, "<not shown", 10) ? "--" : "", shown);
     }
     const char *v = eq ? eq + 1 : NULL;
     const char *next = *i + 1 < argc ? argv[*i + 1] : NULL;
     if (!v && o && o->type == T_BOOL) {
-        if (looks_bool(next)) {
+        if (cfg_looks_bool(next)) {
             v = next;
             (*i)++;
         } else {
@@ -965,8 +822,8 @@ static int scan_flag(load_ctx *x, int argc, char **argv, int *i,
         }
     } else if (!v) {
         if (!next || strncmp(next, "--", 2) == 0)
-            return fail(x, EX_USAGE, "outboxd: option --%.*s needs a value "
-                        "(--%.*s=VALUE)", (int)n, a, (int)n, a);
+            return cfg_fail(x, EX_USAGE, "outboxd: option --%.*s needs a value "
+                            "(--%.*s=VALUE)", (int)n, a, (int)n, a);
         v = next;
         (*i)++;
     }
@@ -979,7 +836,7 @@ static int scan_flag(load_ctx *x, int argc, char **argv, int *i,
 
 /* Positional words: one command; `db` takes one subcommand after it.
  * *have: 0 none yet, 1 a command, 2 `db` waiting for its subcommand. */
-static int scan_command(load_ctx *x, const char *a, int *have)
+static int scan_command(cfg_ctx *x, const char *a, int *have)
 {
     char shown[300];
     if (*have == 2) {
@@ -989,14 +846,15 @@ static int scan_command(load_ctx *x, const char *a, int *have)
         else if (strcmp(a, "status") == 0)
             x->c->command = SC_CMD_DB_STATUS;
         else
-            return fail(x, EX_USAGE, "outboxd: unknown db command %s "
-                        "(db commands: migrate, status)",
-                        quoted(a, strlen(a), shown, sizeof shown));
+            return cfg_fail(x, EX_USAGE, "outboxd: unknown db command %s "
+                            "(db commands: migrate, status)",
+                            cfg_quoted(a, strlen(a), shown, sizeof shown));
         return 0;
     }
     if (*have)
-        return fail(x, EX_USAGE, "outboxd: unexpected argument %s (see "
-                    "outboxd --help)", quoted(a, strlen(a), shown, sizeof shown));
+        return cfg_fail(x, EX_USAGE, "outboxd: unexpected argument %s (see "
+                        "outboxd --help)",
+                        cfg_quoted(a, strlen(a), shown, sizeof shown));
     *have = 1;
     if (strcmp(a, "run") == 0)
         x->c->command = SC_CMD_RUN;
@@ -1005,14 +863,15 @@ static int scan_command(load_ctx *x, const char *a, int *have)
     else if (strcmp(a, "db") == 0)
         *have = 2;
     else
-        return fail(x, EX_USAGE, "outboxd: unknown command %s (commands: "
-                    "run, config, db)", quoted(a, strlen(a), shown, sizeof shown));
+        return cfg_fail(x, EX_USAGE, "outboxd: unknown command %s (commands: "
+                        "run, config, db)",
+                        cfg_quoted(a, strlen(a), shown, sizeof shown));
     return 0;
 }
 
 /* Pass over argv.  *nflags flags are stored in fv (capacity argc).
  * Returns 0, 64, or -1 when --help/--version ended the scan. */
-static int scan_args(load_ctx *x, int argc, char **argv, flag_val *fv,
+static int scan_args(cfg_ctx *x, int argc, char **argv, flag_val *fv,
                      size_t *nflags, const char **config_path)
 {
     int have_cmd = 0;
@@ -1030,8 +889,9 @@ static int scan_args(load_ctx *x, int argc, char **argv, flag_val *fv,
             rc = -1;
         } else if (a[0] == '-') {
             char shown[300];
-            rc = fail(x, EX_USAGE, "outboxd: unknown option %s (see outboxd "
-                      "--help)", plain(a, strlen(a), shown, sizeof shown));
+            rc = cfg_fail(x, EX_USAGE, "outboxd: unknown option %s (see "
+                          "outboxd --help)",
+                          cfg_plain(a, strlen(a), shown, sizeof shown));
         } else {
             rc = scan_command(x, a, &have_cmd);
         }
@@ -1039,14 +899,14 @@ static int scan_args(load_ctx *x, int argc, char **argv, flag_val *fv,
             return rc;
     }
     if (have_cmd == 2)
-        return fail(x, EX_USAGE, "outboxd: db needs a command: migrate or "
-                    "status (see outboxd --help)");
+        return cfg_fail(x, EX_USAGE, "outboxd: db needs a command: migrate or "
+                        "status (see outboxd --help)");
     return 0;
 }
 
 /* ---- cross-option rules ---------------------------------------------------- */
 
-static int idx_of(size_t off)
+int cfg_idx_of(size_t off)
 {
     for (int i = 0; i < SC_OPT_COUNT; i++)
         if (OPTS[i].off == off)
@@ -1055,20 +915,20 @@ static int idx_of(size_t off)
 }
 
 /* Of two options, the one set at the higher layer (the second on a tie). */
-static int blame(const load_ctx *x, int a, int b)
+static int blame(const cfg_ctx *x, int a, int b)
 {
     return x->c->from[a] > x->c->from[b] ? a : b;
 }
 
-static int read_token_file(load_ctx *x)
+static int read_token_file(cfg_ctx *x)
 {
     sc_config *c = x->c;
-    int i = idx_of(offsetof(sc_config, token_file));
+    int i = cfg_idx_of(offsetof(sc_config, token_file));
     const char *where = x->where[i];
     FILE *f = fopen(c->token_file, "r");
     if (!f)
-        return fail(x, EX_CONFIG, "outboxd: config: %s: token_file: cannot "
-                    "read %s: %s", where, c->token_file, strerror(errno));
+        return cfg_fail(x, EX_CONFIG, "outboxd: config: %s: token_file: cannot "
+                        "read %s: %s", where, c->token_file, strerror(errno));
     /* room for the longest token plus the "\r\n" an editor may add */
     char buf[SC_TOKEN_MAX + 3];
     size_t n = fread(buf, 1, sizeof buf - 1, f);
@@ -1085,102 +945,39 @@ static int read_token_file(load_ctx *x)
         wipe[k] = 0;
     char what[256];
     if (err)
-        return fail(x, EX_CONFIG, "outboxd: config: %s: token_file: cannot "
-                    "read %s", where, c->token_file);
+        return cfg_fail(x, EX_CONFIG, "outboxd: config: %s: token_file: cannot "
+                        "read %s", where, c->token_file);
     if (!fits)
-        return fail(x, EX_CONFIG, "outboxd: config: %s: token_file: %s does "
-                    "not hold a token of at most %d printable bytes", where,
-                    c->token_file, SC_TOKEN_MAX);
+        return cfg_fail(x, EX_CONFIG, "outboxd: config: %s: token_file: %s "
+                        "does not hold a token of at most %d printable bytes",
+                        where, c->token_file, SC_TOKEN_MAX);
     if (n == 0)
-        return fail(x, EX_CONFIG, "outboxd: config: %s: token_file: %s is "
-                    "empty", where, c->token_file);
+        return cfg_fail(x, EX_CONFIG, "outboxd: config: %s: token_file: %s is "
+                        "empty", where, c->token_file);
     if (check_token(c->auth_token, "the token in the file is", what, sizeof what))
-        return fail(x, EX_CONFIG, "outboxd: config: %s: token_file: %s", where,
-                    what);
+        return cfg_fail(x, EX_CONFIG, "outboxd: config: %s: token_file: %s",
+                        where, what);
     return 0;
 }
 
-/* Read access and a non-empty first line; the password itself is left in
- * the file (pg.c reads it at each connect, so a rotated one is used on the
- * next reconnect) and never printed. */
-static int check_password_file(load_ctx *x)
-{
-    const sc_config *c = x->c;
-    int i = idx_of(offsetof(sc_config, database_password_file));
-    const char *path = c->database_password_file;
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return fail(x, EX_CONFIG, "outboxd: config: %s: "
-                    "database_password_file: cannot read %s: %s", x->where[i],
-                    path, strerror(errno));
-    char buf[1024];
-    bool got = fgets(buf, sizeof buf, f) != NULL;
-    int e = ferror(f) ? errno : 0;
-    fclose(f);
-    bool empty = !got || strcspn(buf, "\r\n") == 0;
-    volatile char *wipe = buf;
-    for (size_t k = 0; k < sizeof buf; k++)
-        wipe[k] = 0;
-    if (e)
-        return fail(x, EX_CONFIG, "outboxd: config: %s: "
-                    "database_password_file: cannot read %s: %s", x->where[i],
-                    path, strerror(e));
-    if (empty)
-        return fail(x, EX_CONFIG, "outboxd: config: %s: "
-                    "database_password_file: %s has no password on its "
-                    "first line", x->where[i], path);
-    return 0;
-}
-
-static bool env_set(char **envp, const char *name)
-{
-    const char *v = env_get(envp, name);
-    return v && *v;
-}
-
-/* PostgreSQL options: is there a database, and do the options that need
- * one have it. */
-static int validate_db(load_ctx *x)
+static int validate(cfg_ctx *x)
 {
     sc_config *c = x->c;
-    c->db_configured = c->database_url[0] || env_set(x->envp, "PGHOST") ||
-                       env_set(x->envp, "PGHOSTADDR") ||
-                       env_set(x->envp, "PGDATABASE") ||
-                       env_set(x->envp, "PGSERVICE");
-    int re = idx_of(offsetof(sc_config, relay));
-    int cq = idx_of(offsetof(sc_config, check_query));
-    if (c->relay && !c->db_configured)
-        return fail(x, EX_CONFIG, "outboxd: config: %s: relay: relay mode "
-                    "needs a database (set database_url or DATABASE_URL, or "
-                    "PGHOST/PGDATABASE/PGSERVICE)", x->where[re]);
-    if (c->check_query[0] && !c->db_configured)
-        return fail(x, EX_CONFIG, "outboxd: config: %s: check_query: a check "
-                    "query needs a database (set database_url or "
-                    "DATABASE_URL, or PGHOST/PGDATABASE/PGSERVICE)",
-                    x->where[cq]);
-    if (c->database_password_file[0])
-        return check_password_file(x);
-    return 0;
-}
-
-static int validate(load_ctx *x)
-{
-    sc_config *c = x->c;
-    int tok = idx_of(offsetof(sc_config, token));
-    int tf = idx_of(offsetof(sc_config, token_file));
-    int li = idx_of(offsetof(sc_config, listen));
-    int iw = idx_of(offsetof(sc_config, idempotency_window_ms));
-    int rt = idx_of(offsetof(sc_config, retention_ms));
+    int tok = cfg_idx_of(offsetof(sc_config, token));
+    int tf = cfg_idx_of(offsetof(sc_config, token_file));
+    int li = cfg_idx_of(offsetof(sc_config, listen));
+    int iw = cfg_idx_of(offsetof(sc_config, idempotency_window_ms));
+    int rt = cfg_idx_of(offsetof(sc_config, retention_ms));
     char what[256];
 
     parse_listen(c->listen, c->bind_host, &c->port, &c->loopback, what,
                  sizeof what);
     if (c->token[0] && c->token_file[0]) {
         int b = blame(x, tok, tf);
-        return fail(x, EX_CONFIG, "outboxd: config: %s: %s: token and "
-                    "token_file are both set (token from %s, token_file from "
-                    "%s); set one", x->where[b], OPTS[b].name,
-                    FROM_NAMES[c->from[tok]], FROM_NAMES[c->from[tf]]);
+        return cfg_fail(x, EX_CONFIG, "outboxd: config: %s: %s: token and "
+                        "token_file are both set (token from %s, token_file "
+                        "from %s); set one", x->where[b], OPTS[b].name,
+                        FROM_NAMES[c->from[tok]], FROM_NAMES[c->from[tf]]);
     }
     if (c->token_file[0]) {
         int rc = read_token_file(x);
@@ -1190,20 +987,21 @@ static int validate(load_ctx *x)
         snprintf(c->auth_token, sizeof c->auth_token, "%s", c->token);
     }
     if (!c->loopback && !c->auth_token[0])
-        return fail(x, EX_CONFIG, "outboxd: config: %s: listen: %s is not a "
-                    "loopback address, so a bearer token is required (set "
-                    "OUTBOXD_TOKEN or token_file)", x->where[li], c->listen);
+        return cfg_fail(x, EX_CONFIG, "outboxd: config: %s: listen: %s is not "
+                        "a loopback address, so a bearer token is required "
+                        "(set OUTBOXD_TOKEN or token_file)", x->where[li],
+                        c->listen);
     if (c->idempotency_window_ms > c->retention_ms) {
         char w[32], r[32];
         int b = blame(x, iw, rt);
         format_dur((uint64_t)c->idempotency_window_ms, w, sizeof w);
         format_dur((uint64_t)c->retention_ms, r, sizeof r);
-        return fail(x, EX_CONFIG, "outboxd: config: %s: %s: "
-                    "idempotency_window (%s) exceeds retention (%s): the keys "
-                    "would outlive the log they are kept in", x->where[b],
-                    OPTS[b].name, w, r);
+        return cfg_fail(x, EX_CONFIG, "outboxd: config: %s: %s: "
+                        "idempotency_window (%s) exceeds retention (%s): the "
+                        "keys would outlive the log they are kept in",
+                        x->where[b], OPTS[b].name, w, r);
     }
-    return validate_db(x);
+    return cfg_validate_db(x);
 }
 
 /* ---- public ------------------------------------------------------------------ */
@@ -1211,7 +1009,7 @@ static int validate(load_ctx *x)
 int sc_config_load(sc_config *out, int argc, char **argv, char **envp,
                    char *err, size_t errlen)
 {
-    load_ctx *x = calloc(1, sizeof *x);
+    cfg_ctx *x = calloc(1, sizeof *x);
     if (!x) {
         snprintf(err, errlen, "outboxd: out of memory");
         return EX_SOFTWARE;
@@ -1239,7 +1037,7 @@ int sc_config_load(sc_config *out, int argc, char **argv, char **envp,
     if (rc == 0)
         rc = scan_args(x, argc, argv, fv, &nflags, &config_path);
     if (rc == 0 && !config_path) {
-        config_path = env_get(envp, "OUTBOXD_CONFIG");
+        config_path = cfg_env_get(envp, "OUTBOXD_CONFIG");
         if (config_path && !*config_path)
             config_path = NULL;
     }
@@ -1346,46 +1144,9 @@ void sc_config_usage(FILE *f)
 
 const char *sc_config_from(const sc_config *c, const char *name)
 {
-    const sc_opt *o = find_opt(name, strlen(name), false);
+    const sc_opt *o = cfg_find_opt(name, strlen(name), false);
     if (!o)
         return NULL;
     unsigned v = c->from[opt_index(o)];
     return FROM_NAMES[v < 4 ? v : 0];
-}
-
-void sc_config_wipe(sc_config *c)
-{
-    volatile char *t = c->token, *a = c->auth_token, *u = c->database_url;
-    for (size_t i = 0; i < sizeof c->token; i++)
-        t[i] = 0;
-    for (size_t i = 0; i < sizeof c->auth_token; i++)
-        a[i] = 0;
-    for (size_t i = 0; i < sizeof c->database_url; i++)
-        u[i] = 0;
-}
-
-void sc_config_hide_secrets(int argc, char **argv)
-{
-    for (int i = 1; i < argc; i++) {
-        char *a = argv[i];
-        if (strncmp(a, "--", 2) != 0 || !a[2])
-            continue;
-        char *eq = strchr(a + 2, '=');
-        size_t n = eq ? (size_t)(eq - a - 2) : strlen(a + 2);
-        const sc_opt *o = find_opt(a + 2, n, true);
-        if (!o)
-            continue;
-        /* where the value is, as scan_flag finds it */
-        const char *next = i + 1 < argc ? argv[i + 1] : NULL;
-        char *v = NULL;
-        if (eq)
-            v = eq + 1;
-        else if (o->type == T_BOOL && looks_bool(next))
-            i++;                 /* "--relay true": not a command */
-        else if (o->type != T_BOOL && next && strncmp(next, "--", 2) != 0)
-            v = argv[++i];       /* "--token VALUE" */
-        if (o->secret && v)
-            for (; *v; v++)
-                *(volatile char *)v = '*';
-    }
 }

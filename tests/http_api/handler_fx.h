@@ -1,8 +1,8 @@
 /*
  * handler_fx.h - the fixture and request helpers of the in-process handler
- * tests (test_handler.c, test_handler_groups.c).  Header-only (static
- * inline), as tests/support links broker_core alone; include cmocka.h
- * first.
+ * tests (test_handler.c, test_handler_groups.c, test_handler_metrics.c).
+ * Header-only (static inline), as tests/support links broker_core alone;
+ * include cmocka.h first.
  *
  * The fixture: a store in a fresh temporary directory on a fake clock
  * (T0), ASYNC flush, every broker module with no_background (a test moves
@@ -320,6 +320,16 @@ static inline void prepare_ok(fx *f, const char *txid)
     call(f, "POST", "/v1/transactions", body, &r);
     expect_json(&r, 201);
     res_free(&r);
+}
+
+/* Whether `page` (a /metrics page) holds `line` as a whole line. */
+static inline bool has_line(const char *page, const char *line)
+{
+    size_t n = strlen(line);
+    for (const char *p = page; (p = strstr(p, line)); p++)
+        if ((p == page || p[-1] == '\n') && (p[n] == '\n' || p[n] == 0))
+            return true;
+    return false;
 }
 
 #endif /* OUTBOXD_TEST_HANDLER_FX_H */

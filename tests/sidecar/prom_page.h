@@ -1,8 +1,8 @@
 /*
  * prom_page.h - a /metrics page checked as Prometheus' text format reads
- * it, for the tests that scrape one: test_handler.c (http_api's page, in
- * process) and test_daemon_pg.c (the daemon's, with the database
- * families).  One definition of a valid page for both.
+ * it, for the tests that scrape one: test_handler_metrics.c (http_api's
+ * page, in process) and test_daemon_relay.c (the daemon's, with the
+ * database families).  One definition of a valid page for both.
  *
  * tests/CMakeLists.txt builds each test file alone, so this header holds
  * definitions: static.
