@@ -46,12 +46,13 @@
  *      (pending transactions and timers stay in the log; unpersisted group
  *      progress means redelivery).
  *   4. exit 0 (70 when the store's final flush failed).
- *   During a PostgreSQL outage, step 3 waits for what is inside libpq: the
- *   relay and each check in flight finish the connect they are in (at
- *   most db_connect_timeout) before their component closes, so the exit
- *   may come up to about twice db_connect_timeout after the grace; a
- *   refused connect costs nothing, and the relay's backoff sleep is woken
- *   by its close (test_daemon_pg: server stopped, server hung).
+ *   During a PostgreSQL outage, step 3 waits for what is inside libpq:
+ *   checks in flight finish the connect they are in (at most
+ *   db_connect_timeout) before the transaction engine closes; the relay's
+ *   connect and backoff sleep are interrupted by its close (pg stop_fd),
+ *   so the exit may come up to about db_connect_timeout after the grace; a
+ *   refused connect costs nothing (test_daemon_pg: server stopped, server
+ *   hung).
  * Nothing acknowledged depends on step 3 in SYNC mode: a 2xx is only sent
  * after fdatasync, so SIGKILL at any moment loses nothing acknowledged.
  * The relay deletes a row only after the store fdatasync'ed it, and finds

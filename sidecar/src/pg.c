@@ -1,14 +1,26 @@
 /*
  * pg.c - PostgreSQL connections (see pg.h).
  *
- * Connecting goes through PQconnectdbParams with expand_dbname: the first
- * pair ("dbname" = conninfo) may be a whole URL or key=value string, and
- * libpq lets the pairs after it override what it says.  So the password
- * from the file wins over one in the URL, and the settings outboxd insists
- * on win too: connect_timeout, keepalives (idle/interval/count derived from
- * connect_timeout), tcp_user_timeout, application_name, and
- * `options=-c statement_timeout=N`, which holds from the first query on.
- * (An `options` value in the URL is therefore replaced.)
+ * Connecting goes through PQconnectStartParams with expand_dbname: the
+ * first pair ("dbname" = conninfo) may be a whole URL or key=value string,
+ * and libpq lets the pairs after it override what it says.  So the
+ * password from the file wins over one in the URL, and the settings
+ * outboxd insists on win too: connect_timeout, keepalives (idle/interval/
+ * count derived from connect_timeout), tcp_user_timeout, application_name,
+ * and `options=-c statement_timeout=N`, which holds from the first query
+ * on.  (An `options` value in the URL is therefore replaced.)
+ *
+ * Then PQconnectPoll is driven by hand: poll() on PQsocket (for reading or
+ * writing, as PQconnectPoll last asked; the socket may change between
+ * rounds when libpq moves to the next host or retries without SSL, so it
+ * is read again each round) and on opts.stop_fd, against one deadline of
+ * connect_timeout for the whole attempt.  libpq enforces connect_timeout
+ * only in its blocking PQconnectdb loop (and there per host, so two hosts
+ * took twice as long); without the loop here a hung server could hold a
+ * closing relay for that long, uninterruptibly.  The stop descriptor is
+ * polled, never read: it belongs to the caller, whose own loop must still
+ * see it.  Name resolution (getaddrinfo, inside PQconnectStartParams and
+ * when moving to the next host) still blocks: libpq offers no way around it.
  *
  * Messages.  libpq quotes a malformed URL whole in some of its messages
  * ("end of string reached when looking for matching "]" ... in URI:
@@ -19,10 +31,8 @@
  *
  * Notices.  libpq's default notice processor prints the server's NOTICE and
  * WARNING lines on stderr, which is outboxd's JSON log (and a custom query
- * may RAISE text that quotes its input): connections drop them.  Notices
- * sent during the connection start-up itself (before PQconnectdbParams
- * returns) still take libpq's default path; libpq offers no hook there
- * short of re-implementing its connect loop and multi-host fail-over.
+ * may RAISE text that quotes its input): connections drop them, from the
+ * start-up on (the processor is set before the first PQconnectPoll).
  */
 #define _GNU_SOURCE
 #include "pg.h"
@@ -40,6 +50,7 @@ void sc_pg_opts_init(sc_pg_opts *o)
     o->connect_timeout_ms = 5000;
     o->backoff_min_ms = 100;
     o->backoff_max_ms = 30000;
+    o->stop_fd = -1;
 }
 
 /* First line of the password file into out; -1 when it cannot be read. */
@@ -215,11 +226,58 @@ static bool refused_by_server(const char *msg)
     return strncmp(msg, "invalid ", 8) == 0 || strncmp(msg, "could not match ", 16) == 0;
 }
 
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 /* Server notices go nowhere (see the top of the file). */
 static void quiet(void *arg, const char *message)
 {
     (void)arg;
     (void)message;
+}
+
+/* Drive a started connection until libpq is done with it (NULL: look at
+ * PQstatus), the deadline passes ("timeout expired", libpq's own words) or
+ * stop_fd becomes readable ("connect interrupted"). */
+static const char *drive(PGconn *c, int64_t timeout_ms, int stop_fd)
+{
+    if (PQstatus(c) == CONNECTION_BAD) return NULL;   /* bad options */
+    int64_t deadline = mono_ms() + timeout_ms;
+    /* libpq's rule: act as if PQconnectPoll had asked for writing. */
+    PostgresPollingStatusType st = PGRES_POLLING_WRITING;
+    for (;;) {
+        if (st == PGRES_POLLING_OK || st == PGRES_POLLING_FAILED) return NULL;
+        int fd = PQsocket(c);
+        if (fd < 0) {
+            /* No socket while still polling: let libpq say why. */
+            st = PQconnectPoll(c);
+            if (st != PGRES_POLLING_OK && st != PGRES_POLLING_FAILED
+                && PQsocket(c) < 0)
+                return "connection lost while connecting";
+            continue;
+        }
+        int64_t left = deadline - mono_ms();
+        if (left <= 0) return "timeout expired";
+        struct pollfd p[2] = {
+            { .fd = fd, .events = st == PGRES_POLLING_READING ? POLLIN : POLLOUT },
+            { .fd = stop_fd, .events = POLLIN },
+        };
+        nfds_t n = stop_fd >= 0 ? 2 : 1;
+        int rc = poll(p, n, left > INT32_MAX ? INT32_MAX : (int)left);
+        if (rc < 0) {
+            if (errno == EINTR) continue;
+            return "cannot wait for the server (poll failed)";
+        }
+        /* Stop first: a server that happens to answer at the same moment
+         * does not keep a closing caller waiting for the next round. */
+        if (n == 2 && p[1].revents) return "connect interrupted";
+        if (rc == 0) continue;            /* the deadline, next round */
+        st = PQconnectPoll(c);
+    }
 }
 
 PGconn *sc_pg_connect(const sc_pg_opts *o, sc_pg_fail *fail, char *err,
@@ -275,37 +333,33 @@ PGconn *sc_pg_connect(const sc_pg_opts *o, sc_pg_fail *fail, char *err,
     /* An empty dbname pair would be taken as "no database": leave the
      * conninfo slot out entirely so libpq falls back to PG*. */
     int first = (o->conninfo && o->conninfo[0]) ? 0 : 1;
-    PGconn *c = PQconnectdbParams(keys + first, vals + first, first == 0);
+    PGconn *c = PQconnectStartParams(keys + first, vals + first, first == 0);
     /* explicit_bzero: a plain memset of a buffer never read again may be
-     * optimised away. */
+     * optimised away.  libpq has its own copy by now. */
     if (have_pw) explicit_bzero(password, sizeof password);
     if (!c) {
         *fail = SC_PG_UNREACHABLE;
         snprintf(err, errlen, "cannot connect to PostgreSQL: out of memory");
         return NULL;
     }
-    if (PQstatus(c) != CONNECTION_OK) {
-        char where[300], why[1024];
-        sc_pg_describe(c, where, sizeof where);
-        snprintf(why, sizeof why, "%s", PQerrorMessage(c));
-        sc_pg_one_line(why);
-        bool unparsable;
-        redact(o->conninfo, why, sizeof why, &unparsable);
+    PQsetNoticeProcessor(c, quiet, NULL);
+    const char *gave_up = drive(c, cto, o->stop_fd);
+    if (!gave_up && PQstatus(c) == CONNECTION_OK) return c;
+
+    char where[300], why[1024];
+    sc_pg_describe(c, where, sizeof where);
+    snprintf(why, sizeof why, "%s", gave_up ? gave_up : PQerrorMessage(c));
+    sc_pg_one_line(why);
+    bool unparsable;
+    redact(o->conninfo, why, sizeof why, &unparsable);
+    if (gave_up)
+        *fail = SC_PG_UNREACHABLE;     /* timeout or interrupted */
+    else
         *fail = unparsable || refused_by_server(why) ? SC_PG_REFUSED
                                                      : SC_PG_UNREACHABLE;
-        snprintf(err, errlen, "cannot connect to PostgreSQL at %s: %s", where, why);
-        PQfinish(c);
-        return NULL;
-    }
-    PQsetNoticeProcessor(c, quiet, NULL);
-    return c;
-}
-
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    snprintf(err, errlen, "cannot connect to PostgreSQL at %s: %s", where, why);
+    PQfinish(c);
+    return NULL;
 }
 
 static bool failed(const PGresult *r)

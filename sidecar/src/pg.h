@@ -59,14 +59,22 @@ typedef struct sc_pg_opts {
     int64_t backoff_min_ms;          /* reconnect backoff; default 100 */
     int64_t backoff_max_ms;          /* default 30000 */
     const brk_clock *clock;          /* backoff timing; NULL: system clock */
+    int stop_fd;                     /* -1 (default): none.  When it becomes
+                                        readable, sc_pg_connect gives up at
+                                        once (UNREACHABLE, "connect
+                                        interrupted"); it is polled, never
+                                        read, so it must stay readable */
 } sc_pg_opts;
 
 void sc_pg_opts_init(sc_pg_opts *o);
 
-/* Connect (blocking, at most about connect_timeout) and apply the session
- * settings.  On failure returns NULL, *fail says which class, and err holds
- * "cannot connect to PostgreSQL at HOST:PORT/DB as USER: <libpq reason>"
- * (one line, no password). */
+/* Connect (blocking, at most connect_timeout in all, over every host the
+ * conninfo names, plus the time name resolution takes) and apply the
+ * session settings; opts.stop_fd cuts the wait short.  On failure returns
+ * NULL, *fail says which class, and err holds "cannot connect to
+ * PostgreSQL at HOST:PORT/DB as USER: <libpq reason>" (one line, no
+ * password; the reason is "timeout expired" at the deadline and "connect
+ * interrupted" when stop_fd fired). */
 PGconn *sc_pg_connect(const sc_pg_opts *o, sc_pg_fail *fail, char *err,
                       size_t errlen);
 

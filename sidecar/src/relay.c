@@ -98,6 +98,10 @@
  * touched by one thread: the relay thread, or with no_thread the caller of
  * sc_relay_run_once.  `stop` and `thread_done` are atomic; the wake fd is
  * an eventfd written by sc_relay_wake and sc_relay_close from any thread.
+ * The stop fd is a second eventfd, written once by sc_relay_close and never
+ * read: it is the connections' opts.stop_fd, so a connect to a server that
+ * accepts and never answers ends at close instead of at connect_timeout
+ * (the wake fd cannot serve: wait_until reads it empty).
  */
 #define _GNU_SOURCE
 #include "relay.h"
@@ -195,6 +199,8 @@ struct sc_relay {
     bool no_thread;
     sc_log *log;                /* may be NULL */
     int wake_fd;                /* eventfd: wake and close, any thread */
+    int stop_fd;                /* eventfd: written by close, never read
+                                   (pg.stop_fd) */
 
     /* Relay thread only (with no_thread: the run_once caller). */
     PGconn *conn;               /* NULL: DISCONNECTED */
@@ -992,6 +998,7 @@ static void relay_free(sc_relay *r)
     set_cancel(r, NULL);
     if (r->conn) PQfinish(r->conn);
     if (r->wake_fd >= 0) close(r->wake_fd);
+    if (r->stop_fd >= 0) close(r->stop_fd);
     pthread_mutex_destroy(&r->mu);
     pthread_mutex_destroy(&r->cancel_mu);
     free(r->conninfo);
@@ -1032,6 +1039,7 @@ int sc_relay_open(sc_relay **out, const sc_relay_opts *o, char *err,
         return 70;
     }
     r->wake_fd = -1;
+    r->stop_fd = -1;
     pthread_mutex_init(&r->mu, NULL);
     pthread_mutex_init(&r->cancel_mu, NULL);
     r->pg = o->pg;
@@ -1058,11 +1066,14 @@ int sc_relay_open(sc_relay **out, const sc_relay_opts *o, char *err,
     atomic_init(&r->stop, false);
     atomic_init(&r->thread_done, false);
     r->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (r->wake_fd < 0) {
+    r->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (r->wake_fd < 0 || r->stop_fd < 0) {
         fmt(err, errlen, "relay: eventfd: %s", strerror(errno));
         relay_free(r);
         return 70;
     }
+    /* Replaces any stop_fd of the caller's: close is what stops a relay. */
+    r->pg.stop_fd = r->stop_fd;
 
     /* The schema check: fatal when the server answers and says no. */
     sc_pg_fail fail;
@@ -1105,6 +1116,12 @@ void sc_relay_close(sc_relay *r)
     if (!r) return;
     atomic_store(&r->stop, true);
     sc_relay_wake(r);
+    /* Ends a connect in progress (see the top); never read, so it stays
+     * readable for every later one too. */
+    uint64_t one = 1;
+    if (write(r->stop_fd, &one, sizeof one) < 0) {
+        /* cannot fail short of a full counter, which is readable too */
+    }
     if (r->thread_started) {
         /* Let the batch in hand finish; cancel one that is blocked in
          * PostgreSQL (see the top). */

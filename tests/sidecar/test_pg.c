@@ -5,7 +5,9 @@
  * ever in them, the password file, the session settings every connection
  * gets (statement_timeout, application_name, TCP keepalives and user
  * timeout on the socket), the classification of failed results, and the
- * bounded wait for a result (sc_pg_wait_result).
+ * bounded wait for a result (sc_pg_wait_result), and the connect's own
+ * bound and stop descriptor against a server that accepts and never
+ * answers.
  *
  * One throwaway server for the program (tests/support/pg_harness); the
  * failure cases that need no server (a port nobody listens on, a name that
@@ -23,9 +25,12 @@
 #include <math.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -564,6 +569,137 @@ static void describe_names_no_password(void **state)
     assert_string_equal(where, "?:?/? as ?");
 }
 
+/* ---- connecting to a server that never answers ---------------------------- */
+
+/* A socket on 127.0.0.1 that listens and never accepts: the kernel
+ * completes up to 16 handshakes, so libpq connects, sends its start-up
+ * packet and waits for an answer that never comes (a hung server or host).
+ * The URL for it into url[cap]; returns the socket. */
+static int hanging_server(char *url, size_t cap)
+{
+    int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(s >= 0);
+    struct sockaddr_in a = { .sin_family = AF_INET,
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    assert_int_equal(bind(s, (struct sockaddr *)&a, sizeof a), 0);
+    socklen_t len = sizeof a;
+    assert_int_equal(getsockname(s, (struct sockaddr *)&a, &len), 0);
+    assert_int_equal(listen(s, 16), 0);
+    snprintf(url, cap, "postgresql://nobody@127.0.0.1:%u/db",
+             (unsigned)ntohs(a.sin_port));
+    return s;
+}
+
+static void hanging_server_is_unreachable_at_the_connect_timeout(void **state)
+{
+    (void)state;
+    char url[128], err[1024];
+    int hole = hanging_server(url, sizeof url);
+    sc_pg_opts o;
+    sc_pg_opts_init(&o);
+    o.conninfo = url;
+    o.connect_timeout_ms = 2000;
+    sc_pg_fail fail = SC_PG_OK;
+    int64_t t0 = now_ms();
+    PGconn *c = sc_pg_connect(&o, &fail, err, sizeof err);
+    int64_t took = now_ms() - t0;
+    assert_null(c);
+    assert_int_equal(fail, SC_PG_UNREACHABLE);
+    assert_non_null(strstr(err, "timeout expired"));
+    assert_true(one_line(err));
+    print_message("gave up after %lld ms (connect_timeout 2000)\n", (long long)took);
+    /* The deadline is libpq's to ignore in non-blocking mode: ours. */
+    if (took <= 1000 || took >= 10000)
+        fail_msg("gave up after %lld ms (connect_timeout 2000)", (long long)took);
+    close(hole);
+}
+
+typedef struct {
+    int fd;
+    int after_ms;
+} later_write;
+
+static void *write_later(void *arg)
+{
+    later_write *w = arg;
+    struct timespec ts = { w->after_ms / 1000, (long)(w->after_ms % 1000) * 1000000L };
+    while (nanosleep(&ts, &ts) != 0) {}
+    uint64_t one = 1;
+    assert_int_equal(write(w->fd, &one, sizeof one), (ssize_t)sizeof one);
+    return NULL;
+}
+
+static bool readable(int fd)
+{
+    struct pollfd p = { .fd = fd, .events = POLLIN };
+    return poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
+}
+
+static void stop_fd_interrupts_a_hanging_connect_and_stays_readable(void **state)
+{
+    (void)state;
+    char url[128], err[1024];
+    int hole = hanging_server(url, sizeof url);
+    int stop = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    assert_true(stop >= 0);
+    sc_pg_opts o;
+    sc_pg_opts_init(&o);
+    assert_int_equal(o.stop_fd, -1);
+    o.conninfo = url;
+    o.connect_timeout_ms = 8000;
+    o.stop_fd = stop;
+    later_write w = { stop, 200 };
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, write_later, &w), 0);
+    sc_pg_fail fail = SC_PG_OK;
+    int64_t t0 = now_ms();
+    PGconn *c = sc_pg_connect(&o, &fail, err, sizeof err);
+    int64_t took = now_ms() - t0;
+    assert_int_equal(pthread_join(t, NULL), 0);
+    print_message("interrupted after %lld ms (stop written after 200)\n",
+                  (long long)took);
+    assert_null(c);
+    assert_int_equal(fail, SC_PG_UNREACHABLE);
+    assert_non_null(strstr(err, "connect interrupted"));
+    if (took >= 1500)
+        fail_msg("interrupted only after %lld ms (stop after 200, deadline "
+                 "8000)", (long long)took);
+    /* Polled, not read: the owner's loop still sees it. */
+    assert_true(readable(stop));
+
+    /* Already readable: the next connect gives up at once too. */
+    t0 = now_ms();
+    assert_null(sc_pg_connect(&o, &fail, err, sizeof err));
+    took = now_ms() - t0;
+    assert_int_equal(fail, SC_PG_UNREACHABLE);
+    assert_non_null(strstr(err, "connect interrupted"));
+    assert_true(took < 1500);
+    uint64_t v = 0;
+    assert_int_equal(read(stop, &v, sizeof v), (ssize_t)sizeof v);
+    assert_int_equal(v, 1);
+    close(stop);
+    close(hole);
+}
+
+static void quiet_stop_fd_leaves_a_normal_connect_working(void **state)
+{
+    (void)state;
+    char url[256];
+    int stop = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    assert_true(stop >= 0);
+    sc_pg_opts o;
+    postgres_opts(&o, url, sizeof url);
+    o.stop_fd = stop;
+    PGconn *c = must_connect(&o);
+    assert_int_equal(PQstatus(c), CONNECTION_OK);
+    PGresult *r = PQexec(c, "SELECT 1");
+    assert_int_equal(PQresultStatus(r), PGRES_TUPLES_OK);
+    PQclear(r);
+    PQfinish(c);
+    assert_false(readable(stop));
+    close(stop);
+}
+
 /* ---- main ------------------------------------------------------------------------ */
 
 int main(void)
@@ -585,6 +721,9 @@ int main(void)
         cmocka_unit_test(notices_are_not_printed_on_stderr),
         cmocka_unit_test(one_line_folds_blanks_and_trims),
         cmocka_unit_test(describe_names_no_password),
+        cmocka_unit_test(hanging_server_is_unreachable_at_the_connect_timeout),
+        cmocka_unit_test(stop_fd_interrupts_a_hanging_connect_and_stays_readable),
+        cmocka_unit_test(quiet_stop_fd_leaves_a_normal_connect_working),
     };
     return cmocka_run_group_tests(tests, pg_group_setup, pg_group_teardown);
 }

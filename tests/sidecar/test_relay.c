@@ -5,8 +5,8 @@
  * byte as the HTTP API stores them), waking by NOTIFY and by polling, the
  * commit-order proof with concurrent writers committing out of id order,
  * two replicas on one database, PostgreSQL stopped mid-run, rows the store
- * refuses for good or for now, close while a batch is blocked, and the
- * start-up checks (schema, grants, unreachable server).  Rows stored
+ * refuses for good or for now, close while a batch is blocked or a
+ * connect hangs, and the start-up checks (schema, grants, unreachable server).  Rows stored
  * before a crash (markers, bounded lookups): test_relay_dedup.c.
  *
  * One server for the program (group setup); every test makes its own
@@ -15,7 +15,10 @@
  * with a generous deadline; nothing asserts on speed.  Helpers:
  * relay_harness.h.
  */
+#include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "relay_harness.h"
@@ -753,6 +756,45 @@ static void close_returns_while_the_backend_is_stopped(void **state)
     assert_true(closed);
 }
 
+/* A server that accepts and never answers (a hung host): the relay thread
+ * is in sc_pg_connect, which would wait out the 20 s connect_timeout; close
+ * interrupts it (the relay's stop eventfd is the connect's stop_fd). */
+static void close_interrupts_a_connect_to_a_hanging_server(void **state)
+{
+    fixture *f = *state;
+    /* Bound but not listening: refused, so open returns at once (not
+     * fatal); listening afterwards, so the thread's next connect hangs. */
+    int hole = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(hole >= 0);
+    struct sockaddr_in a = { .sin_family = AF_INET,
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    assert_int_equal(bind(hole, (struct sockaddr *)&a, sizeof a), 0);
+    socklen_t len = sizeof a;
+    assert_int_equal(getsockname(hole, (struct sockaddr *)&a, &len), 0);
+    char url[256];
+    snprintf(url, sizeof url, "postgresql://postgres@127.0.0.1:%u/%s",
+             (unsigned)ntohs(a.sin_port), f->db);
+    sc_relay_opts o;
+    relay_opts(f, &o, open_store(f, 0), true);
+    o.pg.conninfo = url;
+    o.pg.connect_timeout_ms = 20000;
+    sc_relay *r = open_relay(&o);
+    assert_false(stats(r).connected);
+    assert_int_equal(listen(hole, 16), 0);
+    /* The listening socket turns readable once the relay's connection is
+     * in its backlog: the thread is then waiting for an answer. */
+    struct pollfd p = { .fd = hole, .events = POLLIN };
+    assert_int_equal(poll(&p, 1, 20000), 1);
+    sleep_ms(100);
+    int64_t t0 = now_ms();
+    sc_relay_close(r);
+    int64_t took = now_ms() - t0;
+    print_message("close took %lld ms (connect_timeout 20000)\n", (long long)took);
+    if (took >= 5000)
+        fail_msg("close took %lld ms", (long long)took);
+    close(hole);
+}
+
 /* ---- start-up -------------------------------------------------------------------------------- */
 
 /* sc_relay_open must refuse o with 78 (a configuration error); the
@@ -875,6 +917,7 @@ int main(void)
         T(full_store_makes_the_thread_retry_and_keep_the_rows),
         T(close_cancels_a_batch_blocked_in_postgresql),
         T(close_returns_while_the_backend_is_stopped),
+        T(close_interrupts_a_connect_to_a_hanging_server),
         T(missing_schema_is_78_with_the_migrate_hint),
         T(role_without_delete_is_78_naming_the_grant),
         T(sidecar_role_is_enough_to_relay),
