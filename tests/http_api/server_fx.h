@@ -309,6 +309,17 @@ static inline void req(fx *f, const char *method, const char *path, const char *
     req_on(f, f->curl, method, path, body, extra, r);
 }
 
+/* One exchange whose only interest is its status. */
+static inline void expect_status(fx *f, const char *method, const char *path,
+                                 const char *body, const char *const *extra,
+                                 long status)
+{
+    resp r;
+    req(f, method, path, body, extra, &r);
+    assert_int_equal(r.status, status);
+    resp_free(&r);
+}
+
 static inline long connects_of(CURL *c)
 {
     long n = -1;

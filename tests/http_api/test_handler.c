@@ -804,6 +804,14 @@ static void record_wake(void *ctx)
     atomic_fetch_add(&w->calls, 1);
 }
 
+/* A waiter whose wake-ups are counted in *rec. */
+static void wait_init(api_wait *w, wake_rec *rec)
+{
+    memset(w, 0, sizeof *w);
+    w->wake = record_wake;
+    w->wake_ctx = rec;
+}
+
 static void poll_round(fx *f, api_wait *w, const char *body, res *r)
 {
     req_opts o = { .w = w };
@@ -815,9 +823,7 @@ static void long_poll_parks_then_a_send_wakes_it_and_it_delivers(void **state)
     fx *f = *state;
     wake_rec rec = { 0 };
     api_wait w;
-    memset(&w, 0, sizeof w);
-    w.wake = record_wake;
-    w.wake_ctx = &rec;
+    wait_init(&w, &rec);
     res r;
     poll_round(f, &w, "{'topic':'lpt','wait_ms':5000}", &r);
     assert_int_equal(r.out, API_WAIT);
@@ -842,9 +848,7 @@ static void long_poll_after_the_deadline_answers_an_empty_list(void **state)
     fx *f = *state;
     wake_rec rec = { 0 };
     api_wait w;
-    memset(&w, 0, sizeof w);
-    w.wake = record_wake;
-    w.wake_ctx = &rec;
+    wait_init(&w, &rec);
     res r;
     poll_round(f, &w, "{'topic':'lpt','wait_ms':1000}", &r);
     assert_int_equal(r.out, API_WAIT);
@@ -870,9 +874,7 @@ static void long_poll_returns_at_once_after_drain(void **state)
     fx *f = *state;
     wake_rec rec = { 0 };
     api_wait w;
-    memset(&w, 0, sizeof w);
-    w.wake = record_wake;
-    w.wake_ctx = &rec;
+    wait_init(&w, &rec);
     res r;
     poll_round(f, &w, "{'topic':'lpt','wait_ms':5000}", &r);
     assert_int_equal(r.out, API_WAIT);
@@ -883,9 +885,7 @@ static void long_poll_returns_at_once_after_drain(void **state)
     assert_int_equal(json_array_size(json_object_get(r.json, "messages")), 0);
     res_free(&r);
     api_wait w2;
-    memset(&w2, 0, sizeof w2);
-    w2.wake = record_wake;
-    w2.wake_ctx = &rec;
+    wait_init(&w2, &rec);
     poll_round(f, &w2, "{'topic':'lpt','wait_ms':5000}", &r);   /* never parks */
     expect_json(&r, 200);
     assert_false(w2.registered);
@@ -897,9 +897,7 @@ static void cancelled_long_poll_is_never_woken(void **state)
     fx *f = *state;
     wake_rec rec = { 0 };
     api_wait w;
-    memset(&w, 0, sizeof w);
-    w.wake = record_wake;
-    w.wake_ctx = &rec;
+    wait_init(&w, &rec);
     res r;
     poll_round(f, &w, "{'topic':'lpt','wait_ms':5000}", &r);
     assert_int_equal(r.out, API_WAIT);

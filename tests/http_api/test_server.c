@@ -193,9 +193,7 @@ static void body_just_over_the_limit_is_413_and_at_the_limit_is_accepted(void **
     strcpy(body + 9 + fill, "\"}");
     assert_int_equal(strlen(body), 1024);
     resp r;
-    req(f, "POST", "/v1/topics/t/messages", body, NULL, &r);
-    assert_int_equal(r.status, 201);
-    resp_free(&r);
+    expect_status(f, "POST", "/v1/topics/t/messages", body, NULL, 201);
     body[1023] = ' ';
     strcpy(body + 1024, "}");                       /* 1025 bytes */
     req(f, "POST", "/v1/topics/t/messages", body, NULL, &r);
@@ -303,24 +301,14 @@ static void token_is_required_and_checked(void **state)
     resp_free(&r);
     const char *lower[] = { "Authorization: bearer s3cret-t0ken", NULL };
     f->token = NULL;
-    req(f, "GET", "/v1/topics", NULL, lower, &r);
-    assert_int_equal(r.status, 200);
-    resp_free(&r);
+    expect_status(f, "GET", "/v1/topics", NULL, lower, 200);
     /* liveness and readiness stay open */
-    req(f, "GET", "/healthz", NULL, NULL, &r);
-    assert_int_equal(r.status, 200);
-    resp_free(&r);
-    req(f, "GET", "/readyz", NULL, NULL, &r);
-    assert_int_equal(r.status, 200);
-    resp_free(&r);
+    expect_status(f, "GET", "/healthz", NULL, NULL, 200);
+    expect_status(f, "GET", "/readyz", NULL, NULL, 200);
     /* a write without the token never reaches the handler */
-    req(f, "POST", "/v1/topics/t/messages", "{\"body\":1}", NULL, &r);
-    assert_int_equal(r.status, 401);
-    resp_free(&r);
+    expect_status(f, "POST", "/v1/topics/t/messages", "{\"body\":1}", NULL, 401);
     f->token = f->cfg.token;
-    req(f, "GET", "/v1/topics/t", NULL, NULL, &r);
-    assert_int_equal(r.status, 404);
-    resp_free(&r);
+    expect_status(f, "GET", "/v1/topics/t", NULL, NULL, 404);
 }
 
 /* The 401 comes after the body, like the 413: the connection stays. */
@@ -426,19 +414,10 @@ static void raw_query_string_reaches_the_handler(void **state)
 {
     fx *f = *state;
     server_open(f);
-    resp r;
-    req(f, "GET", "/v1/transactions?state=stuck&limit=5", NULL, NULL, &r);
-    assert_int_equal(r.status, 200);
-    resp_free(&r);
-    req(f, "GET", "/v1/transactions?state=st%75ck", NULL, NULL, &r);
-    assert_int_equal(r.status, 200);
-    resp_free(&r);
-    req(f, "GET", "/v1/transactions?limit=0", NULL, NULL, &r);
-    assert_int_equal(r.status, 400);
-    resp_free(&r);
-    req(f, "GET", "/v1/transactions?state=bogus", NULL, NULL, &r);
-    assert_int_equal(r.status, 400);
-    resp_free(&r);
+    expect_status(f, "GET", "/v1/transactions?state=stuck&limit=5", NULL, NULL, 200);
+    expect_status(f, "GET", "/v1/transactions?state=st%75ck", NULL, NULL, 200);
+    expect_status(f, "GET", "/v1/transactions?limit=0", NULL, NULL, 400);
+    expect_status(f, "GET", "/v1/transactions?state=bogus", NULL, NULL, 400);
 }
 
 static void oversized_headers_are_refused_by_the_server_without_leaking(void **state)
@@ -460,10 +439,7 @@ static void oversized_headers_are_refused_by_the_server_without_leaking(void **s
     close(fd);
     assert_true(got == 0 || strncmp(buf, "HTTP/1.1 4", 10) == 0);
     assert_true(api_server_wait_idle(f->srv, 5000));
-    resp r;
-    req(f, "GET", "/healthz", NULL, NULL, &r);
-    assert_int_equal(r.status, 200);
-    resp_free(&r);
+    expect_status(f, "GET", "/healthz", NULL, NULL, 200);
 }
 
 static void requests_are_counted_by_route_and_status(void **state)
